@@ -1,0 +1,151 @@
+"""Shared base of every experiment config: model, data, training, mesh and curriculum fields.
+
+Each experiment file calls `base.get_base_config()` and overrides what it changes; any field can be
+overridden on the command line, e.g. `--config.train.batch_size=16 --config.model.depth=8`.
+"""
+
+import ml_collections
+
+# Logical axis -> mesh axes (MaxText-style rules). The only place where model dimensions meet mesh
+# axes: parameters and activations carry logical names, this table shards them.
+LOGICAL_AXIS_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", "context"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("qkv", None),
+    ("vocab", None),
+    ("patch", None),
+    ("action", None),
+    ("embodiment", None),
+    ("cond", None),
+    ("conv", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def mixture(**weights) -> ml_collections.ConfigDict:
+    """A data mixture: source name -> sampling weight."""
+    return ml_collections.ConfigDict(dict(weights))
+
+
+def modes(**weights) -> ml_collections.ConfigDict:
+    """Mixture over training modes (DESIGN section 2); missing modes get weight 0."""
+    m = {"joint": 0.0, "policy": 0.0, "forward_dynamics": 0.0, "inverse_dynamics": 0.0,
+         "video_prediction": 0.0}
+    m.update(weights)
+    return ml_collections.ConfigDict(m)
+
+
+def phase(*, steps: int, mixture_start: ml_collections.ConfigDict,
+          mixture_end: ml_collections.ConfigDict | None = None,
+          mode_mixture: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """One curriculum phase. Weights move linearly from mixture_start to mixture_end over `steps`."""
+    return ml_collections.ConfigDict({
+        "steps": steps,
+        "mixture": mixture_start,
+        # Same keys as `mixture`; empty means the weights stay constant over the phase.
+        "mixture_end": mixture_end if mixture_end is not None else ml_collections.ConfigDict(),
+        "modes": mode_mixture,
+    })
+
+
+PHASE1_VIDEO = dict(
+    mixture_start=mixture(passive_video=1.0),
+    mode_mixture=modes(video_prediction=0.7, joint=0.3),
+)
+PHASE2_HUMAN = dict(
+    mixture_start=mixture(passive_video=0.3, human=0.7),
+    mixture_end=mixture(passive_video=0.1, human=0.9),
+    mode_mixture=modes(joint=0.3, video_prediction=0.2, forward_dynamics=0.2, policy=0.15,
+                       inverse_dynamics=0.15),
+)
+PHASE3_ROBOT = dict(
+    mixture_start=mixture(passive_video=0.1, human=0.2, reacher=0.35, cheetah=0.35),
+    mode_mixture=modes(joint=0.2, video_prediction=0.1, forward_dynamics=0.25, policy=0.3,
+                       inverse_dynamics=0.15),
+)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        video_width=256,          # width of the video expert
+        action_width=128,         # width of the action expert (MoT: experts may differ in width)
+        depth=8,                  # number of layers; layer l uses pattern[l % len(pattern)]
+        num_heads=4,              # shared attention heads of the mixer
+        head_dim=64,
+        mlp_ratio=4.0,
+        pattern=("swa", "swa", "dswa", "gdn"),
+        window=8,                 # window of SWA/DSWA, counted in blocks
+        dilation=4,               # dilation of DSWA
+        gdn_conv_size=4,          # short causal depthwise conv on GDN q/k/v
+        gdn_chunk_size=64,
+        mixer_impl="auto",        # auto | reference | chunked | pallas
+        text_width=128,           # understanding expert (byte-level text transformer)
+        text_depth=2,
+        text_heads=4,
+        cond_dim=256,             # width of the noise-level embedding
+        dtype="bfloat16",         # compute dtype
+        param_dtype="float32",    # master weights
+        scan_layers=True,         # scan over repeats of the layer pattern
+        remat="none",             # none | full | dots: activation checkpointing policy
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        root="data/embedded",     # folder holding one sub-folder of ArrayRecord shards per source
+        image_size=32,            # frames are resized to image_size x image_size
+        patch_size=8,             # video tokens: (image_size / patch_size)^2 patches per frame
+        channels=3,
+        num_blocks=8,             # step blocks per clip
+        action_chunk=4,           # k: control steps (action tokens) per block; frame stride in a clip
+        action_dim=32,            # actions are zero-padded to this size (max over embodiments)
+        proprio_dim=32,
+        text_len=64,              # task text, as bytes
+        num_embodiments=16,       # size of the embodiment embedding table
+        worker_count=0,           # Grain multiprocess prefetch workers (0: in-process)
+        prefetch=2,
+        strict=False,             # bad input: skip and count (False) or raise (True)
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=8,             # global batch size
+        grad_accum=1,
+        lr=3e-4,
+        min_lr_ratio=0.1,
+        warmup_steps=50,
+        weight_decay=0.05,
+        b1=0.9,
+        b2=0.95,
+        clip_norm=1.0,
+        video_loss_weight=1.0,
+        action_loss_weight=1.0,
+        sigma_sampling="logit_normal",  # logit_normal | uniform
+        logit_mean=0.0,
+        logit_std=1.0,
+        log_every=10,
+        checkpoint_every=100,
+        keep_checkpoints=3,
+        async_checkpointing=True,
+        measure_peak_flops=True,
+    ))
+
+    # Mesh axes (data, fsdp, tensor, context); -1 fills with the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
+    c.logical_axis_rules = LOGICAL_AXIS_RULES
+
+    c.curriculum = ("phase1_video", "phase2_human", "phase3_robot")
+    c.phases = ml_collections.ConfigDict({
+        "phase1_video": phase(steps=10_000, **PHASE1_VIDEO),
+        "phase2_human": phase(steps=10_000, **PHASE2_HUMAN),
+        "phase3_robot": phase(steps=10_000, **PHASE3_ROBOT),
+    })
+    return c

@@ -1,0 +1,43 @@
+"""Kairos-JAX: pre-training a native world model for physical AI in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+JAX = "jax>=0.11.2"
+
+setup(
+    name="kairos-jax",
+    version="0.1.0",
+    description="Pre-train a Mixture-of-Transformers world model with Hybrid Linear Temporal Attention.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["kairos_jax*", "data_pipelines*", "pallas_kernels*"]),
+    install_requires=[
+        JAX,
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "array-record>=0.8.1",
+        "ml-collections>=1.0",
+        "absl-py",
+        "numpy>=2.0",
+        "tensorboardX>=2.6",
+        "tqdm",
+        "pyarrow>=15",
+        "pillow",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "chex", "hypothesis", "ruff"],
+        # dm_control 1.0.50 is built against mujoco 3.17.0; newer mujoco breaks its bindings.
+        "sim": ["mujoco==3.17.0", "dm_control==1.0.50", "gymnasium[mujoco]>=1.0"],
+        "video": ["av>=12"],
+        "tpu": ["jax[tpu]>=0.11.2"],
+        "rlds": ["tensorflow-cpu", "tensorflow-datasets"],
+    },
+    entry_points={
+        "console_scripts": [
+            "kairos-train=kairos_jax.train:run",
+        ],
+    },
+)
