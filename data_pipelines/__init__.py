@@ -1,0 +1,1 @@
+"""Data: source -> episode -> clip -> tokens -> batch. Each arrow is one module."""

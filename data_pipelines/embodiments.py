@@ -1,0 +1,69 @@
+"""Embodiment registry: name -> action / proprio sizes, action semantics and normalisation.
+
+Ids are stable (they index the model's embodiment embedding table), so a registry only grows.
+Normalisation statistics come from the converter (`stats.json` beside each source's shards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+ACTION_SEMANTICS = ("none", "joint_position", "joint_velocity", "joint_torque", "ee_delta", "keypoints")
+
+
+class UnknownEmbodimentError(KeyError):
+    def __str__(self):
+        return str(self.args[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Embodiment:
+    name: str
+    id: int
+    action_dim: int          # 0 for action-free sources (open-world video)
+    proprio_dim: int         # 0 when there is no proprioception
+    action_semantics: str    # one of ACTION_SEMANTICS
+    description: str = ""
+
+    def __post_init__(self):
+        if self.action_semantics not in ACTION_SEMANTICS:
+            raise ValueError(f"embodiment {self.name}: action_semantics={self.action_semantics!r} is not "
+                             f"one of {ACTION_SEMANTICS}")
+        if (self.action_dim == 0) != (self.action_semantics == "none"):
+            raise ValueError(f"embodiment {self.name}: action_dim=0 exactly when action_semantics='none'")
+        if self.id < 0 or self.action_dim < 0 or self.proprio_dim < 0:
+            raise ValueError(f"embodiment {self.name}: id and sizes must be >= 0")
+
+
+class EmbodimentRegistry:
+    def __init__(self, embodiments=()):
+        self._by_name: dict[str, Embodiment] = {}
+        for e in embodiments:
+            self.register(e)
+
+    def register(self, e: Embodiment) -> Embodiment:
+        old = self._by_name.get(e.name)
+        if old is not None and old != e:
+            raise ValueError(f"embodiment {e.name} is already registered as {old}")
+        for other in self._by_name.values():
+            if other.id == e.id and other.name != e.name:
+                raise ValueError(f"embodiment id {e.id} of {e.name} is taken by {other.name}")
+        self._by_name[e.name] = e
+        return e
+
+    def get(self, name: str) -> Embodiment:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise UnknownEmbodimentError(
+                f"unknown embodiment {name!r}; registered: {sorted(self._by_name)}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name, key=lambda n: self._by_name[n].id)
+
+    @property
+    def max_id(self) -> int:
+        return max((e.id for e in self._by_name.values()), default=-1)
