@@ -1,5 +1,7 @@
 """Kairos-JAX: pre-training a native world model for physical AI in JAX/Flax."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 JAX = "jax>=0.11.2"
@@ -8,7 +10,7 @@ setup(
     name="kairos-jax",
     version="0.1.0",
     description="Pre-train a Mixture-of-Transformers world model with Hybrid Linear Temporal Attention.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["kairos_jax*", "data_pipelines*", "pallas_kernels*"]),

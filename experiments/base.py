@@ -6,6 +6,8 @@ overridden on the command line, e.g. `--config.train.batch_size=16 --config.mode
 
 import ml_collections
 
+__all__ = ["get_base_config", "phase", "mixture", "modes", "ml_collections"]
+
 # Logical axis -> mesh axes (MaxText-style rules). The only place where model dimensions meet mesh
 # axes: parameters and activations carry logical names, this table shards them.
 LOGICAL_AXIS_RULES = (
@@ -131,6 +133,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         sigma_sampling="logit_normal",  # logit_normal | uniform
         logit_mean=0.0,
         logit_std=1.0,
+        sigma_shift=1.0,          # time shift of sampled sigmas (> 1 favours high noise)
+        clean_block_prob=0.25,    # fraction of blocks given clean (diffusion forcing with clean context)
+        text_dropout=0.1,         # drop task text (null token only), for classifier-free guidance
         log_every=10,
         checkpoint_every=100,
         keep_checkpoints=3,

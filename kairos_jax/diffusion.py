@@ -1,0 +1,108 @@
+"""Rectified flow over step blocks with a noise level per modality per block (DESIGN section 2).
+
+    x_sigma = (1 - sigma) x0 + sigma eps,   target velocity v = eps - x0
+    sigma = 0: given / clean;  sigma = 1: absent / marginalised.
+
+Training modes set which modality of which block is noisy, clean or absent; within a mode, the
+noise levels of different blocks are drawn independently (diffusion forcing across time), and a
+fraction of blocks is kept clean so the model also sees clean history, as at rollout time.
+
+| mode              | actions (a_{t-1} in block t)   | video (o_t in block t)               | loss on |
+| joint             | noisy                          | noisy                                | both    |
+| video_prediction  | sigma = 1                      | noisy                                | video   |
+| forward_dynamics  | sigma = 0                      | noisy                                | video   |
+| inverse_dynamics  | noisy                          | sigma = 0                            | action  |
+| policy            | noisy                          | sigma = 0 before block tau, 1 from it | action  |
+
+In policy mode, block tau is p(a_{tau-1} | o_{<tau}) (the policy), earlier blocks see their own frame
+(inverse dynamics) and later blocks predict further actions open loop. Samples without actions
+are trained as video_prediction; blocks whose action chunk is unknown have actions at sigma = 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MODES = ("joint", "policy", "forward_dynamics", "inverse_dynamics", "video_prediction")
+SIGMA_SAMPLERS = ("logit_normal", "uniform")
+
+
+def sample_sigma(rng, shape, *, sampling: str, logit_mean=0.0, logit_std=1.0, shift=1.0):
+    """Noise levels in (0, 1): logit-normal (SD3) or uniform, then the time shift
+    sigma' = shift * sigma / (1 + (shift - 1) * sigma) (shift > 1 favours high noise)."""
+    if sampling == "logit_normal":
+        s = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, shape))
+    elif sampling == "uniform":
+        s = jax.random.uniform(rng, shape)
+    else:
+        raise ValueError(f"sigma sampling {sampling!r} is not one of {SIGMA_SAMPLERS}")
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def mode_weights(modes_cfg) -> jnp.ndarray:
+    return jnp.asarray([float(modes_cfg[m]) for m in MODES], jnp.float32)
+
+
+def draw_noise_levels(rng, *, batch_size: int, num_blocks: int, mode_probs, has_actions, action_mask,
+                      train_cfg):
+    """Per-block, per-modality sigmas and loss weights for a batch.
+
+    mode_probs: [len(MODES)]; has_actions: bool [B]; action_mask: [B, T] (block's chunk known).
+    Returns dict with sigma_video, sigma_action, weight_video, weight_action ([B, T]) and mode [B].
+    """
+    B, T = batch_size, num_blocks
+    r_mode, r_v, r_a, r_cv, r_ca, r_tau = jax.random.split(rng, 6)
+    logits = jnp.log(jnp.maximum(mode_probs, 0.0) / jnp.sum(mode_probs))
+    mode = jax.random.categorical(r_mode, logits, shape=(B,))
+    mode = jnp.where(has_actions, mode, MODES.index("video_prediction"))
+    kw = dict(sampling=train_cfg.sigma_sampling, logit_mean=train_cfg.logit_mean,
+              logit_std=train_cfg.logit_std, shift=train_cfg.sigma_shift)
+    s_v = sample_sigma(r_v, (B, T), **kw)
+    s_a = sample_sigma(r_a, (B, T), **kw)
+    # Diffusion forcing with clean context: some blocks are given clean.
+    s_v = jnp.where(jax.random.uniform(r_cv, (B, T)) < train_cfg.clean_block_prob, 0.0, s_v)
+    s_a = jnp.where(jax.random.uniform(r_ca, (B, T)) < train_cfg.clean_block_prob, 0.0, s_a)
+    tau = jax.random.randint(r_tau, (B, 1), 0, T)
+    t = jnp.arange(T)[None]
+    zeros, ones = jnp.zeros((B, T)), jnp.ones((B, T))
+    m = mode[:, None]
+    is_ = lambda name: m == MODES.index(name)
+
+    sigma_video = jnp.select(
+        [is_("inverse_dynamics"), is_("policy")],
+        [zeros, jnp.where(t < tau, 0.0, 1.0)], s_v)
+    sigma_action = jnp.select(
+        [is_("video_prediction"), is_("forward_dynamics")], [ones, zeros], s_a)
+    known = action_mask > 0
+    sigma_action = jnp.where(known, sigma_action, 1.0)
+
+    gen_video = is_("joint") | is_("video_prediction") | is_("forward_dynamics")
+    gen_action = is_("joint") | is_("inverse_dynamics") | is_("policy")
+    weight_video = (gen_video & (sigma_video > 0)).astype(jnp.float32)
+    weight_action = (gen_action & (sigma_action > 0) & known).astype(jnp.float32)
+    return dict(sigma_video=sigma_video, sigma_action=sigma_action, weight_video=weight_video,
+                weight_action=weight_action, mode=mode)
+
+
+def add_noise(x0, eps, sigma):
+    """x_sigma = (1 - sigma) x0 + sigma eps with sigma [B, T] broadcast over the block's tokens."""
+    s = sigma.reshape(sigma.shape + (1,) * (x0.ndim - sigma.ndim))
+    return (1.0 - s) * x0 + s * eps
+
+
+def flow_losses(pred_video, pred_action, x0_video, eps_video, x0_action, eps_action, weight_video,
+                weight_action, action_dim_mask):
+    """Masked rectified-flow MSE per modality.
+
+    Video: mean over tokens and patch dims per block; actions: mean over the embodiment's real dims
+    and the k tokens per block. Each modality is averaged over the (block) weights > 0.
+    Returns (video_loss, action_loss, per-block errors for metrics).
+    """
+    v_err = jnp.mean(jnp.square(pred_video - (eps_video - x0_video)), axis=(2, 3))          # [B, T]
+    a_sq = jnp.square(pred_action - (eps_action - x0_action)) * action_dim_mask[:, None, None]
+    dims = jnp.maximum(jnp.sum(action_dim_mask, axis=-1), 1.0)[:, None]
+    a_err = jnp.mean(jnp.sum(a_sq, axis=-1), axis=-1) / dims                              # [B, T]
+    video_loss = jnp.sum(v_err * weight_video) / jnp.maximum(jnp.sum(weight_video), 1.0)
+    action_loss = jnp.sum(a_err * weight_action) / jnp.maximum(jnp.sum(weight_action), 1.0)
+    return video_loss, action_loss, (v_err, a_err)

@@ -1,0 +1,96 @@
+"""Metrics: TensorBoard event files, a JSON-lines log, a progress bar, and MFU against a
+peak measured on this machine (not a datasheet number)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def measure_peak_flops(dtype: str = "float32", n: int = 1024, reps: int = 8) -> float:
+    """Achieved matmul FLOP/s of one device in `dtype` (best of a few timed runs)."""
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one execution of a compiled computation, from XLA's cost analysis (per device)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+class MetricWriter:
+    """TensorBoard scalars (tensorboardX) + metrics.jsonl, written by process 0 only."""
+
+    def __init__(self, logdir: str, *, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.logdir = logdir
+        self.jsonl = os.path.join(logdir, "metrics.jsonl")
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self._truncate_after(resume_step)
+        self.tb = SummaryWriter(logdir=os.path.join(logdir, "tensorboard"))
+
+    def _truncate_after(self, step: int):
+        """Drop log lines of steps past the checkpoint a run resumes from (they will be redone)."""
+        if not os.path.exists(self.jsonl):
+            return
+        with open(self.jsonl) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.jsonl, "w") as f:
+            f.writelines(keep)
+
+    def write(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def flush(self):
+        if self.enabled:
+            self.tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self.tb.close()
+
+
+def read_metrics(logdir: str) -> list[dict]:
+    path = os.path.join(logdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def loss_trend(records: list[dict], key: str = "loss", frac: float = 0.2) -> tuple[float, float] | None:
+    """Mean of `key` over the first and the last `frac` of the logged steps."""
+    vals = [r[key] for r in records if key in r]
+    if len(vals) < 2:
+        return None
+    n = max(1, int(len(vals) * frac))
+    return float(np.mean(vals[:n])), float(np.mean(vals[-n:]))

@@ -1,0 +1,69 @@
+"""The understanding expert: a small byte-level text transformer.
+
+Task text arrives as byte tokens (UTF-8 byte + 1, 0 = padding). A learned null token is always
+prepended, so a sample with no text (or text dropped for classifier-free guidance) still has one
+key to attend to. Every world-model block reads the output by cross-attention.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from kairos_jax.model.attention import masked_attention
+from kairos_jax.model.layers import MLP, Linear, RMSNorm, _param
+from kairos_jax.sharding import constrain
+
+BYTE_VOCAB = 257  # 0 = padding, 1..256 = byte value + 1
+
+
+def encode_text(text: str, length: int):
+    """str -> int32 [length] byte tokens (truncated, zero-padded). Numpy, for data and tools."""
+    import numpy as np
+
+    b = text.encode("utf-8")[:length]
+    out = np.zeros((length,), np.int32)
+    out[: len(b)] = np.frombuffer(b, np.uint8).astype(np.int32) + 1
+    return out
+
+
+class TextLayer(nnx.Module):
+    def __init__(self, width: int, heads: int, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        d = width // heads
+        self.norm1 = RMSNorm(width, rngs=rngs, param_dtype=param_dtype)
+        self.qkv = Linear((width,), (3, heads, d), ("embed", None, "heads", "kv"), **kw)
+        self.o = Linear((heads, d), (width,), ("heads", "kv", "embed"), **kw, scale=0.0)
+        self.norm2 = RMSNorm(width, rngs=rngs, param_dtype=param_dtype)
+        self.mlp = MLP(width, 4 * width, **kw)
+
+    def __call__(self, x, mask):
+        qkv = self.qkv(self.norm1(x))
+        x = x + self.o(masked_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask))
+        return x + self.mlp(self.norm2(x))
+
+
+class UnderstandingExpert(nnx.Module):
+    """Byte tokens [B, L] -> hidden states [B, L + 1, W_text] and key mask [B, L + 1]."""
+
+    def __init__(self, width: int, depth: int, heads: int, max_len: int, *, rngs, dtype, param_dtype):
+        if width % heads:
+            raise ValueError(f"text_width={width} must be divisible by text_heads={heads}")
+        self.embed = _param(rngs, (BYTE_VOCAB, width), ("vocab", "embed"), param_dtype, std=1.0)
+        self.pos = _param(rngs, (max_len + 1, width), (None, "embed"), param_dtype, std=0.02)
+        self.null = _param(rngs, (width,), ("embed",), param_dtype, std=1.0)
+        self.layers = nnx.List([TextLayer(width, heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for _ in range(depth)])
+        self.norm = RMSNorm(width, rngs=rngs, param_dtype=param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, tokens):
+        B, L = tokens.shape
+        x = jnp.take(self.embed.get_value(), tokens, axis=0)                      # [B, L, W]
+        null = jnp.broadcast_to(self.null.get_value(), (B, 1, x.shape[-1]))
+        x = jnp.concatenate([null, x], axis=1) + self.pos.get_value()[: L + 1]
+        x = constrain(x.astype(self.dtype), ("act_batch", None, "act_embed"))
+        mask = jnp.concatenate([jnp.ones((B, 1), bool), tokens > 0], axis=1)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.norm(x), mask

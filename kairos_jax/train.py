@@ -1,0 +1,262 @@
+"""Pre-train the world model over a curriculum of phases.
+
+    python -m kairos_jax.train --config=experiments/embedded.py --workdir=runs/embedded \
+        [--config.train.batch_size=16 ...]
+
+Each phase of `config.curriculum` trains `phases.<name>.steps` steps on its data mixture in
+`<workdir>/<phase>/`, starting from the previous phase's final parameters. Interrupted runs
+(Ctrl-C, SIGTERM, a crash, kill -9) resume from the latest checkpoint with the data iterator where
+it was; SIGTERM and Ctrl-C save a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from kairos_jax import checkpointing, metrics, trainer
+from kairos_jax.config import ConfigError, check_data_sources, check_workdir, validate
+from kairos_jax.model.world_model import count_params
+from kairos_jax.sharding import create_mesh
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Call jax.distributed.initialize(): auto = when a cluster environment "
+                                 "(TPU pod, SLURM, JAX_COORDINATOR_ADDRESS) is detected.")
+
+log = logging.getLogger("kairos")
+
+
+class StopRequested:
+    """SIGTERM / SIGINT handler: the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def install(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def uninstall(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
+                    signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        flag = self.signum is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+        return flag
+
+
+@dataclasses.dataclass
+class PhaseResult:
+    name: str
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    resumed_from: int | None
+    stopped_early: bool = False
+
+
+def _phase_seed(cfg, index: int) -> int:
+    return int(cfg.seed) * 1000 + index
+
+
+def _local_batch_size(cfg) -> int:
+    n = jax.process_count()
+    if cfg.train.batch_size % n:
+        raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} must be a multiple of the "
+                          f"number of processes ({n})")
+    return cfg.train.batch_size // n
+
+
+def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop: StopRequested,
+              peak_flops: float | None) -> tuple[PhaseResult, dict]:
+    """Train one phase; returns its result and its final params."""
+    from data_pipelines.pipeline import build_dataset
+
+    phase = cfg.phases[name]
+    pdir = os.path.join(workdir, name)
+    tx = trainer.make_optimizer(cfg.train, phase.steps)
+    schedule = trainer.make_schedule(cfg.train, phase.steps)
+    ckpt = checkpointing.Checkpointer(os.path.join(pdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                      async_save=cfg.train.async_checkpointing)
+    dataset = build_dataset(cfg.data, phase, seed=_phase_seed(cfg, index), batch_size=_local_batch_size(cfg),
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(dataset)
+    sources = sorted(phase.mixture)
+
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, trainer.abstract_train_state(tx, setup),
+                             data_iter if latest < phase.steps else None)
+        log.info("%s: resumed from checkpoint at step %d", name, latest)
+    else:
+        params = init_params() if callable(init_params) else init_params
+        state = trainer.init_train_state(cfg, setup, tx, params)
+    start = int(state["step"])
+    writer = metrics.MetricWriter(pdir, resume_step=start)
+    if start >= phase.steps:
+        ckpt.close()
+        trend = metrics.loss_trend(metrics.read_metrics(pdir))
+        writer.close()
+        return PhaseResult(name, phase.steps, *(trend or (None, None)), resumed_from=start), state["params"]
+
+    step_fn = trainer.make_train_step(cfg, setup, tx, phase, num_sources=len(sources))
+    lay = setup.layout
+    tokens_per_step = cfg.train.batch_size * lay.num_blocks * lay.block_size
+    flops = None
+    pbar = None
+    if jax.process_index() == 0:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=phase.steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
+                    file=sys.stdout)
+    stopped = False
+    t_last, steps_since = time.perf_counter(), 0
+    acc = None
+    for step in range(start, phase.steps):
+        batch = trainer.global_batch(setup, next(data_iter))
+        if flops is None:
+            flops = metrics.compiled_flops(step_fn.lower(state, batch).compile()) or 0.0
+        state, m = step_fn(state, batch)
+        acc = m if acc is None else jax.tree.map(np.add, acc, m)
+        steps_since += 1
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == phase.steps:
+            m = jax.device_get(acc)
+            dt = (time.perf_counter() - t_last) / steps_since
+            scalars = {
+                "loss": m["loss"] / steps_since, "loss_video": m["loss_video"] / steps_since,
+                "loss_action": m["loss_action"] / steps_since, "grad_norm": m["grad_norm"] / steps_since,
+                "param_norm": float(m["param_norm"]) / steps_since, "lr": float(schedule(done - 1)),
+                "step_time_s": dt, "steps_per_s": 1.0 / dt, "tokens_per_s": tokens_per_step / dt,
+            }
+            if flops and peak_flops:
+                scalars["mfu"] = flops / dt / peak_flops
+            for i, src in enumerate(sources):
+                if m["src_video_w"][i] > 0:
+                    scalars[f"loss_video/{src}"] = m["src_video_err"][i] / m["src_video_w"][i]
+                if m["src_action_w"][i] > 0:
+                    scalars[f"loss_action/{src}"] = m["src_action_err"][i] / m["src_action_w"][i]
+            writer.write(done, scalars)
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{scalars['loss']:.4f}", step_s=f"{scalars['steps_per_s']:.2f}",
+                                 mfu=f"{scalars.get('mfu', 0.0):.1%}")
+            acc, steps_since, t_last = None, 0, time.perf_counter()
+        if pbar is not None:
+            pbar.update(1)
+        if done % cfg.train.checkpoint_every == 0 or done == phase.steps:
+            ckpt.save(done, state, data_iter)
+        if done < phase.steps and stop.requested():
+            if done % cfg.train.checkpoint_every:
+                ckpt.save(done, state, data_iter)
+            stopped = True
+            break
+    if pbar is not None:
+        pbar.close()
+    writer.close()
+    ckpt.close()
+    trend = metrics.loss_trend(metrics.read_metrics(pdir))
+    result = PhaseResult(name, phase.steps, *(trend or (None, None)),
+                         resumed_from=start if start else None, stopped_early=stopped)
+    return result, state["params"]
+
+
+def train_curriculum(cfg, workdir: str) -> list[PhaseResult]:
+    """Validate, build the mesh and model, run every phase in order; returns per-phase results."""
+    validate(cfg)
+    check_workdir(workdir)
+    check_data_sources(cfg)
+    mesh = create_mesh(cfg.mesh)
+    setup = trainer.build_model_setup(cfg, mesh)
+    log.info("mesh %s over %d devices; model %.2fM parameters", dict(mesh.shape), mesh.size,
+             count_params(setup.abstract_params) / 1e6)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+    peak = metrics.measure_peak_flops(cfg.model.dtype) if cfg.train.measure_peak_flops else None
+    stop = StopRequested()
+    stop.install()
+    results = []
+    try:
+        params = lambda: trainer.init_params(cfg, setup, cfg.seed)
+        for index, name in enumerate(cfg.curriculum):
+            result, params = run_phase(cfg, setup, workdir, index, name, params, stop, peak)
+            results.append(result)
+            if result.stopped_early:
+                return results
+        checkpointing.export_params(os.path.join(workdir, "export"), params, cfg.to_json_best_effort(indent=2))
+    finally:
+        stop.uninstall()
+    return results
+
+
+def format_summary(results: list[PhaseResult]) -> str:
+    lines = ["", "Curriculum summary (mean loss over the first and last 20% of logged steps):"]
+    for r in results:
+        if r.stopped_early:
+            lines.append(f"  {r.name:<16} stopped early; run the same command again to resume")
+        elif r.first_loss is None:
+            lines.append(f"  {r.name:<16} {r.steps} steps (too few logged steps for a trend)")
+        else:
+            arrow = "falls" if r.last_loss < r.first_loss else "DOES NOT FALL"
+            lines.append(f"  {r.name:<16} {r.steps:>6} steps  loss {r.first_loss:.4f} -> {r.last_loss:.4f} "
+                         f"({arrow})")
+    return "\n".join(lines)
+
+
+def _maybe_initialize_distributed(mode: str):
+    if mode == "off":
+        return
+    cluster = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_ID",
+                                            "MEGASCALE_COORDINATOR_ADDRESS"))
+    if mode == "on" or cluster:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    _maybe_initialize_distributed(_DISTRIBUTED.value)
+    try:
+        results = train_curriculum(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_summary(results))
+    with open(os.path.join(_WORKDIR.value, "summary.json"), "w") as f:
+        json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
+    if any(r.stopped_early for r in results):
+        sys.exit(130)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

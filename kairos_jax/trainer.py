@@ -1,0 +1,217 @@
+"""Sharded train state and the jitted train step.
+
+The state is a plain pytree {"step", "params", "opt_state"}: params are the model's nnx.Param
+values as a pure dict (fp32 master weights), merged with the model's graph inside the step.
+Everything is created directly sharded: the model is built abstractly (nnx.eval_shape), its
+logical axis names are mapped to the mesh by the rules table, and init runs under jit with those
+output shardings, so no host ever holds the full model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kairos_jax import diffusion
+from kairos_jax.model import KairosWorldModel, TokenLayout
+from kairos_jax.sharding import activation_sharding, logical_to_mesh_spec, state_shardings
+
+BATCH_KEYS = ("video", "actions", "action_mask", "action_dim_mask", "embodiment_id", "text", "source_id")
+
+
+def make_schedule(train_cfg, total_steps: int):
+    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
+    warmup = min(train_cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train_cfg.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=train_cfg.lr * train_cfg.min_lr_ratio)
+
+
+def _decay_mask(params):
+    # Weight decay on matrices only: not on biases, norm scales, gates, or 1-D decay parameters.
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(train_cfg, total_steps: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(train_cfg.clip_norm),
+        optax.adamw(make_schedule(train_cfg, total_steps), b1=train_cfg.b1, b2=train_cfg.b2,
+                    weight_decay=train_cfg.weight_decay, mask=_decay_mask),
+    )
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the loop needs about the model and its sharding."""
+
+    graphdef: nnx.GraphDef
+    abstract_params: dict          # ShapeDtypeStructs of the params (pure dict)
+    param_shardings: dict          # NamedSharding per param
+    layout: TokenLayout
+    mesh: Mesh
+    rules: tuple
+
+
+def build_model_setup(cfg, mesh: Mesh) -> Setup:
+    rules = tuple(cfg.logical_axis_rules)
+    abstract_model = nnx.eval_shape(lambda: KairosWorldModel(cfg.model, cfg.data, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
+    shardings = nnx.to_pure_dict(state_shardings(abstract_state, mesh, rules))
+    abstract = nnx.to_pure_dict(abstract_state)
+    return Setup(graphdef, abstract, shardings, abstract_model.layout, mesh, rules)
+
+
+def init_params(cfg, setup: Setup, seed: int):
+    """Initialise the model directly into its sharded layout."""
+
+    @functools.partial(jax.jit, out_shardings=setup.param_shardings)
+    def init():
+        model = KairosWorldModel(cfg.model, cfg.data, rngs=nnx.Rngs(seed))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    with activation_sharding(setup.mesh, setup.rules):
+        return init()
+
+
+def init_train_state(cfg, setup: Setup, tx, params):
+    """{step, params, opt_state} from given (sharded) params, optimizer state sharded like them."""
+    opt_shardings = opt_state_shardings(tx, setup)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(setup.mesh, PartitionSpec()))
+    return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def opt_state_shardings(tx, setup: Setup):
+    """Optimizer moments are sharded like their parameters; counters are replicated."""
+    abstract_opt = jax.eval_shape(tx.init, setup.abstract_params)
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, setup.param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def state_shardings_tree(tx, setup: Setup):
+    return {"step": NamedSharding(setup.mesh, PartitionSpec()),
+            "params": setup.param_shardings,
+            "opt_state": opt_state_shardings(tx, setup)}
+
+
+def abstract_train_state(tx, setup: Setup):
+    """ShapeDtypeStructs with shardings: the restore target for Orbax (any mesh)."""
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": setup.abstract_params,
+              "opt_state": jax.eval_shape(tx.init, setup.abstract_params)}
+    shards = state_shardings_tree(tx, setup)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
+
+
+def batch_sharding(setup: Setup, ndim: int) -> NamedSharding:
+    spec = logical_to_mesh_spec(("act_batch",) + (None,) * (ndim - 1), setup.rules, setup.mesh)
+    return NamedSharding(setup.mesh, spec)
+
+
+def global_batch(setup: Setup, local_batch: dict) -> dict:
+    """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
+    out = {}
+    for key in BATCH_KEYS:
+        x = np.asarray(local_batch[key])
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(setup, x.ndim), x)
+    return out
+
+
+def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int):
+    """Rectified-flow loss of one (micro)batch; returns (loss, metrics)."""
+    model = nnx.merge(graphdef, params)
+    video, actions = batch["video"], batch["actions"]
+    B, T = video.shape[:2]
+    dim_mask = batch["action_dim_mask"]
+    r_levels, r_ev, r_ea, r_text = jax.random.split(rng, 4)
+    has_actions = jnp.sum(batch["action_mask"], axis=-1) > 0
+    lv = diffusion.draw_noise_levels(r_levels, batch_size=B, num_blocks=T, mode_probs=mode_probs,
+                                     has_actions=has_actions, action_mask=batch["action_mask"],
+                                     train_cfg=cfg.train)
+    eps_v = jax.random.normal(r_ev, video.shape, jnp.float32)
+    eps_a = jax.random.normal(r_ea, actions.shape, jnp.float32) * dim_mask[:, None, None]
+    x_v = diffusion.add_noise(video, eps_v, lv["sigma_video"])
+    x_a = diffusion.add_noise(actions, eps_a, lv["sigma_action"])
+    keep_text = jax.random.uniform(r_text, (B, 1)) >= cfg.train.text_dropout
+    text = jnp.where(keep_text, batch["text"], 0)
+    out = model(x_v, x_a, lv["sigma_video"], lv["sigma_action"], batch["embodiment_id"], dim_mask, text)
+    video_loss, action_loss, (v_err, a_err) = diffusion.flow_losses(
+        out.video_velocity, out.action_velocity, video, eps_v, actions, eps_a, lv["weight_video"],
+        lv["weight_action"], dim_mask)
+    loss = cfg.train.video_loss_weight * video_loss + cfg.train.action_loss_weight * action_loss
+    # Per-source sums (divided after accumulation) so each source's loss can be followed.
+    src = jax.nn.one_hot(batch["source_id"], num_sources)                                   # [B, S]
+    metrics = {
+        "loss": loss, "loss_video": video_loss, "loss_action": action_loss,
+        "src_video_err": src.T @ jnp.sum(v_err * lv["weight_video"], 1),
+        "src_video_w": src.T @ jnp.sum(lv["weight_video"], 1),
+        "src_action_err": src.T @ jnp.sum(a_err * lv["weight_action"], 1),
+        "src_action_w": src.T @ jnp.sum(lv["weight_action"], 1),
+        "mode_counts": jnp.sum(jax.nn.one_hot(lv["mode"], len(diffusion.MODES)), 0),
+    }
+    return loss, metrics
+
+
+def make_train_step(cfg, setup: Setup, tx, phase_cfg, num_sources: int):
+    """The jitted step: (state, batch) -> (state, metrics). Gradient accumulation over
+    `train.grad_accum` micro-batches; the step's randomness is fold_in(seed, step), so a resumed
+    run draws exactly the same noise."""
+    mode_probs = diffusion.mode_weights(phase_cfg.modes)
+    accum = cfg.train.grad_accum
+    base_key = jax.random.key(cfg.seed)
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, cfg=cfg, mode_probs=mode_probs, num_sources=num_sources), has_aux=True)
+    state_sh = state_shardings_tree(tx, setup)
+
+    def step_fn(state, batch):
+        rng = jax.random.fold_in(base_key, state["step"])
+        params = state["params"]
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(params, setup.graphdef, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                g_acc, m_acc = carry
+                mb, i = xs
+                (_, m), g = grad_fn(params, setup.graphdef, mb, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, params)
+            m_shape = jax.eval_shape(lambda: grad_fn(params, setup.graphdef,
+                                                     jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            metrics = {k: (v if k.startswith(("src_", "mode_")) else v / accum) for k, v in metrics.items()}
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["param_norm"] = optax.global_norm(params)
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    batch_sh = {k: batch_sharding(setup, nd) for k, nd in
+                (("video", 4), ("actions", 4), ("action_mask", 2), ("action_dim_mask", 2),
+                 ("embodiment_id", 1), ("text", 2), ("source_id", 1))}
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                     donate_argnums=(0,))
+
+    def run(state, batch):
+        with activation_sharding(setup.mesh, setup.rules):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    run.lower = lambda state, batch: _lower(jitted, setup, state, batch)
+    return run
+
+
+def _lower(jitted, setup, state, batch):
+    with activation_sharding(setup.mesh, setup.rules):
+        return jitted.lower(state, batch)
