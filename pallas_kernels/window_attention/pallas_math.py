@@ -27,7 +27,7 @@ def tile_range(i, *, tile: int, block_size: int, window: int, num_tiles: int, ke
     Positions are non-negative, so `lax.div` (what Mosaic index maps lower) is floor division.
     """
     static = isinstance(i, int)
-    div = (lambda a, b: a // b) if static else lax.div
+    div = (lambda a, b: a // b) if static else (lambda a, b: lax.div(a, jnp.asarray(b, a.dtype)))
     first_block = div(i * tile, block_size)
     last_block = div(i * tile + tile - 1, block_size)
     if keys:
