@@ -1,0 +1,188 @@
+"""Block-causal window attention: Mosaic TPU kernels (flash forward, dQ and dK/dV backward).
+
+Grids (batch x phase, heads, tiles, partner tiles): the last axis is 'arbitrary' and walks only the
+partner tiles inside the window (`pallas_math.tile_range`, computed in the index maps with
+`lax.div`); running max, denominator and accumulator live in VMEM scratch. When a tile has fewer
+partners than the grid extent, the index map repeats its last partner (no new DMA) and the step is
+skipped. Per-tile maths: `pallas_math`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.pallas_common import TpuTokenLayout, col_to_row, dot, row_to_col
+from pallas_kernels.window_attention import pallas_math as wm
+
+F32 = jnp.float32
+
+
+def _params():
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+class _Tiling:
+    """Static tiling of one call: tile size, tile counts and the partner-tile ranges."""
+
+    def __init__(self, T, tile, block_size, window):
+        self.T, self.tile, self.bs, self.window = T, tile, block_size, window
+        self.n = T // tile
+        kw = dict(tile=tile, block_size=block_size, window=window, num_tiles=self.n)
+        self.kw = kw
+        self.n_keys = wm.max_partners(keys=True, **kw)
+        self.n_queries = wm.max_partners(keys=False, **kw)
+
+    def partner(self, i, j, keys):
+        """(partner tile index clamped into range, whether step j is a real partner)."""
+        lo, hi = wm.tile_range(i, keys=keys, **self.kw)
+        return jnp.minimum(lo + j, hi), lo + j <= hi
+
+
+def _specs(t, layout, keys_inner):
+    """BlockSpecs for (outer tile, partner tile) token arrays and block-id rows."""
+    outer = lambda b, h, i, j: (b, h, i)
+    inner = lambda b, h, i, j: (b, h, t.partner(i, j, keys_inner)[0])
+    row = lambda f: pl.BlockSpec((None, 1, t.tile), lambda b, h, i, j: (f(b, h, i, j)[2], 0, 0))
+    return layout.spec(t.tile, outer), layout.spec(t.tile, inner), row(outer), row(inner)
+
+
+def _stat_spec(t, index):
+    return pl.BlockSpec((None, None, None, 1, t.tile), lambda b, h, i, j: (b, h, index(i, j), 0, 0))
+
+
+def _fwd_kernel(bq_ref, bk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, t,
+                scale, dtype):
+    i, j = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        m_scr[...] = jnp.full(m_scr.shape, wm.MASKED, F32)
+        l_scr[...] = jnp.zeros(l_scr.shape, F32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, F32)
+
+    @pl.when(t.partner(i, j, True)[1])
+    def _():
+        mask = wm.allowed(row_to_col(bq_ref[...]), bk_ref[...], t.window)
+        m, l, acc = wm.online_softmax_step(q_ref[...], k_ref[...], v_ref[...], mask, m_scr[...],
+                                           l_scr[...], acc_scr[...], scale=scale, dtype=dtype)
+        m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        l = l_scr[...]
+        o_ref[...] = (acc_scr[...] / l).astype(o_ref.dtype)
+        lse_ref[...] = col_to_row(m_scr[...] + jnp.log(l))
+
+
+def forward(q, k, v, blocks, *, tile, block_size, window, scale, interpret):
+    """q, k, v [B, T, H, D] (T a multiple of tile); blocks [T // tile, 1, tile] f32 block ids.
+
+    Returns (o [B, T, H, D], lse [B, H, T // tile, 1, tile] f32).
+    """
+    B, T, H, D = q.shape
+    t = _Tiling(T, tile, block_size, window)
+    lay = TpuTokenLayout(q.shape)
+    q_spec, k_spec, bq_spec, bk_spec = _specs(t, lay, keys_inner=True)
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, t=t, scale=scale, dtype=q.dtype),
+        grid=(B, H, t.n, t.n_keys),
+        in_specs=[bq_spec, bk_spec, q_spec, k_spec, k_spec],
+        out_specs=[q_spec, _stat_spec(t, lambda i, j: i)],
+        out_shape=[jax.ShapeDtypeStruct(lay.kernel_shape(T), q.dtype),
+                   jax.ShapeDtypeStruct((B, H, t.n, 1, tile), F32)],
+        scratch_shapes=[pltpu.VMEM((tile, 1), F32), pltpu.VMEM((tile, 1), F32),
+                        pltpu.VMEM((tile, D), F32)],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="window_attention_fwd_tpu",
+    )(blocks, blocks, lay.to_kernel(q), lay.to_kernel(k), lay.to_kernel(v))
+    return lay.from_kernel(o), lse
+
+
+def _dq_kernel(bq_ref, bk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, *,
+               t, scale, dtype):
+    i, j = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        dq_scr[...] = jnp.zeros(dq_scr.shape, F32)
+
+    @pl.when(t.partner(i, j, True)[1])
+    def _():
+        mask = wm.allowed(row_to_col(bq_ref[...]), bk_ref[...], t.window)
+        k = k_ref[...]
+        p = wm.probabilities(q_ref[...], k, mask, row_to_col(lse_ref[...]), scale=scale, dtype=dtype)
+        ds = wm.score_grad(p, do_ref[...], v_ref[...], row_to_col(delta_ref[...]), dtype=dtype)
+        dq_scr[...] += dot(ds, k, operand_dtype=dtype) * scale
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(bk_ref, bq_ref, k_ref, q_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                dk_scr, dv_scr, *, t, scale, dtype):
+    i, j = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        dk_scr[...] = jnp.zeros(dk_scr.shape, F32)
+        dv_scr[...] = jnp.zeros(dv_scr.shape, F32)
+
+    @pl.when(t.partner(i, j, False)[1])
+    def _():
+        mask = wm.allowed(row_to_col(bq_ref[...]), bk_ref[...], t.window)
+        q, do = q_ref[...], do_ref[...]
+        p = wm.probabilities(q, k_ref[...], mask, row_to_col(lse_ref[...]), scale=scale, dtype=dtype)
+        dv_scr[...] += dot(p, do, trans_a=True, operand_dtype=dtype)
+        ds = wm.score_grad(p, do, v_ref[...], row_to_col(delta_ref[...]), dtype=dtype)
+        dk_scr[...] += dot(ds, q, trans_a=True, operand_dtype=dtype) * scale
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def backward(q, k, v, o, lse, do, blocks, *, tile, block_size, window, scale, interpret):
+    """Gradients (dq, dk, dv) [B, T, H, D] from the forward's o and lse."""
+    B, T, H, D = q.shape
+    t = _Tiling(T, tile, block_size, window)
+    lay = TpuTokenLayout(q.shape)
+    delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)  # [B, T, H]
+    delta = jnp.transpose(delta, (0, 2, 1)).reshape(B, H, t.n, 1, tile)
+    qk, dok, kk, vk = (lay.to_kernel(x) for x in (q, do, k, v))
+    shape = jax.ShapeDtypeStruct(lay.kernel_shape(T), q.dtype)
+    scratch = pltpu.VMEM((tile, D), F32)
+
+    q_spec, k_spec, bq_spec, bk_spec = _specs(t, lay, keys_inner=True)
+    stat = _stat_spec(t, lambda i, j: i)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, t=t, scale=scale, dtype=q.dtype),
+        grid=(B, H, t.n, t.n_keys),
+        in_specs=[bq_spec, bk_spec, q_spec, k_spec, k_spec, q_spec, stat, stat],
+        out_specs=q_spec,
+        out_shape=shape,
+        scratch_shapes=[scratch],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="window_attention_dq_tpu",
+    )(blocks, blocks, qk, kk, vk, dok, lse, delta)
+
+    k_spec, q_spec, bk_spec, bq_spec = _specs(t, lay, keys_inner=False)
+    stat = _stat_spec(t, lambda i, j: t.partner(i, j, False)[0])
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, t=t, scale=scale, dtype=q.dtype),
+        grid=(B, H, t.n, t.n_queries),
+        in_specs=[bk_spec, bq_spec, k_spec, q_spec, k_spec, q_spec, stat, stat],
+        out_specs=[k_spec, k_spec],
+        out_shape=[shape, shape],
+        scratch_shapes=[scratch, scratch],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="window_attention_dkv_tpu",
+    )(blocks, blocks, kk, qk, vk, dok, lse, delta)
+    return lay.from_kernel(dq), lay.from_kernel(dk), lay.from_kernel(dv)
