@@ -69,7 +69,7 @@ PHASE2_HUMAN = dict(
                        inverse_dynamics=0.15),
 )
 PHASE3_ROBOT = dict(
-    mixture_start=mixture(passive_video=0.1, human=0.2, reacher=0.35, cheetah=0.35),
+    mixture_start=mixture(passive_video=0.1, human=0.2, reacher=0.25, cheetah=0.2, pusher=0.25),
     mode_mixture=modes(joint=0.2, video_prediction=0.1, forward_dynamics=0.25, policy=0.3,
                        inverse_dynamics=0.15),
 )

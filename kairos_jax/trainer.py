@@ -207,11 +207,11 @@ def make_train_step(cfg, setup: Setup, tx, phase_cfg, num_sources: int):
         with activation_sharding(setup.mesh, setup.rules):
             return jitted(state, batch)
 
+    def compile_for(state, batch):
+        """AOT-compile for these arguments; the result is called like the step (and reports cost)."""
+        with activation_sharding(setup.mesh, setup.rules):
+            return jitted.lower(state, batch).compile()
+
     run.jitted = jitted
-    run.lower = lambda state, batch: _lower(jitted, setup, state, batch)
+    run.compile = compile_for
     return run
-
-
-def _lower(jitted, setup, state, batch):
-    with activation_sharding(setup.mesh, setup.rules):
-        return jitted.lower(state, batch)

@@ -204,7 +204,9 @@ class KairosWorldModel(nnx.Module):
 
             self.units = make_units(rngs)
         else:
-            self.units = nnx.List([PatternUnit(cfg, widths, **kw) for _ in range(n_units)])
+            # Unscanned: any depth, layer l uses pattern[l % len(pattern)].
+            self.units = nnx.List([MoTLayer(cfg.pattern[l % len(cfg.pattern)], cfg, widths, **kw)
+                                   for l in range(cfg.depth)])
 
     # -- pieces shared by training and streaming rollout ---------------------------------------
     def embed(self, video, actions, embodiment_id, action_dim_mask):
@@ -230,7 +232,7 @@ class KairosWorldModel(nnx.Module):
     def run_layers(self, streams, mods, positions, text, text_mask):
         policy = REMAT_POLICIES[self.remat]
 
-        def unit_fn(unit, streams):
+        def unit_fn(unit, streams):  # a PatternUnit when scanned, else one MoTLayer
             return unit(streams, mods, positions, text, text_mask)
 
         if self.remat != "none":

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny model config and synthetic batches in the pipeline's batch format."""
+
+import numpy as np
+import pytest
+
+import kairos_jax  # noqa: F401  (sets flax config)
+from experiments import base
+
+
+def tiny_config(**model):
+    c = base.get_base_config()
+    c.model.update(dict(video_width=32, action_width=16, depth=4, num_heads=2, head_dim=8, text_width=16,
+                        text_depth=1, text_heads=2, cond_dim=16, dtype="float32", mlp_ratio=2.0, window=2,
+                        dilation=2, gdn_chunk_size=8))
+    c.model.update(model)
+    c.data.update(dict(image_size=8, patch_size=4, num_blocks=6, action_chunk=2, action_dim=3, proprio_dim=4,
+                       text_len=8, num_embodiments=4))
+    c.train.update(dict(batch_size=4, warmup_steps=2, log_every=1, checkpoint_every=2,
+                        async_checkpointing=False, measure_peak_flops=False))
+    return c
+
+
+def synthetic_batch(cfg, batch_size, seed=0, *, action_free=()):
+    """A batch with the pipeline's keys, shapes and value ranges (independent of data_pipelines)."""
+    d = cfg.data
+    r = np.random.default_rng(seed)
+    n = (d.image_size // d.patch_size) ** 2
+    dp = d.patch_size ** 2 * d.channels
+    B, T, k, A = batch_size, d.num_blocks, d.action_chunk, d.action_dim
+    dim_mask = np.zeros((B, A), np.float32)
+    dim_mask[:, :2] = 1.0
+    action_mask = np.ones((B, T), np.float32)
+    action_mask[:, 0] = 0.0
+    for i in action_free:
+        action_mask[i] = 0.0
+        dim_mask[i] = 0.0
+    actions = r.uniform(-1, 1, (B, T, k, A)).astype(np.float32) * dim_mask[:, None, None]
+    text = np.zeros((B, d.text_len), np.int32)
+    text[:, :4] = r.integers(1, 257, (B, 4))
+    return {
+        "video": r.uniform(-1, 1, (B, T, n, dp)).astype(np.float32),
+        "actions": actions,
+        "action_mask": action_mask,
+        "action_dim_mask": dim_mask,
+        "embodiment_id": r.integers(0, d.num_embodiments, (B,)).astype(np.int32),
+        "text": text,
+        "source_id": (np.arange(B) % 2).astype(np.int32),
+    }
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config()
