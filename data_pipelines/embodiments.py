@@ -69,10 +69,6 @@ class EmbodimentRegistry:
     def names(self) -> list[str]:
         return sorted(self._by_name, key=lambda n: self._by_name[n].id)
 
-    def copy(self) -> EmbodimentRegistry:
-        """A registry with the same embodiments, to extend without touching this one."""
-        return EmbodimentRegistry(self._by_name.values())
-
     @property
     def max_id(self) -> int:
         return max((e.id for e in self._by_name.values()), default=-1)

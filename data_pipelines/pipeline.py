@@ -38,6 +38,11 @@ over the phase's `steps` (piecewise constant, see mixing.py). The whole element 
 `MapDataset`, so element i depends on (seed, i) only: `get_state()` is an index, a restored iterator
 continues bit-exactly, and the output does not depend on `worker_count`.
 
+Prefetch. data.worker_count > 0 runs the element pipeline in that many Grain worker processes
+(`mp_prefetch`, each holding data.prefetch elements); with 0, two reader threads keep
+data.prefetch batches ahead. The iterator state of the two modes differs in form: restore a
+checkpoint with the worker_count it was saved with (the batches themselves are the same).
+
 Sharding. Each JAX process takes every process_count-th usable episode of each source (disjoint
 episode sets) and its own stream of elements.
 """
@@ -127,14 +132,24 @@ class ClipSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class EmbodimentSpec:
+    """One embodiment as seen in one source: registry id and sizes, the source's normalisers."""
+
+    id: int
+    action_dim: int
+    proprio_dim: int
+    action_norm: Normalizer | None
+    proprio_norm: Normalizer | None
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceSpec:
     """What the per-element transform needs to know about one source (picklable)."""
 
     name: str
     source_id: int
     paths: tuple[str, ...]
-    # embodiment name -> (id, action_dim, proprio_dim, action normaliser, proprio normaliser)
-    embodiments: dict
+    embodiments: dict[str, EmbodimentSpec]
 
 
 def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: SourceSpec) -> dict:
@@ -142,7 +157,7 @@ def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: Sourc
     T, k = spec.num_blocks, spec.action_chunk
     L = ep.num_frames
     idx = start + k * np.arange(T)                      # f_t
-    emb_id, a_dim, p_dim, a_norm, p_norm = source.embodiments[ep.embodiment]
+    emb = source.embodiments[ep.embodiment]
     if ep.frames is not None:
         frames = ep.frames[idx]
         if frames.shape[-1] != spec.channels:
@@ -155,20 +170,20 @@ def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: Sourc
     actions = np.zeros((T, k, spec.action_dim), np.float32)
     action_mask = np.zeros(T, np.float32)
     action_dim_mask = np.zeros(spec.action_dim, np.float32)
-    if ep.actions is not None and a_norm is not None:
+    if ep.actions is not None and emb.action_norm is not None:
         known = idx >= k
         chunks = ep.actions[np.clip(idx[:, None] - k + np.arange(k)[None, :], 0, L - 1)]   # [T, k, a]
-        actions[:, :, :a_dim] = a_norm.normalize(chunks) * known[:, None, None]
+        actions[:, :, :emb.action_dim] = emb.action_norm.normalize(chunks) * known[:, None, None]
         action_mask[:] = known
-        action_dim_mask[:a_dim] = 1.0
+        action_dim_mask[:emb.action_dim] = 1.0
 
     proprio = np.zeros((T, spec.proprio_dim), np.float32)
     proprio_mask = np.zeros(T, np.float32)
     proprio_dim_mask = np.zeros(spec.proprio_dim, np.float32)
-    if ep.proprio is not None and p_norm is not None:
-        proprio[:, :p_dim] = p_norm.normalize(ep.proprio[idx])
+    if ep.proprio is not None and emb.proprio_norm is not None:
+        proprio[:, :emb.proprio_dim] = emb.proprio_norm.normalize(ep.proprio[idx])
         proprio_mask[:] = 1.0
-        proprio_dim_mask[:p_dim] = 1.0
+        proprio_dim_mask[:emb.proprio_dim] = 1.0
 
     return {
         "video": video.astype(np.float32),
@@ -178,7 +193,7 @@ def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: Sourc
         "proprio": proprio,
         "proprio_mask": proprio_mask,
         "proprio_dim_mask": proprio_dim_mask,
-        "embodiment_id": np.int32(emb_id),
+        "embodiment_id": np.int32(emb.id),
         "source_id": np.int32(source.source_id),
         "text": text_tokens(ep.text, spec.text_len),
         "progress": (idx / max(L - 1, 1)).astype(np.float32),
@@ -317,9 +332,10 @@ def _open_source(root: str, name: str, source_id: int, spec: ClipSpec,
             if st is not None and st.dim != dim:
                 raise DataConfigError(f"source {name!r}: {label} statistics of {e_name} have {st.dim} "
                                       f"dims, the registry says {dim}")
-        embodiments[e_name] = (emb.id, emb.action_dim, emb.proprio_dim,
-                               None if s.action is None else Normalizer(s.action),
-                               None if s.proprio is None else Normalizer(s.proprio))
+        embodiments[e_name] = EmbodimentSpec(
+            id=emb.id, action_dim=emb.action_dim, proprio_dim=emb.proprio_dim,
+            action_norm=None if s.action is None else Normalizer(s.action),
+            proprio_norm=None if s.proprio is None else Normalizer(s.proprio))
     usable = np.flatnonzero(src.episode_frames >= spec.min_frames)
     short = src.num_episodes - usable.size
     if short:

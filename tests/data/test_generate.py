@@ -121,3 +121,14 @@ def test_passive_video_captions_name_the_scene():
 def test_generate_rejects_unknown_preset(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         gen.generate("huge", str(tmp_path))
+
+
+@pytest.mark.slow
+def test_output_does_not_depend_on_the_number_of_worker_processes(tmp_path):
+    one = gen.generate("tiny", str(tmp_path / "one"), seed=5, workers=1)
+    two = gen.generate("tiny", str(tmp_path / "two"), seed=5, workers=2)
+    assert one["sources"] == two["sources"]
+    for source in EXPECTED:
+        a = open_source(str(tmp_path / "one" / source)).data_source()
+        b = open_source(str(tmp_path / "two" / source)).data_source()
+        assert [a.record(i) for i in range(len(a))] == [b.record(i) for i in range(len(b))], source

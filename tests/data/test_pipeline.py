@@ -311,3 +311,38 @@ def test_source_without_shards_and_oversized_embodiment_are_errors(tmp_path, rng
         build_dataset(_cfg(str(root), action_dim=4), _phase(cheetah=1.0), seed=0, batch_size=2)
     with pytest.raises(DataConfigError, match="image_size=30 is not a multiple of data.patch_size=8"):
         build_dataset(_cfg(str(root), image_size=30), _phase(cheetah=1.0), seed=0, batch_size=2)
+
+
+def test_latent_episodes_are_patchified_as_stored(tmp_path, rng):
+    from data_pipelines.episode import Episode
+
+    z = rng.normal(size=(20, 8, 8, 4)).astype(np.float32)
+    ep = Episode(frames=None, latents=z, actions=None, proprio=None, text="latent clip",
+                 embodiment="passive_camera", fps=10.0, source="lat", episode_id="z0")
+    write_episodes(str(tmp_path / "lat"), "lat", [ep])
+    cfg = _cfg(str(tmp_path), image_size=8, patch_size=4, channels=4, num_blocks=3, action_chunk=2)
+    batch = next(iter(build_dataset(cfg, _phase(lat=1.0), seed=0, batch_size=2)))
+    assert batch["video"].shape == (2, 3, 4, 64)
+    for b in range(2):
+        start = int(round(batch["progress"][b, 0] * 19))
+        for t in range(3):
+            frame = z[start + 2 * t]
+            for r in range(2):
+                for c in range(2):
+                    want = frame[4 * r:4 * r + 4, 4 * c:4 * c + 4].reshape(-1)
+                    np.testing.assert_array_equal(batch["video"][b, t, 2 * r + c], want)
+    bad = _cfg(str(tmp_path), image_size=16, patch_size=4, channels=4)
+    with pytest.raises(DataConfigError, match="latents are 8x8x4; set data.image_size=8"):
+        build_dataset(bad, _phase(lat=1.0), seed=0, batch_size=2)
+
+
+def test_non_square_frames_are_centre_cropped_then_area_resized(rng):
+    from data_pipelines.pipeline import resize_frames
+
+    frames = rng.integers(0, 256, (2, 48, 64, 3), dtype=np.uint8)
+    got = resize_frames(frames, 32)
+    # oracle: crop the central 48x48, upsample 2x by repetition (96x96), then 3x3 block means
+    crop = frames[:, :, 8:56].astype(np.float64).repeat(2, axis=1).repeat(2, axis=2)
+    want = crop.reshape(2, 32, 3, 32, 3, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert got.dtype == np.float32 and got.shape == (2, 32, 32, 3)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import shards
+from data_pipelines.episode import serialize
 from data_pipelines.normalization import NormStats, load_stats
 from tests.data.synthetic import make_episode
 
@@ -40,6 +41,7 @@ def test_round_trip_over_several_shards(tmp_path, rng):
     assert [s["frames"] for s in m["shards"]] == [sum(s["episode_frames"]) for s in m["shards"]]
     ds = src.data_source()
     assert len(ds) == len(eps)
+    assert ds.record(2) == serialize(eps[2])
     for i in (0, 4, len(eps) - 1):
         back = ds[i]
         assert back.episode_id == eps[i].episode_id
