@@ -186,8 +186,10 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     return result, state["params"]
 
 
-def train_curriculum(cfg, workdir: str) -> list[PhaseResult]:
-    """Validate, build the mesh and model, run every phase in order; returns per-phase results."""
+def train_curriculum(cfg, workdir: str, stop: StopRequested | None = None) -> list[PhaseResult]:
+    """Validate, build the mesh and model, run every phase in order; returns per-phase results.
+
+    `stop` decides after every step whether to save and stop (default: on SIGTERM / Ctrl-C)."""
     validate(cfg)
     check_workdir(workdir)
     check_data_sources(cfg)
@@ -199,7 +201,7 @@ def train_curriculum(cfg, workdir: str) -> list[PhaseResult]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
     peak = metrics.measure_peak_flops(cfg.model.dtype) if cfg.train.measure_peak_flops else None
-    stop = StopRequested()
+    stop = stop or StopRequested()
     stop.install()
     results = []
     try:

@@ -193,8 +193,8 @@ def make_train_step(cfg, setup: Setup, tx, phase_cfg, num_sources: int):
             metrics = {k: (v if k.startswith(("src_", "mode_")) else v / accum) for k, v in metrics.items()}
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["param_norm"] = optax.global_norm(params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["param_norm"] = optax.tree.norm(params)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     batch_sh = {k: batch_sharding(setup, nd) for k, nd in

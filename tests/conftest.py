@@ -1,10 +1,32 @@
 """Shared fixtures: a tiny model config and synthetic batches in the pipeline's batch format."""
 
+import os
+
+import jax
 import numpy as np
 import pytest
 
 import kairos_jax  # noqa: F401  (sets flax config)
 from experiments import base
+
+
+def pytest_configure(config):
+    # Identical programs compiled by several tests (e.g. the same train step in an interrupted and
+    # a resumed run) are compiled once per session.
+    cache = os.path.join(str(config.rootpath), ".pytest_jax_cache")
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("KAIROS_TEST_JAX_CACHE", cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """`python -m data_pipelines.generate --preset=tiny --seed=0` into a session folder; its path."""
+    from data_pipelines.generate import generate
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    generate("tiny", str(out), seed=0)
+    return str(out)
 
 
 def tiny_config(**model):
