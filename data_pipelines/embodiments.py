@@ -1,7 +1,12 @@
 """Embodiment registry: name -> action / proprio sizes, action semantics and normalisation.
 
-Ids are stable (they index the model's embodiment embedding table), so a registry only grows.
-Normalisation statistics come from the converter (`stats.json` beside each source's shards).
+Ids are stable (they index the model's embodiment embedding table), so a registry only grows:
+never renumber or reuse an id. `DEFAULT_REGISTRY` holds the embodiments of the local generators
+(`data_pipelines.generate`); converters of external datasets register theirs with new ids.
+
+Normalisation statistics are per source (they are computed by the shard writer over every step it
+wrote and stored in `stats.json` beside the shards); `data_pipelines.normalization` turns them into
+a `Normalizer` (and its inverse, needed to turn a rollout's actions back into commands).
 """
 
 from __future__ import annotations
@@ -64,6 +69,33 @@ class EmbodimentRegistry:
     def names(self) -> list[str]:
         return sorted(self._by_name, key=lambda n: self._by_name[n].id)
 
+    def copy(self) -> EmbodimentRegistry:
+        """A registry with the same embodiments, to extend without touching this one."""
+        return EmbodimentRegistry(self._by_name.values())
+
     @property
     def max_id(self) -> int:
         return max((e.id for e in self._by_name.values()), default=-1)
+
+
+# Body keypoints of the human source, in this order, each (x, y, z) in the pelvis frame.
+HUMAN_KEYPOINTS = ("head", "right_elbow", "right_hand", "left_elbow", "left_hand",
+                   "right_knee", "right_foot", "left_knee", "left_foot")
+
+DEFAULT_REGISTRY = EmbodimentRegistry([
+    Embodiment("passive_camera", 0, action_dim=0, proprio_dim=0, action_semantics="none",
+               description="open-world video: a moving camera, no actions"),
+    Embodiment("human_keypoints", 1, action_dim=3 * len(HUMAN_KEYPOINTS), proprio_dim=0,
+               action_semantics="keypoints",
+               description="human behaviour: the next body pose as keypoints "
+                           f"{', '.join(HUMAN_KEYPOINTS)} (xyz in the pelvis frame, metres)"),
+    Embodiment("reacher", 2, action_dim=2, proprio_dim=4, action_semantics="joint_torque",
+               description="dm_control reacher: 2-link planar arm; proprio = joint angles (2), "
+                           "joint velocities (2)"),
+    Embodiment("cheetah", 3, action_dim=6, proprio_dim=17, action_semantics="joint_torque",
+               description="dm_control cheetah: planar runner; proprio = qpos without root x (8), "
+                           "qvel (9)"),
+    Embodiment("pusher", 4, action_dim=3, proprio_dim=6, action_semantics="joint_position",
+               description="3-link planar arm pushing a puck to a goal (position-controlled joints); "
+                           "proprio = joint angles (3), joint velocities (3)"),
+])
