@@ -3,8 +3,8 @@
 A reader lists its episodes cheaply (`keys`), loads one on demand (`load`), and `episodes()`
 turns each into a validated `Episode` that fits its embodiment in the registry. Whatever is wrong
 with one episode (an undecodable video, a truncated parquet, NaN actions, a size the embodiment
-does not have) becomes one `BadInputError` naming the file; `episodes(strict=False)` logs it on
-one line, records it in `skipped` and goes on, `strict=True` raises it.
+does not have) becomes one `BadInputError` naming the file; `episodes(strict=False)` reports it
+once (a log line, or the caller's `on_skip`) and goes on, `strict=True` raises it.
 """
 
 from __future__ import annotations
@@ -115,8 +115,9 @@ class EpisodeReader(abc.ABC):
         return self._checked(key, functools.partial(self.load, key))
 
     def episodes(self, *, strict: bool = False,
-                 skipped: list[Skipped] | None = None) -> Iterator[Episode]:
-        """Every readable episode. Bad ones are logged and appended to `skipped`, or raised if strict.
+                 on_skip: Callable[[Skipped], None] | None = None) -> Iterator[Episode]:
+        """Every readable episode. A bad one raises BadInputError if strict; else it is passed to
+        `on_skip` (default: one warning line naming the file) and left out.
 
         A stream that fails as a whole (a damaged tfrecord file) is reported once and ends.
         """
@@ -130,8 +131,9 @@ class EpisodeReader(abc.ABC):
             except BadInputError as e:
                 if strict:
                     raise
-                log.warning("skipped %s: %s", e.file, e.reason)
-                if skipped is not None:
-                    skipped.append(Skipped(e.file, e.reason))
+                if on_skip is None:
+                    log.warning("skipped %s: %s", e.file, e.reason)
+                else:
+                    on_skip(Skipped(e.file, e.reason))
                 continue
             yield episode

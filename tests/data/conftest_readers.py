@@ -1,9 +1,11 @@
 """Small real episodes rendered with MuJoCo, for the reader / writer / converter tests.
 
-Three embodiments, each a few episodes of 32-64 px frames (rendering is ~1 ms a frame headless):
-  test_arm          a two-link arm reaching a target under a noisy scripted expert;
-                    actions [T, 2] joint position targets, proprio [T, 4] (qpos, qvel).
-  human_keypoints   a stick figure walking in place; actions [T, 24] = 8 body keypoints x (x, y, z).
+Three embodiments of the built-in registry, a few episodes each of 32-64 px frames (rendering
+headless costs ~1 ms a frame):
+  reacher           a two-link planar arm driven by joint torques from a noisy PD expert that
+                    reaches a target; actions [T, 2] torques, proprio [T, 4] (joint angles, velocities).
+  human_keypoints   a stick figure walking in place; actions [T, 27] = the registry's 9 keypoints
+                    (xyz in the pelvis frame) of the pose.
   passive_camera    balls falling and bouncing while the camera orbits; no actions.
 """
 
@@ -17,16 +19,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_pipelines.embodiments import Embodiment, EmbodimentRegistry  # noqa: E402
+from data_pipelines.embodiments import HUMAN_KEYPOINTS  # noqa: E402
 from data_pipelines.episode import Episode  # noqa: E402
-
-NUM_KEYPOINTS = 8
-
-TEST_REGISTRY = EmbodimentRegistry([
-    Embodiment("passive_camera", 0, 0, 0, "none", "action-free video"),
-    Embodiment("human_keypoints", 1, NUM_KEYPOINTS * 3, 0, "keypoints", "stick-figure keypoints"),
-    Embodiment("test_arm", 2, 2, 4, "joint_position", "two-link planar arm"),
-])
 
 _VISUAL = '<visual><quality shadowsize="0"/><global offwidth="64" offheight="64"/></visual>'
 
@@ -49,44 +43,56 @@ ARM_XML = f"""
       <geom type="sphere" size="0.05" rgba="0.1 0.8 0.1 1" contype="0" conaffinity="0"/>
     </body>
   </worldbody>
-  <actuator><position joint="shoulder" kp="8"/><position joint="elbow" kp="4"/></actuator>
+  <actuator><motor joint="shoulder" gear="0.5" ctrlrange="-1 1" ctrllimited="true"/>
+            <motor joint="elbow" gear="0.25" ctrlrange="-1 1" ctrllimited="true"/></actuator>
 </mujoco>"""
 
-_LIMB = '<body name="{n}" pos="{p}"><joint type="hinge" axis="0 1 0"/>' \
-        '<geom type="capsule" fromto="0 0 0 0 0 -0.3" size="0.04" rgba="{c}"/>' \
-        '<site name="{n}_end" pos="0 0 -0.3"/></body>'
+# Segments of the stick figure: (name, parent keypoint, child keypoint, length m, rgba).
+_SEGMENTS = (("r_upper_arm", "r_shoulder", "right_elbow", 0.25, "0.9 0.3 0.2 1"),
+             ("r_forearm", "right_elbow", "right_hand", 0.22, "0.9 0.5 0.3 1"),
+             ("l_upper_arm", "l_shoulder", "left_elbow", 0.25, "0.2 0.4 0.9 1"),
+             ("l_forearm", "left_elbow", "left_hand", 0.22, "0.3 0.6 0.9 1"),
+             ("r_thigh", "r_hip", "right_knee", 0.45, "0.6 0.2 0.2 1"),
+             ("r_shin", "right_knee", "right_foot", 0.42, "0.8 0.3 0.3 1"),
+             ("l_thigh", "l_hip", "left_knee", 0.45, "0.2 0.2 0.6 1"),
+             ("l_shin", "left_knee", "left_foot", 0.42, "0.3 0.3 0.8 1"))
+_ROOTS = {"r_shoulder": (0.15, 0, 0.42), "l_shoulder": (-0.15, 0, 0.42), "r_hip": (0.08, 0, 0),
+          "l_hip": (-0.08, 0, 0)}
 HUMAN_XML = f"""
 <mujoco model="stick">{_VISUAL}
   <worldbody>
     <light pos="0 -2 3" dir="0 0.5 -1" castshadow="false"/>
     <geom type="plane" size="2 2 0.01" rgba=".6 .7 .6 1"/>
-    <camera name="side" pos="0 -2.2 1.0" xyaxes="1 0 0 0 0 1"/>
-    <body name="torso" pos="0 0 1.0" mocap="true">
+    <camera name="front" pos="0 -2.4 0.9" xyaxes="1 0 0 0 0 1"/>
+    <body name="torso" pos="0 0 1" mocap="true">
       <geom type="capsule" fromto="0 0 0 0 0 0.45" size="0.08" rgba="0.8 0.6 0.4 1"/>
-      <site name="pelvis" pos="0 0 0"/>
-      <site name="head" pos="0 0 0.6"/>
       <geom type="sphere" pos="0 0 0.6" size="0.1" rgba="0.9 0.8 0.6 1"/>
     </body>
+    {"".join(f'<body name="{n}" mocap="true"><geom type="capsule" fromto="0 0 0 0 0 -{length}" '
+             f'size="0.035" rgba="{c}"/></body>' for n, _, _, length, c in _SEGMENTS)}
   </worldbody>
 </mujoco>"""
 
 
-def _stick_figure_xml():
-    spec = mujoco.MjSpec.from_string(HUMAN_XML)
-    torso = spec.body("torso")
-    # Limbs are mocap bodies posed each frame from a gait (kinematic motion capture stand-in).
-    for name, pos, color in [("l_arm", "-0.15 0 1.42", "0.2 0.4 0.9 1"), ("r_arm", "0.15 0 1.42", "0.9 0.3 0.2 1"),
-                             ("l_leg", "-0.08 0 1.0", "0.2 0.2 0.6 1"), ("r_leg", "0.08 0 1.0", "0.6 0.2 0.2 1")]:
-        b = spec.worldbody.add_body(name=name, pos=[float(v) for v in pos.split()], mocap=True)
-        b.add_geom(type=mujoco.mjtGeom.mjGEOM_CAPSULE, fromto=[0, 0, 0, 0, 0, -0.45], size=[0.04, 0, 0],
-                   rgba=[float(v) for v in color.split()])
-        b.add_site(name=f"{name}_end", pos=[0, 0, -0.45])
-        b.add_site(name=f"{name}_root", pos=[0, 0, 0])
-    del torso
-    return spec.compile()
+def _rot_y(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
-KEYPOINT_SITES = ("pelvis", "head", "l_arm_end", "r_arm_end", "l_leg_end", "r_leg_end", "l_arm_root", "r_arm_root")
+def stick_figure_pose(swing: float, pelvis: np.ndarray):
+    """Gait kinematics: limbs swing about y. Returns ({keypoint: world xyz}, {segment: (root, angle)})."""
+    points = {"pelvis": pelvis, "head": pelvis + [0.0, 0.0, 0.6]}
+    points.update({k: pelvis + np.array(v) for k, v in _ROOTS.items()})
+    bend = {"r_forearm": 0.4 + 0.3 * swing, "l_forearm": 0.4 - 0.3 * swing,
+            "r_shin": -0.3 - 0.4 * max(swing, 0.0), "l_shin": -0.3 - 0.4 * max(-swing, 0.0)}
+    swing_of = {"r_upper_arm": swing, "l_upper_arm": -swing, "r_thigh": -swing, "l_thigh": swing}
+    segments = {}
+    for name, parent, child, length, _ in _SEGMENTS:
+        base = name.replace("forearm", "upper_arm").replace("shin", "thigh")
+        angle = swing_of[base] + bend.get(name, 0.0)
+        segments[name] = (points[parent], angle)
+        points[child] = points[parent] + _rot_y(angle) @ [0.0, 0.0, -length]
+    return points, segments
 
 
 def _render(model, data, renderer, camera):
@@ -96,7 +102,7 @@ def _render(model, data, renderer, camera):
 
 @functools.cache
 def arm_episodes(n: int = 3, steps: int = 20, size: tuple[int, int] = (32, 32), seed: int = 0):
-    """Noisy expert reaching a random target; 10 Hz control, 10 physics steps per action."""
+    """Noisy PD expert reaching a random target; torques at 10 Hz, 10 physics steps per action."""
     rng = np.random.default_rng(seed)
     model = mujoco.MjModel.from_xml_string(ARM_XML)
     renderer = mujoco.Renderer(model, *size)
@@ -114,14 +120,14 @@ def arm_episodes(n: int = 3, steps: int = 20, size: tuple[int, int] = (32, 32), 
         for _ in range(steps):
             frames.append(_render(model, data, renderer, "top"))
             proprio.append(np.concatenate([data.qpos, data.qvel]))
-            a = data.qpos + 0.5 * (goal - data.qpos) + rng.normal(0, 0.05, 2)
+            a = np.clip(1.0 * (goal - data.qpos) - 0.3 * data.qvel + rng.normal(0, 0.1, 2), -1, 1)
             actions.append(a)
             data.ctrl[:] = a
             for _ in range(10):
                 mujoco.mj_step(model, data)
         episodes.append(Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),
                                 proprio=np.asarray(proprio, np.float32), text=f"reach the green ball {e}",
-                                embodiment="test_arm", fps=10.0, source="mujoco_arm",
+                                embodiment="reacher", fps=10.0, source="mujoco_arm",
                                 episode_id=f"arm_{e:03d}").validate())
     renderer.close()
     return tuple(episodes)
@@ -130,12 +136,11 @@ def arm_episodes(n: int = 3, steps: int = 20, size: tuple[int, int] = (32, 32), 
 @functools.cache
 def human_episodes(n: int = 2, steps: int = 20, size: tuple[int, int] = (32, 32), fps: float = 20.0,
                    seed: int = 1):
-    """A stick figure walking in place; its 8 keypoints [T, 8, 3] flattened are the actions."""
+    """A stick figure walking in place; its 9 keypoints (pelvis frame) flattened are the actions."""
     rng = np.random.default_rng(seed)
-    model = _stick_figure_xml()
+    model = mujoco.MjModel.from_xml_string(HUMAN_XML)
     renderer = mujoco.Renderer(model, *size)
-    sites = [mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, s) for s in KEYPOINT_SITES]
-    limbs = [mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, b) for b in ("l_arm", "r_arm", "l_leg", "r_leg")]
+    mocap = {name: model.body_mocapid[model.body(name).id] for name in ["torso"] + [s[0] for s in _SEGMENTS]}
     episodes = []
     for e in range(n):
         data = mujoco.MjData(model)
@@ -143,16 +148,15 @@ def human_episodes(n: int = 2, steps: int = 20, size: tuple[int, int] = (32, 32)
         frames, keypoints = [], []
         for t in range(steps):
             swing = amp * np.sin(2 * np.pi * freq * t / fps + phase)
-            pelvis = np.array([0.3 * np.sin(swing), 0.0, 1.0])  # the body sways with the gait
-            data.mocap_pos[model.body_mocapid[model.site_bodyid[sites[0]]]] = pelvis
-            for body, sign in zip(limbs, (1, -1, -1, 1)):
-                angle = sign * swing
-                mocap = model.body_mocapid[body]
-                data.mocap_pos[mocap] = pelvis + model.body_pos[body] - [0.0, 0.0, 1.0]
-                data.mocap_quat[mocap] = [np.cos(angle / 2), 0.0, np.sin(angle / 2), 0.0]  # about y
+            pelvis = np.array([0.2 * swing, 0.0, 1.0])  # the body sways with the gait
+            points, segments = stick_figure_pose(swing, pelvis)
+            data.mocap_pos[mocap["torso"]] = pelvis
+            for name, (root, angle) in segments.items():
+                data.mocap_pos[mocap[name]] = root
+                data.mocap_quat[mocap[name]] = [np.cos(angle / 2), 0.0, np.sin(angle / 2), 0.0]  # about y
             mujoco.mj_forward(model, data)
-            frames.append(_render(model, data, renderer, "side"))
-            keypoints.append(data.site_xpos[sites].copy())
+            frames.append(_render(model, data, renderer, "front"))
+            keypoints.append([points[k] - pelvis for k in HUMAN_KEYPOINTS])
         kp = np.asarray(keypoints, np.float32)  # [T, J, 3]
         episodes.append(Episode(frames=np.stack(frames), actions=kp.reshape(steps, -1), proprio=None,
                                 text=f"walk in place, style {e}", embodiment="human_keypoints", fps=fps,
@@ -167,9 +171,9 @@ def passive_episodes(n: int = 3, steps: int = 30, size: tuple[int, int] = (48, 6
     """Balls dropped from random heights bouncing on a floor while the camera orbits."""
     rng = np.random.default_rng(seed)
     balls = "".join(
-        f'<body pos="{x:.2f} {y:.2f} {z:.2f}"><freejoint/><geom type="sphere" size="0.12" rgba="{r:.2f} {g:.2f} '
-        f'{b:.2f} 1"/></body>' for x, y, z, r, g, b in rng.uniform([-0.5, -0.5, 0.3, 0, 0, 0],
-                                                                      [0.5, 0.5, 1.2, 1, 1, 1], (4, 6)))
+        f'<body pos="{x:.2f} {y:.2f} {z:.2f}"><freejoint/><geom type="sphere" size="0.12" '
+        f'rgba="{r:.2f} {g:.2f} {b:.2f} 1"/></body>'
+        for x, y, z, r, g, b in rng.uniform([-0.5, -0.5, 0.3, 0, 0, 0], [0.5, 0.5, 1.2, 1, 1, 1], (4, 6)))
     xml = f"""<mujoco model="balls"><option timestep="0.005"/>{_VISUAL}
       <worldbody><light pos="0 0 3" dir="0 0 -1" castshadow="false"/>
         <geom type="plane" size="2 2 0.01" rgba=".3 .4 .5 1"/>
@@ -195,8 +199,9 @@ def passive_episodes(n: int = 3, steps: int = 30, size: tuple[int, int] = (48, 6
             for _ in range(int(round(1 / (fps * model.opt.timestep)))):
                 mujoco.mj_step(model, data)
         episodes.append(Episode(frames=np.stack(frames), actions=None, proprio=None,
-                                text=f"balls bounce while the camera orbits ({e})", embodiment="passive_camera",
-                                fps=fps, source="mujoco_balls", episode_id=f"balls_{e:03d}").validate())
+                                text=f"balls bounce while the camera orbits ({e})",
+                                embodiment="passive_camera", fps=fps, source="mujoco_balls",
+                                episode_id=f"balls_{e:03d}").validate())
     renderer.close()
     return tuple(episodes)
 
