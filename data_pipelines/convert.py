@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
                           strict=args.strict, source=args.source, encoder=args.encoder,
                           overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_mb * 2 ** 20),
                           **options)
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, ImportError) as e:
         raise SystemExit(f"error: {e}") from e
     print(json.dumps(summary), flush=True)
     return summary

@@ -21,6 +21,7 @@ from the builder's metadata.json (our writer records both), else (embodiment) th
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 
 import numpy as np
@@ -104,7 +105,10 @@ class RldsReader(EpisodeReader):
         self._source = None
         if self.file_format == "array_record":
             self._source = self.builder.as_data_source(split=split)
-        elif self.file_format != "tfrecord":
+        elif self.file_format == "tfrecord":
+            if importlib.util.find_spec("tensorflow") is None:
+                raise ImportError(f"{self.builder_dir}: {TF_MISSING}")
+        else:
             raise BadInputError(self.builder_dir, f"file format {self.file_format} is not read "
                                                   f"(array_record without TF, tfrecord with TF)")
 
@@ -139,10 +143,7 @@ class RldsReader(EpisodeReader):
 
     def _tf_episodes(self, key: str | None = None):
         """(key, Episode) from the tfrecord files through tf.data; all of them, or only `key`."""
-        try:
-            import tensorflow as tf
-        except ImportError as e:
-            raise BadInputError(self.builder_dir, TF_MISSING) from e
+        import tensorflow as tf
         import tensorflow_datasets as tfds
 
         start = 0 if key is None else int(key[key.index("[") + 1:-1])
