@@ -210,3 +210,10 @@ def psnr(a, b) -> float:
     """Peak signal-to-noise ratio (dB) of uint8 images, computed in float64."""
     mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def pool_encoder(frames: np.ndarray) -> np.ndarray:
+    """A stand-in video encoder for --encoder: 4 x 4 average pooling, uint8 [T, H, W, C] ->
+    float32 [T, H / 4, W / 4, C] in [0, 1]."""
+    t, h, w, c = frames.shape
+    return frames.reshape(t, h // 4, 4, w // 4, 4, c).mean(axis=(2, 4), dtype=np.float32) / 255.0
