@@ -1,0 +1,77 @@
+"""dm_control reacher (2-link planar arm, torque control) with a noisy reaching expert.
+
+Policy: damped least-squares inverse kinematics of the fingertip toward the target, turned into
+torques by a joint-space PD law with per-episode gain and noise (so speed and smoothness vary):
+
+    dq = J^T (J J^T + lambda I)^-1 (x_target - x_finger)  (norm capped),
+    u = clip(k_p dq - k_d qdot + noise, -1, 1)
+
+Once the fingertip has stayed on the target for a few steps the target moves to a new random place
+(as the task's own initialisation draws it), so an episode is a sequence of reaches, not a reach
+followed by a still arm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data_pipelines.episode import Episode
+from data_pipelines.sim.rendering import FrameRenderer, Recorder, mujoco
+
+CONTROL_TIMESTEP = 0.04  # 25 Hz: 2 physics steps of 0.02 s per control step
+TEXTS = ("reach the red target each time it moves", "move the fingertip to the red target",
+         "touch the red ball with the arm, again and again")
+HOLD_STEPS = 4
+MAX_JOINT_STEP = 0.5  # rad
+
+
+class ReacherRecorder(Recorder):
+    source = "reacher"
+    embodiment = "reacher"
+    fps = 1.0 / CONTROL_TIMESTEP
+
+    def __init__(self, image_size: int):
+        from dm_control import suite
+
+        self.env = suite.load("reacher", "easy", task_kwargs={"random": np.random.RandomState(0)},
+                              environment_kwargs={"control_timestep": CONTROL_TIMESTEP})
+        self.physics = self.env.physics
+        self.model, self.data = self.physics.model.ptr, self.physics.data.ptr
+        self.renderer = FrameRenderer(self.model, image_size)
+        self._finger = self.model.geom("finger").id
+        self._target = self.model.geom("target").id
+
+    def finger_to_target(self) -> np.ndarray:
+        return (self.data.geom_xpos[self._target] - self.data.geom_xpos[self._finger])[:2].copy()
+
+    def move_target(self, rng: np.random.Generator) -> None:
+        """A new target position, drawn like dm_control's reacher task draws it."""
+        angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.20)
+        self.model.geom_pos[self._target, :2] = radius * np.array([np.cos(angle), np.sin(angle)])
+        mujoco.mj_forward(self.model, self.data)
+
+    def record(self, rng: np.random.Generator, num_frames: int, episode_id: str) -> Episode:
+        self.env.task.random.seed(int(rng.integers(2**31)))
+        self.env.reset()
+        kp, kd, noise = rng.uniform(1.5, 4.0), rng.uniform(0.05, 0.2), rng.uniform(0.05, 0.2)
+        on_target = 0
+        frames, actions, proprio = [], [], []
+        jacp = np.zeros((3, self.model.nv))
+        for _ in range(num_frames):
+            if on_target >= HOLD_STEPS:
+                self.move_target(rng)
+                on_target = 0
+            frames.append(self.renderer.render(self.data, "fixed"))
+            proprio.append(np.concatenate([self.data.qpos, self.data.qvel]))
+            mujoco.mj_jacGeom(self.model, self.data, jacp, None, self._finger)
+            J = jacp[:2]
+            dq = J.T @ np.linalg.solve(J @ J.T + 1e-3 * np.eye(2), self.finger_to_target())
+            dq *= min(1.0, MAX_JOINT_STEP / (np.linalg.norm(dq) + 1e-9))  # folded arm: J is ill-conditioned
+            u = np.clip(kp * dq - kd * self.data.qvel + rng.normal(0.0, noise, 2), -1.0, 1.0)
+            actions.append(u)
+            self.env.step(u)
+            reached = np.linalg.norm(self.finger_to_target()) < self.model.geom_size[self._target, 0]
+            on_target = on_target + 1 if reached else 0
+        return Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),
+                       proprio=np.asarray(proprio, np.float32), text=str(rng.choice(TEXTS)),
+                       embodiment=self.embodiment, fps=self.fps, source=self.source, episode_id=episode_id)

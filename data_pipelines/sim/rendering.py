@@ -1,0 +1,60 @@
+"""Offscreen MuJoCo rendering shared by the recorders (EGL, shadows and reflections off)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import mujoco  # noqa: E402  (MUJOCO_GL must be set before the import)
+import numpy as np  # noqa: E402
+
+
+class FrameRenderer:
+    """Renders `size` x `size` RGB uint8 frames of one model; close() frees the GL context."""
+
+    def __init__(self, model: mujoco.MjModel, size: int):
+        self._renderer = mujoco.Renderer(model, size, size)
+        flags = self._renderer.scene.flags
+        flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
+        flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+        flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = True
+
+    def render(self, data: mujoco.MjData, camera) -> np.ndarray:
+        """camera: a camera name / id of the model, or an mujoco.MjvCamera. Returns uint8 [H, W, 3]."""
+        self._renderer.update_scene(data, camera=camera)
+        return self._renderer.render().copy()
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
+def free_camera(lookat, distance: float, azimuth: float, elevation: float) -> mujoco.MjvCamera:
+    cam = mujoco.MjvCamera()
+    cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+    cam.lookat[:] = lookat
+    cam.distance = distance
+    cam.azimuth = azimuth
+    cam.elevation = elevation
+    return cam
+
+
+class Recorder:
+    """Base of the per-source recorders: owns a renderer; use as a context manager."""
+
+    source: str
+    embodiment: str
+    fps: float
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        renderer = getattr(self, "renderer", None)
+        if renderer is not None:
+            renderer.close()
