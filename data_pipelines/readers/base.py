@@ -16,6 +16,10 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from data_pipelines.embodiments import EmbodimentRegistry
 from data_pipelines.episode import Episode, EpisodeError
 from data_pipelines.video import VideoError
@@ -60,6 +64,29 @@ def check_embodiment(episode: Episode, registry: EmbodimentRegistry, file) -> No
     if episode.proprio is not None and episode.proprio.shape[1] != emb.proprio_dim:
         raise BadInputError(file, f"has proprio of size {episode.proprio.shape[1]} but embodiment "
                                   f"{emb.name} has proprio size {emb.proprio_dim}")
+
+
+def list_column(column, file, name: str) -> np.ndarray:
+    """A parquet column of (possibly nested) list or fixed_size_list of numbers -> float32 [rows, width].
+
+    Every row must hold the same number of values at every nesting level (width = their product).
+    """
+    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    rows = len(values)
+    if rows == 0:
+        raise BadInputError(file, f"column {name} is empty")
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) \
+            or pa.types.is_fixed_size_list(values.type):
+        if values.null_count:
+            raise BadInputError(file, f"column {name} has null entries")
+        lengths = np.unique(pc.list_value_length(values).to_numpy(zero_copy_only=False))
+        if len(lengths) != 1:
+            raise BadInputError(file, f"column {name} has lists of different lengths {lengths.tolist()}")
+        values = values.flatten()
+    if values.null_count:
+        raise BadInputError(file, f"column {name} has null values")
+    flat = values.to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(rows, -1)
 
 
 class EpisodeReader(abc.ABC):

@@ -30,31 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipelines.episode import Episode
-from data_pipelines.readers.base import BadInputError, EpisodeReader
+from data_pipelines.readers.base import BadInputError, EpisodeReader, list_column
 from data_pipelines.video import VIDEO_SUFFIXES, decode, nearest
 
 KEYPOINT_SUFFIXES = (".npz", ".parquet")
-
-
-def _flatten_list_column(column: pa.ChunkedArray | pa.Array, file, name: str, inner: int | None):
-    """A list column (list or fixed_size_list, possibly nested) -> float32 [rows, width]."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    rows = len(array)
-    values = array
-    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) \
-            or pa.types.is_fixed_size_list(values.type):
-        if values.null_count:
-            raise BadInputError(file, f"column {name} has null entries")
-        values = values.flatten()
-    if values.null_count:
-        raise BadInputError(file, f"column {name} has null values")
-    flat = values.to_numpy(zero_copy_only=False).astype(np.float32)
-    if rows == 0 or flat.size % rows:
-        raise BadInputError(file, f"column {name}: {flat.size} values do not split into {rows} equal rows")
-    out = flat.reshape(rows, -1)
-    if inner is not None and out.shape[1] % inner:
-        raise BadInputError(file, f"column {name}: rows of {out.shape[1]} values are not groups of {inner}")
-    return out
 
 
 def read_keypoints(path) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +61,9 @@ def read_keypoints(path) -> tuple[np.ndarray, np.ndarray]:
         missing = {"keypoints", "timestamp"} - set(table.column_names)
         if missing:
             raise BadInputError(path, f"lacks columns {sorted(missing)} (has {table.column_names})")
-        keypoints = _flatten_list_column(table["keypoints"], path, "keypoints", 3)
+        keypoints = list_column(table["keypoints"], path, "keypoints")
+        if keypoints.shape[1] % 3:
+            raise BadInputError(path, f"keypoints rows hold {keypoints.shape[1]} values, not J x 3")
         keypoints = keypoints.reshape(len(keypoints), -1, 3)
         timestamps = table["timestamp"].to_numpy()
     timestamps = np.asarray(timestamps, np.float64)

@@ -29,8 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipelines.episode import Episode
-from data_pipelines.readers.base import BadInputError, EpisodeReader
-from data_pipelines.readers.human import _flatten_list_column
+from data_pipelines.readers.base import BadInputError, EpisodeReader, list_column
 from data_pipelines.video import decode, nearest
 
 
@@ -127,13 +126,13 @@ class LeRobotReader(EpisodeReader):
             raise BadInputError(path, f"episode_index column is not {index} throughout")
         if np.any(table["frame_index"].to_numpy() != np.arange(rows)):
             raise BadInputError(path, "frame_index column is not 0, 1, 2, ...")
-        actions = _flatten_list_column(table["action"], path, "action", None)
+        actions = list_column(table["action"], path, "action")
         if actions.shape[1] != self.action_dim:
             raise BadInputError(path, f"action rows have {actions.shape[1]} values but info.json says "
                                       f"{self.action_dim}")
         proprio = None
         if self.state_dim is not None:
-            proprio = _flatten_list_column(table["observation.state"], path, "observation.state", None)
+            proprio = list_column(table["observation.state"], path, "observation.state")
         task_index = int(table["task_index"][0].as_py())
         if task_index not in self.tasks:
             raise BadInputError(path, f"task_index {task_index} is not in meta/tasks.jsonl")

@@ -97,3 +97,18 @@ def test_v3_layout_is_refused_clearly(dataset, tmp_path):
     (root / "meta/info.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"info.json: codebase_version 'v3.0'"):
         LeRobotReader(root, registry=DEFAULT_REGISTRY)
+
+
+def test_ragged_action_lists_are_refused(dataset, tmp_path):
+    root = tmp_path / "ragged"
+    shutil.copytree(dataset, root)
+    path = root / "data/chunk-000/episode_000000.parquet"
+    table = pq.read_table(path)
+    rows = table["action"].to_pylist()
+    rows[4] = rows[4] + [0.0]  # one row with 3 values
+    ragged = pa.array(rows, pa.list_(pa.float32()))
+    table = table.set_column(table.column_names.index("action"), "action", ragged)
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match=r"episode_000000.parquet: column action has lists of different "
+                                         r"lengths \[2, 3\]"):
+        LeRobotReader(root, registry=DEFAULT_REGISTRY).read("episode_000000")
