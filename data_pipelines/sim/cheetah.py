@@ -49,8 +49,9 @@ class CheetahRecorder(Recorder):
         freq = GAIT_FREQUENCY * (rng.uniform(0.95, 1.05) if fast else rng.uniform(0.75, 0.85))
         phase0, noise = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.15)
         text = "the cheetah runs forward fast" if fast else "the cheetah trots forward slowly"
-        frames, actions, proprio = [], [], []
+        frames, actions, proprio, trace = [], [], [], []
         for t in range(num_frames):
+            trace.append(self.forward_position())
             frames.append(self.renderer.render(self.data, "side"))
             proprio.append(np.concatenate([self.data.qpos[1:], self.data.qvel]))
             wave = np.sin(2 * np.pi * freq * t * CONTROL_TIMESTEP + GAIT_PHASE + phase0)
@@ -59,6 +60,7 @@ class CheetahRecorder(Recorder):
             u = np.clip(u, -1.0, 1.0)
             actions.append(u)
             self.env.step(u)
+        self.task_trace = np.asarray(trace)
         return Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),
                        proprio=np.asarray(proprio, np.float32), text=text, embodiment=self.embodiment,
                        fps=self.fps, source=self.source, episode_id=episode_id)

@@ -133,8 +133,9 @@ class PusherRecorder(Recorder):
         self._reset(rng)
         noise = rng.uniform(0.005, 0.02)
         jacp = np.zeros((3, m.nv))
-        frames, actions, proprio = [], [], []
+        frames, actions, proprio, trace = [], [], [], []
         for _ in range(num_frames):
+            trace.append(self.puck_to_goal())
             frames.append(self.renderer.render(d, "top"))
             proprio.append(np.concatenate([d.qpos[:3], d.qvel[:3]]))
             mujoco.mj_jacGeom(m, d, jacp, None, self._tip)
@@ -145,6 +146,7 @@ class PusherRecorder(Recorder):
             actions.append(q_target)
             d.ctrl[:] = q_target
             mujoco.mj_step(m, d, nstep=PHYSICS_STEPS)
+        self.task_trace = np.asarray(trace)
         return Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),
                        proprio=np.asarray(proprio, np.float32), text=str(rng.choice(TEXTS)),
                        embodiment=self.embodiment, fps=self.fps, source=self.source, episode_id=episode_id)

@@ -40,6 +40,7 @@ class ReacherRecorder(Recorder):
         self.renderer = FrameRenderer(self.model, image_size)
         self._finger = self.model.geom("finger").id
         self._target = self.model.geom("target").id
+        self.targets_reached = 0   # in the last recorded episode
 
     def finger_to_target(self) -> np.ndarray:
         return (self.data.geom_xpos[self._target] - self.data.geom_xpos[self._finger])[:2].copy()
@@ -54,13 +55,15 @@ class ReacherRecorder(Recorder):
         self.env.task.random.seed(int(rng.integers(2**31)))
         self.env.reset()
         kp, kd, noise = rng.uniform(1.5, 4.0), rng.uniform(0.05, 0.2), rng.uniform(0.05, 0.2)
-        on_target = 0
+        on_target, self.targets_reached, trace = 0, 0, []
         frames, actions, proprio = [], [], []
         jacp = np.zeros((3, self.model.nv))
         for _ in range(num_frames):
             if on_target >= HOLD_STEPS:
                 self.move_target(rng)
                 on_target = 0
+                self.targets_reached += 1
+            trace.append(np.linalg.norm(self.finger_to_target()))
             frames.append(self.renderer.render(self.data, "fixed"))
             proprio.append(np.concatenate([self.data.qpos, self.data.qvel]))
             mujoco.mj_jacGeom(self.model, self.data, jacp, None, self._finger)
@@ -72,6 +75,7 @@ class ReacherRecorder(Recorder):
             self.env.step(u)
             reached = np.linalg.norm(self.finger_to_target()) < self.model.geom_size[self._target, 0]
             on_target = on_target + 1 if reached else 0
+        self.task_trace = np.asarray(trace)
         return Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),
                        proprio=np.asarray(proprio, np.float32), text=str(rng.choice(TEXTS)),
                        embodiment=self.embodiment, fps=self.fps, source=self.source, episode_id=episode_id)

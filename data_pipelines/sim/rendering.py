@@ -47,6 +47,9 @@ class Recorder:
     source: str
     embodiment: str
     fps: float
+    # Per-frame task measure of the last recorded episode (robots: distance to the target, forward
+    # position, puck-to-goal distance); diagnostics and tests read it to check the policy's progress.
+    task_trace: np.ndarray | None = None
 
     def __enter__(self):
         return self

@@ -1,0 +1,401 @@
+"""The Grain pipeline the trainer consumes: shard folders -> clips -> step-block tokens -> batches.
+
+    ds = build_dataset(config.data, config.phases[name], seed=config.seed, batch_size=per_process_batch,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    it = iter(ds)             # it.get_state() / it.set_state(state): exact resume
+    batch = next(it)          # dict of numpy arrays, leading dimension B = batch_size
+
+Batch contract (T = num_blocks, k = action_chunk, N = (image_size / patch_size)^2,
+Dp = patch_size^2 * channels, A = action_dim, P = proprio_dim, L = text_len):
+
+    video            float32 [B, T, N, Dp]  block t's frame (clip frame t*k), patches row-major over
+                                            (patch_row, patch_col), each flattened (ph, pw, c), in [-1, 1]
+                                            (x / 127.5 - 1); latents are patchified as they are
+    actions          float32 [B, T, k, A]   block t holds a_{t-1} = actions[f_t - k : f_t] (f_t = block t's
+                                            frame index in the episode), normalised, zero-padded
+    action_mask      float32 [B, T]         1 where block t's chunk is known (0 for block 0 if f_0 < k; 0
+                                            everywhere for action-free sources)
+    action_dim_mask  float32 [B, A]         1 on the embodiment's real action dims
+    proprio          float32 [B, T, P]      proprio at block t's frame, normalised, zero-padded
+    proprio_mask     float32 [B, T]         1 where the episode has proprio
+    proprio_dim_mask float32 [B, P]         1 on the embodiment's real proprio dims
+    embodiment_id    int32   [B]            registry id
+    source_id        int32   [B]            index of the source in sorted(phase mixture names)
+    text             int32   [B, L]         UTF-8 bytes + 1, 0 = padding, truncated to L
+    progress         float32 [B, T]         f_t / (episode length - 1)
+
+Clips. A clip covers frames f_0 = start, f_t = start + t*k; start is uniform in
+[0, len - (T-1)*k - 1], drawn from the element's own rng (Grain `random_map`: seed + element index).
+Episodes shorter than T*k frames are left out when the dataset is built (one log line per source
+with the count). Frames are centre-cropped to a square, then area-resized to image_size x image_size
+(exact box filter in float, numpy; a plain block mean when the size divides evenly). Actions and
+proprio are normalised with the source's stats.json (normalization.Normalizer: p01/p99 -> [-1, 1]).
+
+Mixing. Each source is an infinite stream of its episodes (reshuffled every epoch, Grain
+`shuffle` + `repeat`); the streams are mixed by `mixing.ScheduledMixSelection`, a deterministic
+random-access interleave with the phase's weights, moving linearly from `mixture` to `mixture_end`
+over the phase's `steps` (piecewise constant, see mixing.py). The whole element pipeline is a
+`MapDataset`, so element i depends on (seed, i) only: `get_state()` is an index, a restored iterator
+continues bit-exactly, and the output does not depend on `worker_count`.
+
+Sharding. Each JAX process takes every process_count-th usable episode of each source (disjoint
+episode sets) and its own stream of elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import zlib
+
+import grain
+import numpy as np
+
+from data_pipelines import episode as episode_lib
+from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry, UnknownEmbodimentError
+from data_pipelines.mixing import ScheduledMixSelection
+from data_pipelines.normalization import Normalizer, StatsError
+from data_pipelines.shards import EpisodeDataSource, ShardedSource, ShardError
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("video", "actions", "action_mask", "action_dim_mask", "proprio", "proprio_mask",
+              "proprio_dim_mask", "embodiment_id", "source_id", "text", "progress")
+
+
+class DataConfigError(ValueError):
+    """A data / phase config or data folder that cannot be used; the message names what and where."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions of one clip (also used by the tests' independent checks of their own oracles).
+
+
+def area_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] box-filter weights: output pixel i averages input [i n_in/n_out, (i+1) n_in/n_out)."""
+    edges = np.arange(n_out + 1, dtype=np.float64) * (n_in / n_out)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    j = np.arange(n_in, dtype=np.float64)[None, :]
+    overlap = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [T, H, W, C] -> float32 [T, size, size, C]: centre crop to a square, area resize."""
+    T, H, W, C = frames.shape
+    s = min(H, W)
+    top, left = (H - s) // 2, (W - s) // 2
+    x = frames[:, top:top + s, left:left + s].astype(np.float32)
+    if s == size:
+        return x
+    R = area_resize_matrix(s, size).astype(np.float32)
+    x = R @ x.transpose(0, 3, 1, 2) @ R.T               # [T, C, size, size]
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def patchify(x: np.ndarray, patch: int) -> np.ndarray:
+    """[T, H, W, C] -> [T, (H/p) (W/p), p p C], patches row-major, each flattened as (ph, pw, c)."""
+    T, H, W, C = x.shape
+    x = x.reshape(T, H // patch, patch, W // patch, patch, C).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(T, (H // patch) * (W // patch), patch * patch * C)
+
+
+def text_tokens(text: str, length: int) -> np.ndarray:
+    """int32 [length]: UTF-8 byte value + 1, 0 = padding, truncated."""
+    b = np.frombuffer(text.encode("utf-8"), np.uint8)[:length].astype(np.int32) + 1
+    out = np.zeros(length, np.int32)
+    out[:b.size] = b
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    num_blocks: int
+    action_chunk: int
+    image_size: int
+    patch_size: int
+    channels: int
+    action_dim: int
+    proprio_dim: int
+    text_len: int
+
+    @property
+    def min_frames(self) -> int:
+        return self.num_blocks * self.action_chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """What the per-element transform needs to know about one source (picklable)."""
+
+    name: str
+    source_id: int
+    paths: tuple[str, ...]
+    # embodiment name -> (id, action_dim, proprio_dim, action normaliser, proprio normaliser)
+    embodiments: dict
+
+
+def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: SourceSpec) -> dict:
+    """Cuts the clip starting at frame `start` of `ep` and turns it into one (unbatched) element."""
+    T, k = spec.num_blocks, spec.action_chunk
+    L = ep.num_frames
+    idx = start + k * np.arange(T)                      # f_t
+    emb_id, a_dim, p_dim, a_norm, p_norm = source.embodiments[ep.embodiment]
+    if ep.frames is not None:
+        frames = ep.frames[idx]
+        if frames.shape[-1] != spec.channels:
+            raise episode_lib.EpisodeError(f"episode {ep.source}/{ep.episode_id}: frames have "
+                                           f"{frames.shape[-1]} channels, data.channels={spec.channels}")
+        video = patchify(resize_frames(frames, spec.image_size), spec.patch_size) / 127.5 - 1.0
+    else:
+        video = patchify(ep.latents[idx].astype(np.float32), spec.patch_size)
+
+    actions = np.zeros((T, k, spec.action_dim), np.float32)
+    action_mask = np.zeros(T, np.float32)
+    action_dim_mask = np.zeros(spec.action_dim, np.float32)
+    if ep.actions is not None and a_norm is not None:
+        known = idx >= k
+        chunks = ep.actions[np.clip(idx[:, None] - k + np.arange(k)[None, :], 0, L - 1)]   # [T, k, a]
+        actions[:, :, :a_dim] = a_norm.normalize(chunks) * known[:, None, None]
+        action_mask[:] = known
+        action_dim_mask[:a_dim] = 1.0
+
+    proprio = np.zeros((T, spec.proprio_dim), np.float32)
+    proprio_mask = np.zeros(T, np.float32)
+    proprio_dim_mask = np.zeros(spec.proprio_dim, np.float32)
+    if ep.proprio is not None and p_norm is not None:
+        proprio[:, :p_dim] = p_norm.normalize(ep.proprio[idx])
+        proprio_mask[:] = 1.0
+        proprio_dim_mask[:p_dim] = 1.0
+
+    return {
+        "video": video.astype(np.float32),
+        "actions": actions,
+        "action_mask": action_mask,
+        "action_dim_mask": action_dim_mask,
+        "proprio": proprio,
+        "proprio_mask": proprio_mask,
+        "proprio_dim_mask": proprio_dim_mask,
+        "embodiment_id": np.int32(emb_id),
+        "source_id": np.int32(source.source_id),
+        "text": text_tokens(ep.text, spec.text_len),
+        "progress": (idx / max(L - 1, 1)).astype(np.float32),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Grain transforms (top-level classes: picklable for the prefetch worker processes).
+
+
+class ClipTransform(grain.transforms.RandomMap):
+    """(source index, record index) -> one element: reads the episode, draws the clip start."""
+
+    def __init__(self, sources: list[SourceSpec], spec: ClipSpec, strict: bool):
+        self.sources = sources
+        self.spec = spec
+        self.strict = strict
+        self._readers: dict[int, EpisodeDataSource] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_readers"] = {}     # reopened lazily in each process
+        return state
+
+    def random_map(self, element, rng: np.random.Generator):
+        s, record = element
+        source = self.sources[s]
+        if s not in self._readers:
+            self._readers[s] = EpisodeDataSource(list(source.paths))
+        try:
+            ep = self._readers[s][int(record)]
+            if ep.embodiment not in source.embodiments:
+                raise episode_lib.EpisodeError(f"episode {ep.source}/{ep.episode_id}: embodiment "
+                                               f"{ep.embodiment!r} is not in the manifest of {source.name}")
+            span = (self.spec.num_blocks - 1) * self.spec.action_chunk + 1
+            if ep.num_frames < span:
+                raise episode_lib.EpisodeError(f"episode {ep.source}/{ep.episode_id}: {ep.num_frames} "
+                                               f"frames, the manifest said more")
+            start = int(rng.integers(0, ep.num_frames - span + 1))
+            return make_clip(ep, start, self.spec, source)
+        except episode_lib.EpisodeError as e:
+            if self.strict:
+                raise
+            log.warning("skipping a clip of source %s (record %d): %s", source.name, int(record), e)
+            return None
+
+
+class _Pick:
+    """Maps a position in a process's episode list to the global record index."""
+
+    def __init__(self, source_index: int, records: np.ndarray):
+        self.source_index = source_index
+        self.records = records
+
+    def __call__(self, i):
+        return self.source_index, int(self.records[i])
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _get(cfg, name):
+    try:
+        return cfg[name]
+    except (KeyError, AttributeError, TypeError):
+        raise DataConfigError(f"data config: missing field {name!r}") from None
+
+
+def _weights(mixture, where: str) -> dict[str, float]:
+    try:
+        items = dict(mixture.items()) if hasattr(mixture, "items") else dict(mixture)
+    except (TypeError, ValueError):
+        raise DataConfigError(f"{where} must map source name -> weight, got {mixture!r}") from None
+    out = {}
+    for name, w in items.items():
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            raise DataConfigError(f"{where}.{name}: weight {w!r} is not a number") from None
+        if not math.isfinite(w) or w < 0:
+            raise DataConfigError(f"{where}.{name}: weight {w} must be finite and >= 0")
+        out[str(name)] = w
+    return out
+
+
+def _check_spec(data_cfg) -> ClipSpec:
+    spec = ClipSpec(**{f.name: _get(data_cfg, f.name) for f in dataclasses.fields(ClipSpec)})
+    for f in dataclasses.fields(ClipSpec):
+        v = getattr(spec, f.name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise DataConfigError(f"data.{f.name} must be a positive integer, got {v!r}")
+    if spec.image_size % spec.patch_size:
+        raise DataConfigError(f"data.image_size={spec.image_size} is not a multiple of "
+                              f"data.patch_size={spec.patch_size}")
+    return spec
+
+
+def _open_source(root: str, name: str, source_id: int, spec: ClipSpec,
+                 registry: EmbodimentRegistry) -> tuple[SourceSpec, np.ndarray]:
+    """Opens and checks one source folder; returns its spec and the records long enough for a clip."""
+    directory = os.path.join(root, name)
+    if not os.path.isdir(directory):
+        present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        raise DataConfigError(f"source {name!r}: no folder {directory} under data root {root}; the root "
+                              f"holds {present or 'no sub-folders'}")
+    try:
+        src = ShardedSource(directory)
+        src.data_source()
+        stats = src.stats
+    except (ShardError, StatsError) as e:
+        raise DataConfigError(f"source {name!r}: {e}") from e
+    kind = src.manifest.get("video", "frames")
+    for shape in src.manifest["frame_shapes"]:
+        h, w, c = shape
+        if kind == "latents" and (h != spec.image_size or w != spec.image_size or c != spec.channels):
+            raise DataConfigError(f"source {name!r}: latents are {h}x{w}x{c}; set data.image_size={h} "
+                                  f"(square) and data.channels={c} to train on them")
+        if kind == "frames" and c != spec.channels:
+            raise DataConfigError(f"source {name!r}: frames have {c} channels, data.channels={spec.channels}")
+    embodiments = {}
+    for e_name in src.embodiments:
+        try:
+            emb = registry.get(e_name)
+        except UnknownEmbodimentError as e:
+            raise DataConfigError(f"source {name!r}: {e}") from None
+        if emb.action_dim > spec.action_dim:
+            raise DataConfigError(f"source {name!r}: embodiment {emb.name} has {emb.action_dim} action dims "
+                                  f"but data.action_dim={spec.action_dim}")
+        if emb.proprio_dim > spec.proprio_dim:
+            raise DataConfigError(f"source {name!r}: embodiment {emb.name} has {emb.proprio_dim} proprio "
+                                  f"dims but data.proprio_dim={spec.proprio_dim}")
+        s = stats.get(e_name)
+        if s is None:
+            raise DataConfigError(f"source {name!r}: {directory}/stats.json has no entry for {e_name}")
+        for label, st, dim in (("action", s.action, emb.action_dim), ("proprio", s.proprio, emb.proprio_dim)):
+            if st is not None and st.dim != dim:
+                raise DataConfigError(f"source {name!r}: {label} statistics of {e_name} have {st.dim} "
+                                      f"dims, the registry says {dim}")
+        embodiments[e_name] = (emb.id, emb.action_dim, emb.proprio_dim,
+                               None if s.action is None else Normalizer(s.action),
+                               None if s.proprio is None else Normalizer(s.proprio))
+    usable = np.flatnonzero(src.episode_frames >= spec.min_frames)
+    short = src.num_episodes - usable.size
+    if short:
+        example = src.episode_ids[int(np.flatnonzero(src.episode_frames < spec.min_frames)[0])]
+        log.warning("source %s: skipping %d of %d episodes shorter than num_blocks*action_chunk=%d frames "
+                    "(e.g. %s)", name, short, src.num_episodes, spec.min_frames, example)
+    return SourceSpec(name=name, source_id=source_id, paths=tuple(src.shard_paths),
+                      embodiments=embodiments), usable
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app (pytest, notebooks) parse none."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def build_dataset(data_cfg, phase_cfg, *, seed: int, batch_size: int, process_index: int = 0,
+                  process_count: int = 1,
+                  registry: EmbodimentRegistry = DEFAULT_REGISTRY) -> grain.IterDataset:
+    """The infinite, batched, resumable dataset of one curriculum phase (see the module docstring)."""
+    spec = _check_spec(data_cfg)
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise DataConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not (isinstance(process_count, int) and process_count >= 1 and 0 <= process_index < process_count):
+        raise DataConfigError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    root = str(_get(data_cfg, "root"))
+    if not os.path.isdir(root):
+        raise DataConfigError(f"data.root={root!r} is not a folder (generate local data with "
+                              f"`python -m data_pipelines.generate --preset=embedded --output={root}`)")
+    start = _weights(_get(phase_cfg, "mixture"), "mixture")
+    if not start:
+        raise DataConfigError("mixture is empty: name at least one source")
+    end_cfg = phase_cfg.get("mixture_end") if hasattr(phase_cfg, "get") else None
+    end = _weights(end_cfg, "mixture_end") if end_cfg else None
+    if end is not None and set(end) != set(start):
+        raise DataConfigError(f"mixture_end names {sorted(end)} but mixture names {sorted(start)}: the keys "
+                              f"must be the same")
+    if sum(start.values()) <= 0:
+        raise DataConfigError(f"mixture weights are all zero: {start}")
+    if end is not None and sum(end.values()) <= 0:
+        raise DataConfigError(f"mixture_end weights are all zero: {end}")
+    steps = int(_get(phase_cfg, "steps"))
+
+    names = sorted(start)                     # source_id = position in this list
+    sources, streams, w_start, w_end = [], [], [], []
+    for source_id, name in enumerate(names):
+        source, usable = _open_source(root, name, source_id, spec, registry)
+        mine = usable[process_index::process_count]
+        wants = start[name] > 0 or (end is not None and end[name] > 0)
+        if wants and mine.size == 0:
+            raise DataConfigError(f"source {name!r}: {usable.size} episodes of at least {spec.min_frames} "
+                                  f"frames, none left for process {process_index} of {process_count}")
+        sources.append(source)
+        if not wants:
+            continue
+        shuffle_seed = zlib.crc32(f"{seed}/{name}/{process_index}".encode()) & 0x7FFFFFFF
+        streams.append(grain.MapDataset.range(mine.size).shuffle(seed=shuffle_seed).repeat()
+                       .map(_Pick(source_id, mine)))
+        w_start.append(start[name])
+        w_end.append(end[name] if end is not None else start[name])
+
+    selection = ScheduledMixSelection(w_start, None if end is None else w_end, steps=steps,
+                                      batch_size=batch_size)
+    ds = grain.MapDataset.select_from_datasets(streams, selection)
+    element_seed = zlib.crc32(f"{seed}/clips/{process_index}".encode()) & 0x7FFFFFFF
+    strict = bool(data_cfg.get("strict", False)) if hasattr(data_cfg, "get") else False
+    ds = ds.random_map(ClipTransform(sources, spec, strict), seed=element_seed)
+
+    prefetch = int(data_cfg.get("prefetch", 2)) if hasattr(data_cfg, "get") else 2
+    workers = int(data_cfg.get("worker_count", 0)) if hasattr(data_cfg, "get") else 0
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if workers == 0 else 1,
+                                                 prefetch_buffer_size=max(1, prefetch) * batch_size))
+    if workers > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                               per_worker_buffer_size=max(1, prefetch)))
+    return it_ds.batch(batch_size, drop_remainder=True)
