@@ -5,13 +5,11 @@
 
 Measures, side by side in one process on this machine:
 
-  arrayrecord   clips cut from ArrayRecord shards (data_pipelines.shards.EpisodeDataSource): read and
-                deserialise a random episode, take num_blocks frames at stride action_chunk from a
-                random start, resize to image_size, patchify to [num_blocks, N, Dp] float32
-  grain         batches from the Grain training pipeline (data_pipelines.pipeline.build_dataset),
-                when it is importable
+  grain/<phase> batches of clips from ArrayRecord shards through the Grain training pipeline
+                (data_pipelines.pipeline.build_dataset, in-process, the config's prefetch threads),
+                one figure per curriculum phase (each mixes its own sources)
   mp4           the same clips decoded from mp4 (data_pipelines.video.decode: seek to the clip start,
-                resample to fps / action_chunk, resize), then patchified
+                resample to fps / action_chunk, resize and centre-crop), patchified like the pipeline
   convert       the converter (mp4 folder -> shards), frames per second
   train         steps/s of the embedded train step (kairos_jax.trainer) on a batch of the documented
                 shapes, when kairos_jax is importable; or --train_steps_per_s
@@ -35,11 +33,10 @@ import time
 import numpy as np
 
 from data_pipelines import video
+from data_pipelines.pipeline import build_dataset, patchify
 from data_pipelines.shards import ShardedSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-SOURCES = ("passive_video", "human", "reacher", "cheetah", "pusher")
 
 
 def load_config(path: str):
@@ -65,13 +62,6 @@ def clip_layout(cfg) -> dict:
     return layout
 
 
-def patchify(frames: np.ndarray, patch: int) -> np.ndarray:
-    """uint8 [T, H, W, C] -> float32 [T, (H/p)(W/p), p*p*C] in [0, 1]."""
-    t, h, w, c = frames.shape
-    x = frames.reshape(t, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(t, (h // patch) * (w // patch), patch * patch * c).astype(np.float32) / 255.0
-
-
 def timed(fn, seconds: float) -> tuple[int, float]:
     """Calls fn() (returning a count) repeatedly for ~seconds after one warm-up call."""
     fn()
@@ -79,24 +69,6 @@ def timed(fn, seconds: float) -> tuple[int, float]:
     while time.perf_counter() - t0 < seconds:
         n += fn()
     return n, time.perf_counter() - t0
-
-
-def bench_arrayrecord(data_dir: str, lay: dict, seconds: float, rng) -> tuple[int, float]:
-    sources = [ShardedSource(os.path.join(data_dir, s)) for s in SOURCES
-               if os.path.exists(os.path.join(data_dir, s, "manifest.json"))]
-    datas = [s.data_source() for s in sources]
-    span = lay["num_blocks"] * lay["action_chunk"]
-    size = (lay["image_size"], lay["image_size"])
-
-    def one():
-        data = datas[rng.integers(len(datas))]
-        ep = data[int(rng.integers(len(data)))]
-        start = int(rng.integers(0, ep.num_frames - span + 1))
-        frames = video.resize_frames(ep.frames[start:start + span:lay["action_chunk"]], size)
-        patchify(frames, lay["patch_size"])
-        return 1
-
-    return timed(one, seconds)
 
 
 def bench_mp4(mp4_dir: str, lay: dict, fps: float, seconds: float, rng) -> tuple[int, float]:
@@ -112,24 +84,17 @@ def bench_mp4(mp4_dir: str, lay: dict, fps: float, seconds: float, rng) -> tuple
                            target_fps=fps / lay["action_chunk"], size=size)
         if len(out.frames) != lay["num_blocks"]:
             raise RuntimeError(f"{files[i]}: clip at frame {start} gave {len(out.frames)} frames")
-        patchify(out.frames, lay["patch_size"])
+        patchify(out.frames.astype(np.float32) / 127.5 - 1.0, lay["patch_size"])
         return 1
 
     return timed(one, seconds)
 
 
-def bench_grain(cfg, data_dir: str, lay: dict, seconds: float):
-    """(clips, seconds) from the Grain pipeline, or the reason it cannot run."""
-    try:
-        from data_pipelines.pipeline import build_dataset
-    except ImportError as e:
-        return f"data_pipelines.pipeline.build_dataset is not importable ({e})"
-    if cfg is None:
-        return "no experiment config to build the pipeline from"
+def bench_grain(cfg, data_dir: str, lay: dict, phase: str, seconds: float) -> tuple[int, float]:
+    """(clips, seconds) from the Grain pipeline of one curriculum phase."""
     cfg.data.root = data_dir
-    phase = cfg.phases[cfg.curriculum[-1]]
-    it = iter(build_dataset(cfg.data, phase, seed=0, batch_size=lay["batch_size"]))
-    n, dt = timed(lambda: (next(it), 1)[1], seconds)
+    it = iter(build_dataset(cfg.data, cfg.phases[phase], seed=0, batch_size=lay["batch_size"]))
+    n, dt = timed(lambda: len(next(it)["video"]) // lay["batch_size"], seconds)
     return n * lay["batch_size"], dt
 
 
@@ -213,13 +178,12 @@ def main(argv=None):
           f"clip = {lay['num_blocks']} blocks x {lay['action_chunk']} steps, {lay['image_size']}px, "
           f"{lay['tokens_per_clip']} tokens; batch {lay['batch_size']}")
     results = {}
-    n, dt = bench_arrayrecord(data_dir, lay, args.seconds, rng)
-    results["arrayrecord"] = n / dt
-    grain = bench_grain(cfg, data_dir, lay, args.seconds)
-    if isinstance(grain, str):
-        print(f"# grain: not measured: {grain}")
+    if cfg is None:
+        print("# grain: not measured without the experiment config")
     else:
-        results["grain"] = grain[0] / grain[1]
+        for phase in cfg.curriculum:
+            n, dt = bench_grain(cfg, data_dir, lay, phase, args.seconds)
+            results[f"grain/{phase}"] = n / dt
     n, dt = bench_mp4(mp4_dir, lay, fps, args.seconds, rng)
     results["mp4"] = n / dt
 
@@ -237,12 +201,12 @@ def main(argv=None):
             train = measured
     consumed = None if train is None else train * lay["batch_size"]
 
-    print(f"{'source':<12} {'clips/s':>10} {'tokens/s':>12} {'x train':>9}")
+    print(f"{'source':<20} {'clips/s':>10} {'tokens/s':>12} {'x train':>9}")
     for name, clips in results.items():
         ratio = f"{clips / consumed:9.1f}" if consumed else f"{'-':>9}"
-        print(f"{name:<12} {clips:10.1f} {clips * lay['tokens_per_clip']:12.0f} {ratio}")
+        print(f"{name:<20} {clips:10.1f} {clips * lay['tokens_per_clip']:12.0f} {ratio}")
     if consumed:
-        print(f"{'train step':<12} {consumed:10.1f} {consumed * lay['tokens_per_clip']:12.0f} "
+        print(f"{'train step':<20} {consumed:10.1f} {consumed * lay['tokens_per_clip']:12.0f} "
               f"{'':>9}  ({train:.3f} steps/s x batch {lay['batch_size']})")
     print(f"# converter (mp4 folder -> shards): {convert_fps:.0f} frames/s over {summary['frames']} frames")
     print(json.dumps({"layout": lay, "clips_per_s": results, "train_steps_per_s": train,
