@@ -236,7 +236,8 @@ def decode(path, *, start_s: float = 0.0, duration_s: float | None = None,
                 emit(held[0] + 1.0 / src_fps)
             decoded_end = t + 1.0 / src_fps if n_seen else 0.0
         except av.FFmpegError as e:
-            raise VideoError(path, f"decode failed after {n_seen} frames: {e}") from e
+            of = f" of the {declared} frames the container declares" if declared else " frames"
+            raise VideoError(path, f"decode failed after {n_seen}{of}: {e}") from e
 
     if start_s <= 0 and duration_s is None:
         if declared and n_seen < declared:

@@ -76,7 +76,9 @@ def test_truncated_video(copy, strict, caplog, tmp_path):
     # A streaming (faststart) mp4 cut short: the index survives, the media data does not.
     video.encode(bad, human_episodes()[1].frames, 20.0, faststart=True)
     bad.write_bytes(bad.read_bytes()[: int(bad.stat().st_size * 0.6)])
-    check("human", root, bad, r"truncated: decoded \d+ of the 20 frames", strict, caplog, tmp_path, good=1)
+    # Depending on where the cut falls, the decoder fails on the partial packet or runs out early.
+    check("human", root, bad, r"(truncated: decoded|decode failed after) \d+ of the 20 frames the container "
+                              r"declares", strict, caplog, tmp_path, good=1)
 
 
 def test_zero_length_video(copy, strict, caplog, tmp_path):
