@@ -4,7 +4,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-JAX = "jax>=0.11.2"
+JAX = "jax>=0.11.2,<0.13"
 
 setup(
     name="kairos-jax",
@@ -30,16 +30,23 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "chex", "hypothesis", "ruff"],
-        # dm_control 1.0.50 is built against mujoco 3.17.0; newer mujoco breaks its bindings.
-        "sim": ["mujoco==3.17.0", "dm_control==1.0.50", "gymnasium[mujoco]>=1.0"],
+        "dev": ["pytest>=8", "chex", "hypothesis", "ruff"],
+        # dm_control 1.0.50 is built against mujoco 3.17.0 (newer mujoco breaks its bindings);
+        # gymnasium 1.4's mujoco environments accept that version too.
+        "sim": ["mujoco==3.17.0", "dm_control==1.0.50", "gymnasium[mujoco]==1.4.0"],
         "video": ["av>=12"],
-        "tpu": ["jax[tpu]>=0.11.2"],
-        "rlds": ["tensorflow-cpu", "tensorflow-datasets"],
+        # RLDS / TFDS builder directories in array_record format, read without TensorFlow.
+        "tfds": ["tensorflow-datasets>=4.9.9"],
+        # Ahead-of-time compilation for TPU topologies (libtpu) on any machine.
+        "tpu": ["jax[tpu]>=0.11.2,<0.13"],
+        # tfrecord-based RLDS releases (Open X-Embodiment) need TensorFlow itself.
+        "rlds": ["tensorflow-cpu", "tensorflow-datasets>=4.9.9"],
     },
     entry_points={
         "console_scripts": [
             "kairos-train=kairos_jax.train:run",
+            "kairos-convert=data_pipelines.convert:main",
+            "kairos-generate=data_pipelines.generate:main",
         ],
     },
 )

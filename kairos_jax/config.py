@@ -11,6 +11,7 @@ from kairos_jax.sharding import MESH_AXES
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
 DTYPES = ("float32", "bfloat16")
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,7 @@ def validate(cfg) -> None:
     _req(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
     _req(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {DTYPES}")
     _req(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {tuple(REMAT_POLICIES)}")
+    _req(m.init_prng in PRNG_IMPLS, "model.init_prng", m.init_prng, f"one of {PRNG_IMPLS}")
     _req(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
 
     # data

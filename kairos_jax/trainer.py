@@ -73,7 +73,8 @@ def init_params(cfg, setup: Setup, seed: int):
 
     @functools.partial(jax.jit, out_shardings=setup.param_shardings)
     def init():
-        model = KairosWorldModel(cfg.model, cfg.data, rngs=nnx.Rngs(seed))
+        key = jax.random.key(seed, impl=cfg.model.init_prng)
+        model = KairosWorldModel(cfg.model, cfg.data, rngs=nnx.Rngs(key))
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     with activation_sharding(setup.mesh, setup.rules):

@@ -78,7 +78,7 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_export(uninterrupted):
         assert os.listdir(os.path.join(workdir, phase, "tensorboard"))
         assert [r[0] for r in losses(workdir, phase)] == list(range(1, cfg.phases[phase].steps + 1))
     assert os.path.isdir(os.path.join(workdir, "export", "params"))
-    saved = json.load(open(os.path.join(workdir, "export", "config.json")))
+    saved = checkpointing.read_exported_config(os.path.join(workdir, "export"))
     assert saved["curriculum"] == list(cfg.curriculum)
 
 
