@@ -11,19 +11,24 @@ An episode is one continuous recording:
     source   str                    source id (dataset name)
     episode_id str                  unique within its source (file name, index, ...)
 
-Serialised without pickle: an uncompressed .npz whose arrays are the fields above plus a uint8
-array holding the JSON metadata. `np.load(allow_pickle=False)` reads it back.
+Serialised without pickle, in a container built for random access by the data pipeline:
+
+    b"KAIROSEP" | uint64 LE header length | JSON header | arrays, each at a 64-byte aligned offset
+
+The JSON header holds the metadata and, per array, {"dtype", "shape", "offset", "nbytes"} (offsets
+from the start of the record). `deserialize` returns read-only `np.frombuffer` views into the
+record, so cutting an 8-frame clip from a long episode touches only those frames (no copy and no
+parse of the rest). dtypes are restricted to plain numeric types.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class EpisodeError(ValueError):
@@ -100,41 +105,88 @@ class Episode:
 
 
 _ARRAY_FIELDS = ("frames", "actions", "proprio", "latents")
+MAGIC = b"KAIROSEP"
+_ALIGN = 64
+_DTYPES = {"|u1", "<f2", "<f4", "<f8"}
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
 
 
 def serialize(episode: Episode) -> bytes:
-    """Episode -> bytes (uncompressed npz, no pickle). Validates first."""
+    """Episode -> bytes (see the module docstring; no pickle). Validates first."""
     episode.validate()
-    meta = {
-        "schema_version": SCHEMA_VERSION,
-        "text": episode.text,
-        "embodiment": episode.embodiment,
-        "fps": float(episode.fps),
-        "source": episode.source,
-        "episode_id": episode.episode_id,
-    }
-    arrays = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)}
+    arrays = {}
     for name in _ARRAY_FIELDS:
         x = getattr(episode, name)
         if x is not None:
-            arrays[name] = np.ascontiguousarray(x)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+            x = np.ascontiguousarray(x)
+            arrays[name] = x.astype(x.dtype.newbyteorder("<"), copy=False)
+    header = {
+        "schema_version": SCHEMA_VERSION,
+        "meta": {"text": episode.text, "embodiment": episode.embodiment, "fps": float(episode.fps),
+                 "source": episode.source, "episode_id": episode.episode_id},
+        "arrays": {},
+    }
+    # Offsets depend on the header's length, which depends on the offsets: lay the arrays out after
+    # a header padded to a fixed budget that grows until it fits.
+    budget = 512
+    while True:
+        offset = _aligned(len(MAGIC) + 8 + budget)
+        for name, x in arrays.items():
+            header["arrays"][name] = {"dtype": x.dtype.str, "shape": list(x.shape), "offset": offset,
+                                      "nbytes": x.nbytes}
+            offset = _aligned(offset + x.nbytes)
+        encoded = json.dumps(header).encode("utf-8")
+        if len(encoded) <= budget:
+            break
+        budget *= 2
+    out = bytearray(offset)
+    out[: len(MAGIC)] = MAGIC
+    out[len(MAGIC): len(MAGIC) + 8] = len(encoded).to_bytes(8, "little")
+    out[len(MAGIC) + 8: len(MAGIC) + 8 + len(encoded)] = encoded
+    for name, x in arrays.items():
+        a = header["arrays"][name]
+        out[a["offset"]: a["offset"] + a["nbytes"]] = x.tobytes()
+    return bytes(out)
 
 
 def deserialize(data: bytes) -> Episode:
-    """bytes -> Episode. Raises EpisodeError on a record that is not a valid episode."""
+    """bytes -> Episode whose arrays are read-only views into `data`. Raises EpisodeError on a
+    record that is not a valid serialised episode (truncated, damaged header, unknown version)."""
+    data = bytes(data) if not isinstance(data, (bytes, memoryview)) else data
+    n = len(data)
+    if n < len(MAGIC) + 8 or bytes(data[: len(MAGIC)]) != MAGIC:
+        raise EpisodeError(f"record is not a serialised episode (bad magic; {n} bytes)")
+    hlen = int.from_bytes(bytes(data[len(MAGIC): len(MAGIC) + 8]), "little")
+    if len(MAGIC) + 8 + hlen > n:
+        raise EpisodeError(f"record is truncated: header of {hlen} bytes in a record of {n}")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode("utf-8"))
-            arrays = {name: (z[name] if name in z.files else None) for name in _ARRAY_FIELDS}
-    except EpisodeError:
-        raise
-    except Exception as e:  # zipfile/ValueError/KeyError/JSON errors from a damaged record
-        raise EpisodeError(f"record is not a serialised episode: {type(e).__name__}: {e}") from e
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise EpisodeError(f"episode schema version {meta.get('schema_version')} is not "
-                           f"{SCHEMA_VERSION}")
-    return Episode(text=meta["text"], embodiment=meta["embodiment"], fps=meta["fps"],
-                   source=meta["source"], episode_id=meta["episode_id"], **arrays)
+        header = json.loads(bytes(data[len(MAGIC) + 8: len(MAGIC) + 8 + hlen]).decode("utf-8"))
+        meta = header["meta"]
+        specs = header["arrays"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise EpisodeError(f"record has a damaged header: {type(e).__name__}: {e}") from None
+    if header.get("schema_version") != SCHEMA_VERSION:
+        raise EpisodeError(f"episode schema version {header.get('schema_version')} is not {SCHEMA_VERSION}")
+    arrays = {}
+    for name in _ARRAY_FIELDS:
+        spec = specs.get(name)
+        if spec is None:
+            arrays[name] = None
+            continue
+        try:
+            dtype = np.dtype(spec["dtype"])
+            shape = tuple(int(d) for d in spec["shape"])
+            offset, nbytes = int(spec["offset"]), int(spec["nbytes"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EpisodeError(f"record has a damaged header for {name}: {e}") from None
+        if dtype.str not in _DTYPES or any(d < 0 for d in shape) or \
+                int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes:
+            raise EpisodeError(f"record has an invalid array spec for {name}: {spec}")
+        if offset < 0 or offset + nbytes > n:
+            raise EpisodeError(f"record is truncated: {name} needs bytes [{offset}, {offset + nbytes}) of {n}")
+        arrays[name] = np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
+    return Episode(text=meta["text"], embodiment=meta["embodiment"], fps=meta["fps"], source=meta["source"],
+                   episode_id=meta["episode_id"], **arrays)

@@ -31,11 +31,42 @@ def test_action_free_and_latent_episodes_round_trip(rng):
     np.testing.assert_array_equal(back.latents, lat.latents)
 
 
-def test_serialised_episode_loads_without_pickle(rng):
-    import io
+def test_serialised_episode_is_a_json_header_plus_aligned_raw_arrays(rng):
+    """The container is read here by hand, independently of `deserialize`: magic, JSON header,
+    each array's bytes at its 64-byte aligned offset; deserialised arrays are views (no copy)."""
+    import json
+
+    ep = make_episode(rng)
+    data = serialize(ep)
+    assert data[:8] == b"KAIROSEP"
+    hlen = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16:16 + hlen])
+    assert set(header["arrays"]) == {"frames", "actions", "proprio"}
+    assert header["meta"]["embodiment"] == ep.embodiment
+    for name, spec in header["arrays"].items():
+        assert spec["offset"] % 64 == 0
+        raw = np.frombuffer(data[spec["offset"]:spec["offset"] + spec["nbytes"]], np.dtype(spec["dtype"]))
+        np.testing.assert_array_equal(raw.reshape(spec["shape"]), getattr(ep, name))
+    back = deserialize(data)
+    assert not back.frames.flags.owndata and not back.frames.flags.writeable
+
+
+def test_damaged_headers_are_rejected(rng):
+    import json
+
     data = serialize(make_episode(rng))
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        assert set(z.files) == {"meta", "frames", "actions", "proprio"}
+    hlen = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16:16 + hlen])
+    for change, message in [(lambda h: h["arrays"]["frames"].update(dtype="|O"), "invalid array spec"),
+                            (lambda h: h["arrays"]["frames"].update(nbytes=1), "invalid array spec"),
+                            (lambda h: h["arrays"]["actions"].update(offset=10**9), "truncated"),
+                            (lambda h: h.update(schema_version=1), "schema version 1")]:
+        h = json.loads(json.dumps(header))
+        change(h)
+        enc = json.dumps(h).encode()
+        bad = data[:8] + len(enc).to_bytes(8, "little") + enc + data[16 + len(enc):]
+        with pytest.raises(EpisodeError, match=message):
+            deserialize(bad)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -64,7 +95,9 @@ def test_validation_names_the_episode_and_the_field(rng, change, message):
 
 def test_damaged_record_raises_episode_error(rng):
     data = serialize(make_episode(rng))
-    with pytest.raises(EpisodeError, match="not a serialised episode"):
+    with pytest.raises(EpisodeError, match="truncated"):
         deserialize(data[: len(data) // 2])
     with pytest.raises(EpisodeError, match="not a serialised episode"):
         deserialize(b"")
+    with pytest.raises(EpisodeError, match="not a serialised episode"):
+        deserialize(b"PK\x03\x04" + data[4:])
