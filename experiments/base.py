@@ -6,7 +6,8 @@ overridden on the command line, e.g. `--config.train.batch_size=16 --config.mode
 
 import ml_collections
 
-__all__ = ["get_base_config", "phase", "mixture", "modes", "ml_collections"]
+__all__ = ["get_base_config", "phase", "mixture", "modes", "phase1_video", "phase2_human", "phase3_robot",
+           "ml_collections"]
 
 # Logical axis -> mesh axes (MaxText-style rules). The only place where model dimensions meet mesh
 # axes: parameters and activations carry logical names, this table shards them.
@@ -58,21 +59,26 @@ def phase(*, steps: int, mixture_start: ml_collections.ConfigDict,
     })
 
 
-PHASE1_VIDEO = dict(
-    mixture_start=mixture(passive_video=1.0),
-    mode_mixture=modes(video_prediction=0.7, joint=0.3),
-)
-PHASE2_HUMAN = dict(
-    mixture_start=mixture(passive_video=0.3, human=0.7),
-    mixture_end=mixture(passive_video=0.1, human=0.9),
-    mode_mixture=modes(joint=0.3, video_prediction=0.2, forward_dynamics=0.2, policy=0.15,
-                       inverse_dynamics=0.15),
-)
-PHASE3_ROBOT = dict(
-    mixture_start=mixture(passive_video=0.1, human=0.2, reacher=0.25, cheetah=0.2, pusher=0.25),
-    mode_mixture=modes(joint=0.2, video_prediction=0.1, forward_dynamics=0.25, policy=0.3,
-                       inverse_dynamics=0.15),
-)
+def phase1_video(steps: int) -> ml_collections.ConfigDict:
+    """Open-world video (action-free): learn how the world moves."""
+    return phase(steps=steps, mixture_start=mixture(passive_video=1.0),
+                 mode_mixture=modes(video_prediction=0.7, joint=0.3))
+
+
+def phase2_human(steps: int) -> ml_collections.ConfigDict:
+    """Human behaviour: video + keypoint actions + task text, video weight fading out."""
+    return phase(steps=steps, mixture_start=mixture(passive_video=0.3, human=0.7),
+                 mixture_end=mixture(passive_video=0.1, human=0.9),
+                 mode_mixture=modes(joint=0.3, video_prediction=0.2, forward_dynamics=0.2, policy=0.15,
+                                    inverse_dynamics=0.15))
+
+
+def phase3_robot(steps: int) -> ml_collections.ConfigDict:
+    """Robot interaction: three embodiments with video + actions + proprio, replaying earlier data."""
+    return phase(steps=steps,
+                 mixture_start=mixture(passive_video=0.1, human=0.2, reacher=0.25, cheetah=0.2, pusher=0.25),
+                 mode_mixture=modes(joint=0.2, video_prediction=0.1, forward_dynamics=0.25, policy=0.3,
+                                    inverse_dynamics=0.15))
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -152,8 +158,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.curriculum = ("phase1_video", "phase2_human", "phase3_robot")
     c.phases = ml_collections.ConfigDict({
-        "phase1_video": phase(steps=10_000, **PHASE1_VIDEO),
-        "phase2_human": phase(steps=10_000, **PHASE2_HUMAN),
-        "phase3_robot": phase(steps=10_000, **PHASE3_ROBOT),
+        "phase1_video": phase1_video(10_000),
+        "phase2_human": phase2_human(10_000),
+        "phase3_robot": phase3_robot(10_000),
     })
     return c

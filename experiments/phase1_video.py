@@ -11,5 +11,5 @@ def get_config(arg: str = ""):
     c = base.get_base_config()
     sizes.apply_size(c, arg)
     c.curriculum = ("phase1_video",)
-    c.phases = base.ml_collections.ConfigDict({"phase1_video": base.phase(steps=100_000, **base.PHASE1_VIDEO)})
+    c.phases = base.ml_collections.ConfigDict({"phase1_video": base.phase1_video(100_000)})
     return c

@@ -11,5 +11,5 @@ def get_config(arg: str = ""):
     c = base.get_base_config()
     sizes.apply_size(c, arg)
     c.curriculum = ("phase2_human",)
-    c.phases = base.ml_collections.ConfigDict({"phase2_human": base.phase(steps=100_000, **base.PHASE2_HUMAN)})
+    c.phases = base.ml_collections.ConfigDict({"phase2_human": base.phase2_human(100_000)})
     return c

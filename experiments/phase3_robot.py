@@ -11,5 +11,5 @@ def get_config(arg: str = ""):
     c = base.get_base_config()
     sizes.apply_size(c, arg)
     c.curriculum = ("phase3_robot",)
-    c.phases = base.ml_collections.ConfigDict({"phase3_robot": base.phase(steps=100_000, **base.PHASE3_ROBOT)})
+    c.phases = base.ml_collections.ConfigDict({"phase3_robot": base.phase3_robot(100_000)})
     return c

@@ -2,12 +2,16 @@
 
 import os
 
-import jax
-import numpy as np
-import pytest
+# Tests compile many small programs: XLA:CPU's cheapest backend optimisation level halves compile
+# time (numerics are unchanged: it only skips LLVM optimisation passes).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-import kairos_jax  # noqa: F401  (sets flax config)
-from experiments import base
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import kairos_jax  # noqa: F401, E402  (sets flax config)
+from experiments import base  # noqa: E402
 
 
 def pytest_configure(config):
