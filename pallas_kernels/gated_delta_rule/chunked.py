@@ -111,6 +111,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, initial_state=None, scale=None
     if C < 1:
         raise ValueError(f"gated_delta_rule: chunk_size must be >= 1, got {chunk_size}")
     pad = (-T) % C
+    out_dtype = v.dtype
     q, k, v, g, beta = (to_chunks(x.astype(dt), C, pad) for x in (q, k, v, g, beta))
     S0 = jnp.zeros((B, H, K, V), dt) if initial_state is None else initial_state.astype(dt)
     Qe, P, W, Uc, Kd, eC = _intra_chunk(q * scale, k, v, g, beta)
@@ -123,4 +124,4 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, initial_state=None, scale=None
     S_last, (S_n, U_n) = jax.lax.scan(hand_off, S0, tuple(jnp.moveaxis(x, 2, 0) for x in (W, Uc, Kd, eC)))
     o = Qe @ jnp.moveaxis(S_n, 0, 2) + P @ jnp.moveaxis(U_n, 0, 2)  # [B,H,N,C,V]
     o = o.reshape(B, H, -1, V)[:, :, :T]
-    return jnp.moveaxis(o, 1, 2).astype(v.dtype), (S_last if output_final_state else None)
+    return jnp.moveaxis(o, 1, 2).astype(out_dtype), (S_last if output_final_state else None)

@@ -80,6 +80,7 @@ def gla_chunked(q, k, v, g, *, initial_state=None, scale=None, chunk_size=64, ou
     if C < 1:
         raise ValueError(f"gla: chunk_size must be >= 1, got {chunk_size}")
     pad = (-T) % C
+    out_dtype = v.dtype
     q, k, v, g = (to_chunks(x.astype(dt), C, pad) for x in (q, k, v, g))
     S0 = jnp.zeros((B, H, K, V), dt) if initial_state is None else initial_state.astype(dt)
 
@@ -92,4 +93,4 @@ def gla_chunked(q, k, v, g, *, initial_state=None, scale=None, chunk_size=64, ou
     S_last, S_starts = jax.lax.scan(hand_off, S0, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(Psi, 2, 0)))
     o = Qe @ jnp.moveaxis(S_starts, 0, 2) + PV
     o = o.reshape(B, H, -1, V)[:, :, :T]
-    return jnp.moveaxis(o, 1, 2).astype(v.dtype), (S_last if output_final_state else None)
+    return jnp.moveaxis(o, 1, 2).astype(out_dtype), (S_last if output_final_state else None)
