@@ -13,11 +13,6 @@ from pallas_kernels.gated_delta_rule.step import gated_delta_rule_step
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step"]
 
-# On CPU the per-token scan evaluates faster than the chunked form up to this many tokens times
-# heads (B * T * H) per call, measured by benchmarks/temporal_mixers.py (benchmarks/RESULTS.md).
-_CPU_SCAN_FORWARD_MAX_TOKEN_HEADS = 1 << 62
-
-
 def _check_inputs(q, k, v, g, beta, initial_state):
     op = "gated_delta_rule"
     check_shape(op, "q", q, (None,) * 4)
@@ -40,8 +35,8 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_
     output_final_state is False). Inputs may be bfloat16; everything accumulates in float32.
 
     impl: "reference" (per-token scan), "chunked" (WY form, chunk_size tokens per chunk),
-    "pallas" (the Pallas kernels), or "auto": Pallas on GPU/TPU; on CPU the faster XLA path for
-    the shape, with gradients always taken through the chunked form.
+    "pallas" (the Pallas kernels), or "auto": Pallas on GPU/TPU; on CPU the per-token scan for the
+    forward pass and the chunked form for the gradient (the faster of each, see benchmarks/RESULTS.md).
     """
     check_impl(impl, "gated_delta_rule")
     _check_inputs(q, k, v, g, beta, initial_state)
@@ -57,10 +52,9 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_
     reference = functools.partial(_positional(gated_delta_rule_reference), **kw)
     if impl == "reference":
         return reference(q, k, v, g, beta, initial_state)
-    B, T, H = g.shape
-    if B * T * H <= _CPU_SCAN_FORWARD_MAX_TOKEN_HEADS:
-        return evaluate_with(reference, chunked)(q, k, v, g, beta, initial_state)
-    return chunked(q, k, v, g, beta, initial_state)
+    # CPU: the per-token scan is the fastest forward pass at every size measured by
+    # benchmarks/temporal_mixers.py, and the chunked form by far the fastest and leanest gradient.
+    return evaluate_with(reference, chunked)(q, k, v, g, beta, initial_state)
 
 
 def _positional(fn):
