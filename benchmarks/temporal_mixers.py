@@ -95,6 +95,14 @@ def measure(name, impl, B, T, H, *, max_bytes, budget_s, chunk_size=64, same_as=
     records, hlos = [], {}
     for i, (mode, f) in enumerate(programs.items()):
         rec = dict(op=name, impl=impl, B=B, T=T, H=H, head_dim=HEAD_DIM, mode=mode, chunk_size=chunk_size)
+        scores = B * H * T * T * 4
+        if impl == "reference" and name in ("full", "swa", "dswa") and scores > max_bytes:
+            rec["skipped"] = (f"dense attention holds [B, H, T, T] float32 scores: {scores / 2**30:.0f} GiB "
+                              f"> --max-gib={max_bytes / 2**30:g} (not compiled)")
+            records.append(rec)
+            hlos[mode] = None
+            print(json.dumps(rec), flush=True)
+            continue
         lowered = f.lower(*args)
         hlos[mode] = lowered.as_text()
         twin = next((recs[i] for other, recs in same_as if other[mode] == hlos[mode]), None)

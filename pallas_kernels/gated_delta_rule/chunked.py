@@ -6,16 +6,18 @@ S_t = a_t S_{t-1} + k_t u_t^T. For a chunk of C tokens starting from the state S
 b_r = g_1 + ... + g_r (r = 1..C, so b_r <= 0) and D_rs = g_{s+1} + ... + g_r = b_r - b_s. Then
 
     (I + A) U = diag(beta) V - diag(beta e^b) K S,   A_rs = beta_r e^(D_rs) k_r.k_s  (s < r)
-    U = Uc - W S,   W = T diag(beta e^b) K,   Uc = T diag(beta) V,   T = (I + A)^-1  (the UT transform)
+    U = Uc - W S,   [W | Uc] = (I + A)^-1 [diag(beta e^b) K | diag(beta) V]    (the UT transform)
     O = diag(e^b) Q S + (M * Q K^T) U,        M_rs = e^(D_rs)  (s <= r)
     S' = e^(b_C) S + (diag(e^(D_Cs)) K)^T U
 
 Every exponent is a sum of gates, hence <= 0: the chunk start is the reference point and nothing
 overflows. D is summed directly over (s, r] (one GEMM with a 0/1 matrix) rather than taken as a
 difference of cumulative sums, which would lose its small values to cancellation when earlier
-gates are very negative. All of W, Uc, M * Q K^T is independent across chunks and computed as
-one batched matmul per term; only the hand-off S -> S' runs in a scan over chunks.
-T is taken by blocked forward substitution (`unit_lower_inverse`), never by Neumann-series
+gates are very negative. W, Uc, M * Q K^T and diag(e^b) Q do not depend on the state: they are
+computed for all chunks at once as batched matmuls (and recomputed in the backward pass rather
+than stored). Only the hand-off U = Uc - W S, S' = e^(b_C) S + ... runs in a scan over chunks,
+after which O is again one batched matmul pair over all chunks.
+(I + A)^-1 is taken by blocked forward substitution (`unit_lower_inverse`), never by Neumann-series
 squaring, which loses all precision when beta ~ 1 and keys are correlated.
 """
 
