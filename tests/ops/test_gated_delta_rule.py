@@ -250,3 +250,28 @@ def test_output_error_stays_below_max_err_over_one_minus_alpha(seed, alpha_max, 
     noisy = np.asarray(_decode(*args, jnp.asarray(noise, jnp.float32)), np.float64)
     err = np.linalg.norm(noisy - clean, axis=-1).max()
     assert err <= max_err / (1 - alpha_max) * (1 + 1e-3) + 1e-5
+
+
+@pytest.mark.slow
+def test_model_sized_heads_forward_and_gradients():
+    """Head dim 64, chunk 64, several chunks and a ragged tail, as the model runs it."""
+    r = np.random.default_rng(12)
+    T, Hm, Km = 200, 2, 64
+    k = r.normal(size=(1, T, Hm, Km))
+    x = dict(q=r.normal(size=(1, T, Hm, Km)), k=k / np.linalg.norm(k, axis=-1, keepdims=True),
+             v=r.normal(size=(1, T, Hm, Km)), g=np.log(r.uniform(0.8, 1.0, size=(1, T, Hm))),
+             beta=r.uniform(size=(1, T, Hm)), initial_state=r.normal(size=(1, Hm, Km, Km)))
+    w = r.normal(size=(1, T, Hm, Km))
+    names = list(x)
+
+    def loss(impl, *args):
+        o, s = gated_delta_rule(**dict(zip(names, args)), impl=impl)
+        return jnp.sum(o * w) + jnp.sum(s)
+
+    grad = jax.value_and_grad(loss, argnums=tuple(range(1, 7)))
+    with jax.enable_x64(True):
+        l_ref, g_ref = grad("reference", *(jnp.asarray(x[n]) for n in names))
+    l, g = grad("chunked", *(jnp.asarray(x[n], jnp.float32) for n in names))
+    assert abs(float(l) - float(l_ref)) <= 1e-5 * abs(float(l_ref))
+    for name, a, b in zip(names, g, g_ref):
+        assert rel(a, b) <= 1e-4, name

@@ -113,3 +113,27 @@ def test_bad_inputs_are_rejected_with_the_argument_name():
     x = f32(inputs(T=8))
     with pytest.raises(ValueError, match="g has shape"):
         gla(**{**x, "g": x["g"][..., 0]})
+
+
+@pytest.mark.slow
+def test_model_sized_heads_forward_and_gradients():
+    """Head dim 64, chunk 64 (four sub-chunks), several chunks and a ragged tail."""
+    r = np.random.default_rng(12)
+    T, Hm, Km = 200, 2, 64
+    x = dict(q=r.normal(size=(1, T, Hm, Km)), k=r.normal(size=(1, T, Hm, Km)) / 8,
+             v=r.normal(size=(1, T, Hm, Km)), g=np.log(r.uniform(0.8, 1.0, size=(1, T, Hm, Km))),
+             initial_state=r.normal(size=(1, Hm, Km, Km)))
+    w = r.normal(size=(1, T, Hm, Km))
+    names = list(x)
+
+    def loss(impl, *args):
+        o, s = gla(**dict(zip(names, args)), impl=impl)
+        return jnp.sum(o * w) + jnp.sum(s)
+
+    grad = jax.value_and_grad(loss, argnums=tuple(range(1, 6)))
+    with jax.enable_x64(True):
+        l_ref, g_ref = grad("reference", *(jnp.asarray(x[n]) for n in names))
+    l, g = grad("chunked", *(jnp.asarray(x[n], jnp.float32) for n in names))
+    assert abs(float(l) - float(l_ref)) <= 1e-5 * abs(float(l_ref))
+    for name, a, b in zip(names, g, g_ref):
+        assert rel(a, b) <= 1e-4, name
