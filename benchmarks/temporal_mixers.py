@@ -154,8 +154,8 @@ def find(records, name, impl, T, H, mode, chunk_size=64):
 
 
 def report(records, sizes):
-    lines = ["| op | T | B*H | mode | reference s | chunked s | auto s | auto / fastest | "
-             "reference MiB | chunked MiB | auto MiB |", "|" + "---|" * 11]
+    lines = ["| op | T | B*H | mode | reference s | chunked s | auto s | reference / chunked | "
+             "auto / fastest | reference MiB | chunked MiB | auto MiB |", "|" + "---|" * 12]
     configs = sorted({(r["op"], r["T"], r["H"]) for r in records if r["chunk_size"] == 64},
                      key=lambda c: (["full", "swa", "dswa", "gdn", "gla"].index(c[0]), c[2], c[1]))
     for name, T, H in configs:
@@ -163,8 +163,11 @@ def report(records, sizes):
             ref, ch, auto = (find(records, name, i, T, H, mode) for i in ("reference", "chunked", "auto"))
             best = best_correct(records, name, T, H, mode)
             ratio = f"{auto['seconds'] / best['seconds']:.2f}" if best and auto and "seconds" in auto else "-"
+            speedup = (f"{ref['seconds'] / ch['seconds']:.2f}" if ref and ch and "seconds" in ref
+                       and "seconds" in ch else "-")
             lines.append(f"| {name} | {T} | {H} | {mode} | {fmt_time(ref)} | {fmt_time(ch)} | "
-                         f"{fmt_time(auto)} | {ratio} | {fmt_mem(ref)} | {fmt_mem(ch)} | {fmt_mem(auto)} |")
+                         f"{fmt_time(auto)} | {speedup} | {ratio} | {fmt_mem(ref)} | {fmt_mem(ch)} | "
+                         f"{fmt_mem(auto)} |")
     sweep = [r for r in records if r["op"] == "gdn" and r["H"] == 16 and r["impl"] == "chunked"]
     if sweep:
         lines += ["", "GDN chunked, chunk-size sweep (T=8192, B*H=16):", "",

@@ -35,7 +35,7 @@ def _intra_chunk_scores(q, k, g):
     bl = jnp.cumsum(gs, axis=-2)  # gates summed from the start of each sub-chunk
     tri = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
     decay = jnp.exp(jnp.where(tri[:, :, None], bl[..., :, None, :] - bl[..., None, :, :], -jnp.inf))
-    diag = jnp.einsum("...rk,...sk,...rsk->...rs", qs, ks, decay)  # [..., n, c, c]
+    diag = jnp.sum(qs[..., :, None, :] * ks[..., None, :, :] * decay, axis=-1)  # [..., n, c, c]
     P = jnp.einsum("...irs,ij->...irjs", diag, jnp.eye(n, dtype=q.dtype)).reshape(*q.shape[:-2], C, C)
     if n == 1:
         return P
