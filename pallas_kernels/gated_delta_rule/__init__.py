@@ -36,7 +36,8 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_
 
     impl: "reference" (per-token scan), "chunked" (WY form, chunk_size tokens per chunk),
     "pallas" (the Pallas kernels), or "auto": Pallas on GPU/TPU; on CPU the per-token scan for the
-    forward pass and the chunked form for the gradient (the faster of each, see benchmarks/RESULTS.md).
+    forward pass and the chunked form for the gradient (the faster of each, see benchmarks/RESULTS.md),
+    joined by a custom_vjp: reverse-mode only, so use impl="chunked" for forward-mode (jax.jvp).
     """
     check_impl(impl, "gated_delta_rule")
     _check_inputs(q, k, v, g, beta, initial_state)

@@ -29,7 +29,8 @@ def gla(q, k, v, g, *, initial_state=None, scale=None, chunk_size=64, output_fin
 
     q, k, g (log decay, <= 0): [B,T,H,K]; v: [B,T,H,V]; initial_state: [B,H,K,V] (zeros when
     None); default scale K**-0.5. Returns (o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32
-    or None). impl as for gated_delta_rule: "reference", "chunked", "pallas" or "auto".
+    or None). impl as for gated_delta_rule: "reference", "chunked", "pallas" or "auto" (on CPU: the
+    scan forward, the chunked gradient, via a reverse-mode-only custom_vjp).
     """
     check_impl(impl, "gla")
     _check_inputs(q, k, v, g, initial_state)
