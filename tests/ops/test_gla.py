@@ -74,7 +74,7 @@ def test_gradients_match_float64_reference():
 def test_every_chunk_size_gives_the_same_answer():
     x = f32(inputs(T=50, seed=4))
     o1, s1 = gla(**x, chunk_size=1, impl="chunked")
-    for C in (7, 16, 64):  # 64: four sub-chunks, exercising the split around a reference point
+    for C in (7, 64):  # 64: four sub-chunks, exercising the split around a reference point
         o, s = gla(**x, chunk_size=C, impl="chunked")
         assert rel(o, o1) <= 1e-5 and rel(s, s1) <= 1e-5, C
 
