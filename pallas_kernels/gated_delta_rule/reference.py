@@ -9,9 +9,7 @@ Computed in float32, or float64 when given float64 inputs.
 import jax
 import jax.numpy as jnp
 
-
-def _compute_dtype(*xs):
-    return jnp.float64 if any(x.dtype == jnp.float64 for x in xs) else jnp.float32
+from pallas_kernels._dispatch import compute_dtype
 
 
 def gated_delta_rule_reference(q, k, v, g, beta, *, initial_state=None, scale=None,
@@ -22,7 +20,7 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, initial_state=None, scale=No
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = _compute_dtype(q, k, v, g, beta)
+    dt = compute_dtype(q, k, v, g, beta, initial_state)
     scale = K ** -0.5 if scale is None else scale
     if initial_state is None:
         s0 = jnp.zeros((B, H, K, V), dt)

@@ -7,18 +7,19 @@ causal across blocks. window=None means unbounded (full block-causal attention).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
-def block_window_mask(num_blocks: int, block_size: int, window: int | None, dilation: int = 1):
-    """bool [T, T] mask, True where query token (row) may attend to key token (column)."""
-    i = np.arange(num_blocks)[:, None]
-    j = np.arange(num_blocks)[None, :]
-    d = i - j
+def block_window_mask(T: int, block_size: int, window: int | None, dilation: int = 1):
+    """bool [T, T], True where query token (row) may attend to key token (column).
+
+    Built from iota inside the computation, so a jitted caller holds no T x T constant.
+    """
+    blk = jnp.arange(T) // block_size
+    d = blk[:, None] - blk[None, :]
     ok = (d >= 0) & (d % dilation == 0)
     if window is not None:
         ok &= (d // dilation) < window
-    return np.repeat(np.repeat(ok, block_size, axis=0), block_size, axis=1)
+    return ok
 
 
 def window_attention_reference(q, k, v, *, block_size, window, dilation=1, scale=None):
@@ -26,7 +27,7 @@ def window_attention_reference(q, k, v, *, block_size, window, dilation=1, scale
     B, T, H, D = q.shape
     dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     scale = D ** -0.5 if scale is None else scale
-    mask = block_window_mask(T // block_size, block_size, window, dilation)
+    mask = block_window_mask(T, block_size, window, dilation)
     s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dt), k.astype(dt)) * scale
     s = jnp.where(mask, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
