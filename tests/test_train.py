@@ -17,9 +17,9 @@ def loop_config(data_dir):
     c.data.update(dict(root=data_dir, image_size=16, patch_size=8, num_blocks=4, action_chunk=2, action_dim=32,
                        proprio_dim=32, num_embodiments=16, text_len=16))
     c.curriculum = ("phase1_video", "phase3_robot")
-    c.phases.phase1_video.steps = 4
-    c.phases.phase3_robot.steps = 5
-    c.train.update(dict(checkpoint_every=2, keep_checkpoints=5, log_every=1))
+    c.phases.phase1_video.steps = 2
+    c.phases.phase3_robot.steps = 4
+    c.train.update(dict(checkpoint_every=2, keep_checkpoints=5, log_every=1, warmup_steps=2))
     return c
 
 
@@ -62,7 +62,9 @@ def final_params(cfg, workdir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data_dir, tmp_path_factory):
+    """The reference run; it checkpoints every step (which does not change what it computes)."""
     cfg = loop_config(tiny_data_dir)
+    cfg.train.checkpoint_every = 1
     workdir = str(tmp_path_factory.mktemp("run_a"))
     results = train.train_curriculum(cfg, workdir, stop=StopAt(10**9))
     assert [r.stopped_early for r in results] == [False, False]
@@ -84,15 +86,16 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_export(uninterrupted):
 
 @pytest.mark.parametrize("crash", [True, False], ids=["kill", "sigterm"])
 def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_path, crash):
-    cfg, ref_dir = uninterrupted
+    _, ref_dir = uninterrupted
+    cfg = loop_config(uninterrupted[0].data.root)
     workdir = str(tmp_path)
     # The stop is asked after every step but a phase's last: interrupt in the second phase after its
-    # 3rd step (the 6th question): a crash loses step 3 (last checkpoint: step 2), a stop saves it.
+    # 3rd step (the 4th question): a crash loses step 3 (last checkpoint: step 2), a stop saves it.
     if crash:
         with pytest.raises(RuntimeError, match="simulated crash"):
-            train.train_curriculum(cfg, workdir, stop=StopAt(6, crash=True))
+            train.train_curriculum(cfg, workdir, stop=StopAt(4, crash=True))
     else:
-        results = train.train_curriculum(cfg, workdir, stop=StopAt(6))
+        results = train.train_curriculum(cfg, workdir, stop=StopAt(4))
         assert results[-1].stopped_early
         ckpt = checkpointing.Checkpointer(os.path.join(workdir, "phase3_robot", "checkpoints"), keep=5,
                                           async_save=False)
@@ -108,18 +111,13 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_pat
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_second_phase_starts_from_first_phase_params(tiny_data_dir, tmp_path):
+def test_second_phase_starts_from_first_phase_params(uninterrupted):
     """Phase 2 continues from phase 1's final weights: its first update has learning rate 0 (warm-up
     starts at 0), so its step-1 checkpoint holds exactly phase 1's final parameters."""
     from kairos_jax.sharding import create_mesh
     from kairos_jax.trainer import abstract_train_state, build_model_setup, make_optimizer
 
-    cfg = loop_config(tiny_data_dir)
-    cfg.phases.phase1_video.steps = 2
-    cfg.phases.phase3_robot.steps = 2
-    cfg.train.update(dict(checkpoint_every=1, warmup_steps=2))
-    workdir = str(tmp_path)
-    train.train_curriculum(cfg, workdir, stop=StopAt(10**9))
+    cfg, workdir = uninterrupted
     setup = build_model_setup(cfg, create_mesh(cfg.mesh))
 
     def params_at(phase, step):
@@ -127,11 +125,12 @@ def test_second_phase_starts_from_first_phase_params(tiny_data_dir, tmp_path):
         tx = make_optimizer(cfg.train, cfg.phases[phase].steps)
         state = ckpt.restore(step, abstract_train_state(tx, setup))
         ckpt.close()
+        assert int(state["step"]) == step
         return state["params"]
 
-    end_of_1, start_of_2, end_of_2 = params_at("phase1_video", 2), params_at("phase3_robot", 1), \
-        params_at("phase3_robot", 2)
+    end_of_1 = params_at("phase1_video", cfg.phases.phase1_video.steps)
+    start_of_2, later_in_2 = params_at("phase3_robot", 1), params_at("phase3_robot", 2)
     for x, y in zip(jax.tree.leaves(end_of_1), jax.tree.leaves(start_of_2)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert any(np.any(np.asarray(x) != np.asarray(y))
-               for x, y in zip(jax.tree.leaves(end_of_1), jax.tree.leaves(end_of_2)))
+               for x, y in zip(jax.tree.leaves(end_of_1), jax.tree.leaves(later_in_2)))
