@@ -119,7 +119,9 @@ def sample(model, context: dict, *, mode: str, num_context: int, rng, num_steps:
     context: video [B, T, N, Dp], actions [B, T, k, A] (values of generated modalities are ignored),
         embodiment_id int [B], action_dim_mask [B, A], text (byte tokens [B, L] or the precomputed
         pair), optional action_mask [B, T].
-    Blocks t < num_context are context; the rest are generated (0 <= num_context < T).
+    Blocks t < num_context are context; the rest are generated (0 <= num_context < T). The initial
+    noise is, with r_v, r_a = jax.random.split(rng): eps_video = normal(r_v, video.shape) and
+    eps_actions = normal(r_a, actions.shape) * action_dim_mask.
     Returns video, actions (context and given values kept, generated values sampled, absent ones
     left as the noise the model saw) and the final sigma_video, sigma_action [B, T]
     (0 = clean or generated, 1 = absent).

@@ -24,9 +24,11 @@ since the null-text history differs from the conditional one in every layer.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
 from kairos_jax.diffusion import ABSENT, CLEAN, NOISY
@@ -57,34 +59,15 @@ def block_plan(mode: str):
     return int(a[0]), int(v[0])
 
 
-class StreamingEngine:
-    """Streams step blocks through a KairosWorldModel.
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """The static part of a streaming rollout (hashable: the jitted steps are cached per spec, so
+    engines over models of the same structure share their compiled functions). Its methods are the
+    pure functions (params, state, ...) that the engine jits and `jax.export` serialises."""
 
-        engine = StreamingEngine(model, num_steps=4)
-        state = engine.start(text, embodiment_id, action_dim_mask)
-        state = engine.commit(state, video, actions, sigma_video, sigma_action)   # context blocks
-        state, video, actions = engine.step(state, rng, mode="forward_dynamics", actions=a)
+    graphdef: nnx.GraphDef
+    guidance_scale: float | None = None      # None: conditional only
 
-    Block arrays carry no time axis: video [B, N, Dp], actions [B, k, A], sigmas [B]. The jitted
-    functions take the parameters as an argument (`engine.params`), so the weights are not baked
-    into the compiled step and `jax.export` can serialise it.
-    """
-
-    def __init__(self, model, *, num_steps: int = 4, shift: float = 1.0, guidance_scale: float | None = None,
-                 full_capacity: int = 64):
-        self.graphdef, self.params = nnx.split(model)
-        self.layout = model.layout
-        self.has_full_layers = model.full_attention_layers()
-        self.schedule = sigma_schedule(num_steps, shift)
-        self.guidance_scale = guidance_scale
-        self.initial_capacity = int(full_capacity) if self.has_full_layers else 0
-        self._start = jax.jit(self.start_fn, static_argnames=("full_capacity",))
-        self._velocity = jax.jit(self.velocity_fn)
-        self._commit = jax.jit(self.commit_fn)
-        self._denoise = jax.jit(self.denoise_fn, static_argnames=("mode",))
-        self._step = jax.jit(self.step_fn, static_argnames=("mode",))
-
-    # -- pure functions (params, state, ...) -------------------------------------------------------
     def _double(self, x):
         return x if self.guidance_scale is None else jnp.concatenate([x, x], axis=0)
 
@@ -112,8 +95,7 @@ class StreamingEngine:
                "proprio": out.proprio[:, 0], "progress": out.progress[:, 0]}
         if self.guidance_scale is None:
             return res
-        B = video.shape[0]
-        w = self.guidance_scale
+        B, w = video.shape[0], self.guidance_scale
         mix = lambda o: o[B:] + w * (o[:B] - o[B:])
         return {"video_velocity": mix(res["video_velocity"]), "action_velocity": mix(res["action_velocity"]),
                 "proprio": res["proprio"][:B], "progress": res["progress"][:B]}
@@ -123,20 +105,23 @@ class StreamingEngine:
         _, caches = self._forward(params, state, video, actions, sigma_video, sigma_action)
         return state.replace(position=state.position + 1, caches=caches)
 
-    def denoise_fn(self, params, state, rng, video, actions, *, mode: str):
-        """Generate the next block in `mode` against the caches (read only).
+    def denoise_fn(self, params, state, rng, video, actions, *, mode: str, schedule: tuple):
+        """Generate the next block in `mode` against the caches (read only), with Euler steps along
+        `schedule` (sigmas from 1 to 0).
 
         video / actions: the given modality's values (forward dynamics: actions; inverse dynamics:
-        video; others ignore them). Returns (video, actions, sigma_video, sigma_action): generated
-        and given modalities at sigma 0, absent ones as the noise the model saw, at sigma 1.
+        video; others ignore them). With r_v, r_a = jax.random.split(rng), the generated or absent
+        modalities start from normal(r_v, video.shape) and normal(r_a, actions.shape) * dim mask.
+        Returns (video, actions, sigma_video, sigma_action): generated and given modalities at
+        sigma 0, absent ones as the noise the model saw, at sigma 1.
         """
         a_rule, v_rule = block_plan(mode)
         r_v, r_a = jax.random.split(rng)
-        dim_mask = state.action_dim_mask[:video.shape[0]]
+        B = video.shape[0]
+        dim_mask = state.action_dim_mask[:B]
         eps_v = jax.random.normal(r_v, video.shape, jnp.float32)
         eps_a = jax.random.normal(r_a, actions.shape, jnp.float32) * dim_mask[:, None]
         x = {"video": video if v_rule == CLEAN else eps_v, "actions": actions if a_rule == CLEAN else eps_a}
-        B = video.shape[0]
         sig = lambda rule, s: jnp.full((B,), {CLEAN: 0.0, ABSENT: 1.0}.get(rule, s), jnp.float32)
 
         def velocity(x, s, params):
@@ -144,21 +129,70 @@ class StreamingEngine:
             return {"video": out["video_velocity"], "actions": out["action_velocity"]}
 
         generated = {"video": jnp.bool_(v_rule == NOISY), "actions": jnp.bool_(a_rule == NOISY)}
-        x = euler_integrate(velocity, x, generated, self.schedule, params)
+        x = euler_integrate(velocity, x, generated, schedule, params)
         final = lambda rule: jnp.full((B,), 1.0 if rule == ABSENT else 0.0, jnp.float32)
         return x["video"], x["actions"] * dim_mask[:, None], final(v_rule), final(a_rule)
 
-    def step_fn(self, params, state, rng, video, actions, *, mode: str):
+    def step_fn(self, params, state, rng, video, actions, *, mode: str, schedule: tuple):
         """denoise, then commit the result: (new state, video, actions)."""
-        video, actions, s_v, s_a = self.denoise_fn(params, state, rng, video, actions, mode=mode)
+        video, actions, s_v, s_a = self.denoise_fn(params, state, rng, video, actions, mode=mode,
+                                                   schedule=schedule)
         return self.commit_fn(params, state, video, actions, s_v, s_a), video, actions
 
-    # -- user API ------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("full_capacity",))
+def _start(spec, params, text, embodiment_id, action_dim_mask, *, full_capacity):
+    return spec.start_fn(params, text, embodiment_id, action_dim_mask, full_capacity=full_capacity)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _velocity(spec, params, state, video, actions, sigma_video, sigma_action):
+    return spec.velocity_fn(params, state, video, actions, sigma_video, sigma_action)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _commit(spec, params, state, video, actions, sigma_video, sigma_action):
+    return spec.commit_fn(params, state, video, actions, sigma_video, sigma_action)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode", "schedule"))
+def _denoise(spec, params, state, rng, video, actions, *, mode, schedule):
+    return spec.denoise_fn(params, state, rng, video, actions, mode=mode, schedule=schedule)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode", "schedule"))
+def _step(spec, params, state, rng, video, actions, *, mode, schedule):
+    return spec.step_fn(params, state, rng, video, actions, mode=mode, schedule=schedule)
+
+
+class StreamingEngine:
+    """Streams step blocks through a KairosWorldModel.
+
+        engine = StreamingEngine(model, num_steps=4)
+        state = engine.start(text, embodiment_id, action_dim_mask)
+        state = engine.commit(state, video, actions, sigma_video, sigma_action)   # context blocks
+        state, video, actions = engine.step(state, rng, mode="forward_dynamics", actions=a)
+
+    Block arrays carry no time axis: video [B, N, Dp], actions [B, k, A], sigmas [B]. The jitted
+    functions take the parameters as an argument (`engine.params`), so the weights are not baked
+    into the compiled step and `jax.export` can serialise it.
+    """
+
+    def __init__(self, model, *, num_steps: int = 4, shift: float = 1.0, guidance_scale: float | None = None,
+                 full_capacity: int = 64):
+        graphdef, self.params = nnx.split(model)
+        self.layout = model.layout
+        self.has_full_layers = model.full_attention_layers()
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.spec = StreamSpec(graphdef, self.guidance_scale)
+        self.schedule = tuple(float(s) for s in sigma_schedule(num_steps, shift))
+        self.initial_capacity = int(full_capacity) if self.has_full_layers else 0
+
     def start(self, text, embodiment_id, action_dim_mask) -> StreamState:
         """Empty caches for a batch: text as the model takes it, embodiment_id int [B],
         action_dim_mask [B, A]."""
-        return self._start(self.params, text, embodiment_id, action_dim_mask,
-                           full_capacity=self.initial_capacity)
+        return _start(self.spec, self.params, text, embodiment_id, action_dim_mask,
+                      full_capacity=self.initial_capacity)
 
     def _room(self, state: StreamState) -> StreamState:
         """Grow the "full" layers' caches (doubling) when the next block would not fit."""
@@ -170,33 +204,29 @@ class StreamingEngine:
         capacity = max(state.full_capacity, 1)
         while capacity <= position:
             capacity *= 2
-        caches = nnx.merge(self.graphdef, self.params).grow_cache(state.caches, capacity)
+        caches = nnx.merge(self.spec.graphdef, self.params).grow_cache(state.caches, capacity)
         return state.replace(caches=caches, full_capacity=capacity)
 
     def velocity(self, state, video, actions, sigma_video, sigma_action) -> dict:
-        return self._velocity(self.params, state, video, actions, jnp.asarray(sigma_video, jnp.float32),
-                              jnp.asarray(sigma_action, jnp.float32))
+        return _velocity(self.spec, self.params, state, video, actions, jnp.asarray(sigma_video, jnp.float32),
+                         jnp.asarray(sigma_action, jnp.float32))
 
     def commit(self, state, video, actions, sigma_video, sigma_action) -> StreamState:
         state = self._room(state)
-        return self._commit(self.params, state, video, actions, jnp.asarray(sigma_video, jnp.float32),
-                            jnp.asarray(sigma_action, jnp.float32))
+        return _commit(self.spec, self.params, state, video, actions, jnp.asarray(sigma_video, jnp.float32),
+                       jnp.asarray(sigma_action, jnp.float32))
 
     def denoise(self, state, rng, *, mode: str, video=None, actions=None):
         video, actions = self._block_inputs(state, video, actions)
-        return self._denoise(self.params, state, rng, video, actions, mode=resolve_mode(mode))
+        return _denoise(self.spec, self.params, state, rng, video, actions, mode=resolve_mode(mode),
+                        schedule=self.schedule)
 
     def step(self, state, rng, *, mode: str, video=None, actions=None):
         """Generate the next block in `mode` and commit it: (state, video, actions)."""
         state = self._room(state)
         video, actions = self._block_inputs(state, video, actions)
-        return self._step(self.params, state, rng, video, actions, mode=resolve_mode(mode))
-
-    def prefill(self, state, video, actions, sigma_video, sigma_action) -> StreamState:
-        """Commit T context blocks in order: video [B, T, N, Dp], actions [B, T, k, A], sigmas [B, T]."""
-        for t in range(video.shape[1]):
-            state = self.commit(state, video[:, t], actions[:, t], sigma_video[:, t], sigma_action[:, t])
-        return state
+        return _step(self.spec, self.params, state, rng, video, actions, mode=resolve_mode(mode),
+                     schedule=self.schedule)
 
     def _block_inputs(self, state, video, actions):
         lay = self.layout
@@ -206,10 +236,3 @@ class StreamingEngine:
         if actions is None:
             actions = jnp.zeros((B, lay.action_tokens, lay.action_dim), jnp.float32)
         return jnp.asarray(video, jnp.float32), jnp.asarray(actions, jnp.float32)
-
-
-def commit_sigmas(mode: str, batch_size: int):
-    """Noise levels at which `step` commits a block generated in `mode` ([B] each: video, actions)."""
-    a_rule, v_rule = block_plan(mode)
-    f = lambda rule: np.full((batch_size,), 1.0 if rule == ABSENT else 0.0, np.float32)
-    return f(v_rule), f(a_rule)
