@@ -209,3 +209,33 @@ def test_full_attention_cache_doubles_and_keeps_its_blocks():
                 assert new is old
     assert engine._room(grown.replace(position=jnp.int32(3))).full_capacity == 4
     assert engine._room(grown.replace(position=jnp.int32(9))).full_capacity == 16
+
+
+@pytest.mark.slow
+def test_exported_step_gives_the_engine_outputs(tmp_path):
+    """jax.export of start and step (kairos_jax.serving): serialised, loaded, called with the same
+    inputs, equal to the engine (and the state it returns keeps the engine's layout)."""
+    pytest.importorskip("flatbuffers")
+    from kairos_jax.serving import ExportedRollout, param_leaves
+
+    cfg = tiny_config(pattern=("swa", "swa", "dswa", "gdn"), depth=4, scan_layers=True, window=3, dilation=2)
+    model = random_model(cfg, seed=4)
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(cfg, 2).items()}
+    engine = StreamingEngine(model, num_steps=2)
+    ExportedRollout.export(engine, modes=["simulate", "policy"], batch_size=2,
+                           text_len=cfg.data.text_len).save(str(tmp_path))
+    served = ExportedRollout.load(str(tmp_path))
+    params = param_leaves(model)
+    leaves = served.start(params, batch["text"], batch["embodiment_id"], batch["action_dim_mask"])
+    state = engine.start(batch["text"], batch["embodiment_id"], batch["action_dim_mask"])
+    for t in range(3):
+        key = jax.random.key(t)
+        leaves, video, _ = served.step("simulate", params, leaves, key, batch["video"][:, t], batch["actions"][:, t])
+        state, want, _ = engine.step(state, key, mode="simulate", actions=batch["actions"][:, t])
+        np.testing.assert_allclose(video, want, rtol=1e-6, atol=1e-6)
+    for got, want in zip(leaves, jax.tree.leaves(state)):
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=1e-6, atol=1e-6)
+    assert [s["shape"] for s in served.manifest["state"]] == [list(x.shape) for x in jax.tree.leaves(state)]
+    _, _, actions = served.step("policy", params, leaves, jax.random.key(9), batch["video"][:, 3],
+                                batch["actions"][:, 3])
+    assert actions.shape == batch["actions"][:, 3].shape

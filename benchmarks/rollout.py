@@ -1,0 +1,132 @@
+"""Streaming rollout: per-step latency and cache memory against the horizon, hybrid vs full attention.
+
+    flock /tmp/kairos_bench.lock python -m benchmarks.rollout --out=rollout.json [--steps=64,256,1024,4096]
+
+Two models of the same width and depth (the embedded size, experiments/sizes.py: video width 128,
+action width 64, 4 layers, 4 heads of 32, 32x32 frames in 16 patches + 4 action tokens = 20 tokens
+per block): "hybrid" repeats [swa, swa, dswa, gdn] (window 8, dilation 4); "full" uses
+block-causal full attention in every layer with a growing K/V cache. Both
+roll out one clip (batch 1) in simulate mode: "step s" generates the s-th block (s - 1 blocks in the
+caches) with `--euler` Euler steps and commits it, i.e. one `StreamingEngine.step`.
+
+The caches are filled by committing real blocks one at a time up to every measured step (the
+engine's own commit; the video and actions are drawn once at random). The full model's cache grows
+by doubling, so its step compiles once per power of two; the slots past the current block are
+masked. Compilation is excluded: every (model, step) is called once before timing. Then every
+(model, step) is timed round-robin, `--reps` rounds, so that all figures are measured side by side
+in the same conditions; the figure is the median over rounds. Writes a JSON list of
+{"model", "step", "latency_ms", "cache_bytes"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import base, sizes
+from kairos_jax.model import KairosWorldModel
+from kairos_jax.streaming import StreamingEngine, cache_bytes
+
+MODELS = {"hybrid": ("swa", "swa", "dswa", "gdn"), "full": ("full",)}
+
+
+def make_model(pattern, seed: int = 0):
+    """The embedded-size model with `pattern`, parameters random (N(0, 0.02^2)): latency does not
+    depend on their values, and random weights keep every residual branch active."""
+    c = base.get_base_config()
+    sizes.apply_size(c, "embedded")
+    c.model.update(dict(pattern=tuple(pattern), window=8, dilation=4))
+    abstract = nnx.eval_shape(lambda: KairosWorldModel(c.model, c.data, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    leaves, tree = jax.tree.flatten(state)
+    r = np.random.default_rng(seed)
+    leaves = [jnp.asarray(0.02 * r.standard_normal(x.shape), x.dtype) for x in leaves]
+    return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves)), c
+
+
+def block_inputs(model, seed: int = 0):
+    lay = model.layout
+    r = np.random.default_rng(seed)
+    video = jnp.asarray(r.uniform(-1, 1, (1, lay.video_tokens, lay.patch_dim)), jnp.float32)
+    actions = jnp.asarray(r.uniform(-1, 1, (1, lay.action_tokens, lay.action_dim)), jnp.float32)
+    return video, actions
+
+
+def states_at(engine, model, steps, text, dim_mask):
+    """Rollout states with s - 1 committed blocks for every s in `steps` (committed one by one)."""
+    video, actions = block_inputs(model)
+    zeros = np.zeros(1, np.float32)
+    state = engine.start(text, jnp.zeros(1, jnp.int32), dim_mask)
+    out = {}
+    for s in sorted(steps):
+        while int(state.position) < s - 1:
+            state = engine.commit(state, video, actions, zeros, zeros)
+        out[s] = engine._room(state)        # grown for the block it is about to write
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="JSON file of records")
+    parser.add_argument("--steps", default="64,256,1024,4096")
+    parser.add_argument("--euler", type=int, default=4, help="Euler steps per block")
+    parser.add_argument("--reps", type=int, default=15, help="timed rounds")
+    args = parser.parse_args(argv)
+    steps = [int(s) for s in args.steps.split(",")]
+
+    engines, states = {}, {}
+    for name, pattern in MODELS.items():
+        model, cfg = make_model(pattern)
+        engine = StreamingEngine(model, num_steps=args.euler, full_capacity=64)
+        text = jnp.zeros((1, cfg.data.text_len), jnp.int32)
+        t0 = time.perf_counter()
+        states[name] = states_at(engine, model, steps, text, jnp.ones((1, cfg.data.action_dim), jnp.float32))
+        engines[name] = (engine, model)
+        print(f"{name}: filled caches up to step {max(steps)} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    calls = {}
+    for name, (engine, model) in engines.items():
+        video, actions = block_inputs(model, seed=1)
+        for s, state in states[name].items():
+            def call(engine=engine, state=state, actions=actions):
+                _, v, _ = engine.step(state, jax.random.key(0), mode="simulate", actions=actions)
+                return v
+
+            jax.block_until_ready(call())       # compile (and warm) outside the timing
+            calls[(name, s)] = call
+    times = {key: [] for key in calls}
+    for _ in range(args.reps):
+        for key, call in calls.items():
+            t = time.perf_counter()
+            jax.block_until_ready(call())
+            times[key].append(time.perf_counter() - t)
+
+    records = [{"model": name, "step": s, "latency_ms": 1e3 * statistics.median(times[(name, s)]),
+                "cache_bytes": cache_bytes(states[name][s])} for (name, s) in calls]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(records, f, indent=1)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
+          f"on {jax.default_backend()}; {args.euler} Euler steps per block, median of {args.reps} rounds")
+    for r in records:
+        mib = r["cache_bytes"] / 2 ** 20
+        print(f"{r['model']:>6} step {r['step']:>5}: {r['latency_ms']:9.2f} ms  cache {mib:9.2f} MiB")
+    hyb = {r["step"]: r for r in records if r["model"] == "hybrid"}
+    full = {r["step"]: r for r in records if r["model"] == "full"}
+    lo, hi = min(steps), max(steps)
+    print(f"hybrid latency step {hi} / step {lo}: {hyb[hi]['latency_ms'] / hyb[lo]['latency_ms']:.3f} (goal <= 1.05)")
+    print(f"full / hybrid latency at step {hi}: {full[hi]['latency_ms'] / hyb[hi]['latency_ms']:.1f}x (goal >= 20)")
+    print(f"hybrid cache bytes constant: {len({r['cache_bytes'] for r in hyb.values()}) == 1}")
+
+
+if __name__ == "__main__":
+    main()
