@@ -10,6 +10,15 @@ Two encoders (`config.model.text_encoder`):
 
 Both prepend a learned null token, so a sample with no text (or text dropped for classifier-free
 guidance) still has one key to attend to; `null_text` gives the dropped form of either input.
+
+Storing precomputed embeddings. The model and `trainer.loss_fn` read batch keys
+`text_embedding` float [B, L, D_ext] (one row per token of the external model, zero-padded to a
+fixed L) and `text_embedding_mask` [B, L] (1 on real tokens) when
+`config.model.text_encoder = "precomputed"` and `config.model.text_embedding_dim = D_ext`. The
+episode schema and the Grain pipeline do not carry them yet: to train on them, a loader has to put
+the two keys into every batch (and `trainer.BATCH_KEYS` has to include them, so that
+`global_batch` shards them). The natural place is one embedding per distinct task text, stored
+beside a source's shards and looked up by the episode's text when a clip is made.
 """
 
 from __future__ import annotations
