@@ -150,7 +150,9 @@ def _velocity(spec, params, state, video, actions, sigma_video, sigma_action):
     return spec.velocity_fn(params, state, video, actions, sigma_video, sigma_action)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+# commit and step donate the state: the caches are updated in place (a block's K/V written into its
+# slot) instead of copied; the state passed in must not be used again.
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _commit(spec, params, state, video, actions, sigma_video, sigma_action):
     return spec.commit_fn(params, state, video, actions, sigma_video, sigma_action)
 
@@ -160,7 +162,7 @@ def _denoise(spec, params, state, rng, video, actions, *, mode, schedule):
     return spec.denoise_fn(params, state, rng, video, actions, mode=mode, schedule=schedule)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode", "schedule"))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode", "schedule"), donate_argnums=2)
 def _step(spec, params, state, rng, video, actions, *, mode, schedule):
     return spec.step_fn(params, state, rng, video, actions, mode=mode, schedule=schedule)
 
@@ -212,6 +214,7 @@ class StreamingEngine:
                          jnp.asarray(sigma_action, jnp.float32))
 
     def commit(self, state, video, actions, sigma_video, sigma_action) -> StreamState:
+        """Commit one block; `state` is consumed (its buffers are reused for the result)."""
         state = self._room(state)
         return _commit(self.spec, self.params, state, video, actions, jnp.asarray(sigma_video, jnp.float32),
                        jnp.asarray(sigma_action, jnp.float32))
@@ -222,7 +225,8 @@ class StreamingEngine:
                         schedule=self.schedule)
 
     def step(self, state, rng, *, mode: str, video=None, actions=None):
-        """Generate the next block in `mode` and commit it: (state, video, actions)."""
+        """Generate the next block in `mode` and commit it: (state, video, actions); `state` is
+        consumed (its buffers are reused for the result)."""
         state = self._room(state)
         video, actions = self._block_inputs(state, video, actions)
         return _step(self.spec, self.params, state, rng, video, actions, mode=resolve_mode(mode),

@@ -131,7 +131,10 @@ class WindowAttentionMixer(nnx.Module):
         if capacity:
             slots, ok = self.visible_blocks(position, capacity)
             M = slots.shape[0]
-            past = lambda c: jnp.take(c, slots, axis=1).reshape(B, M * S, H, D).astype(k.dtype)
+            if self.kind == "full":     # every slot is read: no gather (it would copy the whole cache)
+                past = lambda c: c.reshape(B, M * S, H, D).astype(k.dtype)
+            else:
+                past = lambda c: jnp.take(c, slots, axis=1).reshape(B, M * S, H, D).astype(k.dtype)
             keys = jnp.concatenate([past(cache["k"]), k], axis=1)
             values = jnp.concatenate([past(cache["v"]), v], axis=1)
             valid = jnp.concatenate([jnp.broadcast_to(jnp.repeat(ok, S), (B, M * S)), valid], axis=1)
