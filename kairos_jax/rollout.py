@@ -26,6 +26,11 @@ each of the next --steps blocks is generated and committed (kairos_jax.streaming
   block (teacher-forced history). Prints and writes <out stem>_actions.json (predicted and true
   actions in the embodiment's units, denormalised with the source's statistics, and their errors)
   and <out stem>_actions.png (one panel per action dimension).
+- closed_loop: the policy drives the dm_control reacher of data_pipelines (observation -> action
+  chunk -> k environment steps -> next observation, committed to the caches); --source must be a
+  reacher source, whose statistics denormalise the actions. Writes --out (mp4 of the frames the
+  environment rendered) and <out stem>_closed_loop.json (the applied torques and the fingertip's
+  distance to the target at every control step).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from kairos_jax.streaming import StreamingEngine
 
 log = logging.getLogger("kairos.rollout")
 
-ROLLOUT_MODES = ("simulate", "forward_dynamics", "video_prediction", "policy")
+ROLLOUT_MODES = ("simulate", "forward_dynamics", "video_prediction", "policy", "closed_loop")
 
 
 class RolloutError(ValueError):
@@ -165,7 +170,7 @@ class EpisodeClip:
     fps: float
 
 
-def _source_spec(src, name: str, spec):
+def _source_spec(src, name: str):
     from data_pipelines.embodiments import DEFAULT_REGISTRY
     from data_pipelines.normalization import Normalizer
     from data_pipelines.pipeline import EmbodimentSpec, SourceSpec
@@ -225,7 +230,7 @@ def load_episode_clip(cfg, root: str, source: str, episode: str | None, num_bloc
                            f"{k} steps, asked for {num_blocks} (context + steps); lower --steps")
     spec = ClipSpec(num_blocks=num_blocks, action_chunk=k, image_size=d.image_size, patch_size=d.patch_size,
                     channels=d.channels, action_dim=d.action_dim, proprio_dim=d.proprio_dim, text_len=d.text_len)
-    sspec = _source_spec(src, source, spec)
+    sspec = _source_spec(src, source)
     clip = make_clip(ep, 0, spec, sspec)
     idx = k * np.arange(num_blocks)
     frames = np.clip(np.rint(resize_frames(ep.frames[idx], d.image_size)), 0, 255).astype(np.uint8)
@@ -291,9 +296,13 @@ def ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
 # -- outputs -----------------------------------------------------------------------------------------
 def write_side_by_side_mp4(path: str, truth: np.ndarray, pred: np.ndarray, fps: float, scale: int = 4) -> None:
     """uint8 [T, H, W, 3] ground truth (left) and prediction (right), upscaled x scale, H.264."""
+    write_mp4(path, np.concatenate([truth, np.zeros_like(truth[:, :, :2]), pred], axis=2), fps, scale)
+
+
+def write_mp4(path: str, frames: np.ndarray, fps: float, scale: int = 1) -> None:
+    """uint8 [T, H, W, 3] frames, upscaled x scale (nearest), H.264 (PyAV)."""
     import av
 
-    frames = np.concatenate([truth, np.zeros_like(truth[:, :, :2]), pred], axis=2)
     frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
     H, W = frames.shape[1:3]
     frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
@@ -388,6 +397,57 @@ def rollout(model, cfg, ep: EpisodeClip, *, mode: str, context: int, steps: int,
     return out
 
 
+def closed_loop_reacher(model, cfg, root: str, source: str, *, blocks: int, num_steps: int, shift: float,
+                        guidance_scale: float | None, seed: int) -> dict:
+    """Drive the reacher with the model's policy for `blocks` action chunks (see the module docstring)."""
+    from data_pipelines.embodiments import DEFAULT_REGISTRY
+    from data_pipelines.pipeline import patchify, resize_frames, text_tokens
+    from data_pipelines.shards import ShardedSource
+    from data_pipelines.sim.reacher import TEXTS, ReacherRecorder
+
+    src = ShardedSource(os.path.join(root, source))
+    if "reacher" not in src.embodiments or src.stats["reacher"].action is None:
+        raise RolloutError(f"--source={source}: closed_loop needs a reacher source with action statistics")
+    norm = _source_spec(src, source).embodiments["reacher"].action_norm
+    emb = DEFAULT_REGISTRY.get("reacher")
+    d = cfg.data
+    k = d.action_chunk
+    rng = np.random.default_rng(seed)
+    dim_mask = np.zeros((1, d.action_dim), np.float32)
+    dim_mask[0, :emb.action_dim] = 1.0
+    engine = StreamingEngine(model, num_steps=num_steps, shift=shift, guidance_scale=guidance_scale,
+                             full_capacity=cfg.rollout.full_capacity)
+    state = engine.start(jnp.asarray(text_tokens(TEXTS[0], d.text_len))[None], jnp.asarray([emb.id], jnp.int32),
+                         jnp.asarray(dim_mask))
+    key = jax.random.key(seed)
+
+    def tokens(frame):
+        x = resize_frames(frame[None], d.image_size)
+        return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)        # [1, N, Dp]
+
+    with ReacherRecorder(64) as env:
+        env.env.task.random.seed(int(rng.integers(2 ** 31)))
+        env.env.reset()
+        frames, torques, distance = [env.renderer.render(env.data, "fixed")], [], []
+        # Block 0: the first frame; its action chunk is unknown (absent, as in training).
+        key, k0 = jax.random.split(key)
+        noise = jax.random.normal(k0, (1, k, d.action_dim)) * dim_mask[:, None]
+        state = engine.commit(state, tokens(frames[0]), noise, np.zeros(1, np.float32), np.ones(1, np.float32))
+        for _ in range(blocks):
+            key, kb = jax.random.split(key)
+            _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
+            u = norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim]))
+            for step in u:
+                applied = np.clip(step, -1.0, 1.0)
+                env.env.step(applied)
+                torques.append(applied)
+                distance.append(float(np.linalg.norm(env.finger_to_target())))
+            frames.append(env.renderer.render(env.data, "fixed"))
+            state = engine.commit(state, tokens(frames[-1]), chunk, np.zeros(1, np.float32), np.zeros(1, np.float32))
+    return {"frames": np.stack(frames), "torques": np.stack(torques), "distance": np.asarray(distance),
+            "position": int(state.position)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kairos_jax.rollout", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="workdir, phase folder or export folder")
@@ -423,16 +483,30 @@ def _run(args) -> int:
     log.info("model from %s %s%s", ref.kind, ref.path, f" (step {ref.step})" if ref.step is not None else "")
     root = args.data_root or cfg.data.root
     mode = args.mode
+    guidance = cfg.sampling.guidance_scale if args.guidance is None else args.guidance
+    num_steps = args.num_steps or cfg.rollout.num_steps
+    shift = cfg.sampling.shift if args.shift is None else args.shift
+    if mode == "closed_loop":
+        result = closed_loop_reacher(model, cfg, root, args.source or "reacher", blocks=args.steps,
+                                     num_steps=num_steps, shift=shift,
+                                     guidance_scale=None if guidance == 1.0 else guidance, seed=args.seed)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        fps = 25.0 / cfg.data.action_chunk
+        write_mp4(args.out, result["frames"], fps, scale=2)
+        stem = os.path.splitext(args.out)[0]
+        with open(stem + "_closed_loop.json", "w") as f:
+            json.dump({"checkpoint": ref.path, "blocks": args.steps, "torques": result["torques"].tolist(),
+                       "distance": result["distance"].tolist()}, f, indent=1)
+        print(f"wrote {args.out}, {stem}_closed_loop.json; fingertip-target distance "
+              f"{result['distance'][0]:.3f} -> {result['distance'][-1]:.3f}")
+        return 0
     source = args.source or default_source(cfg, root, needs_actions=mode in ("simulate", "forward_dynamics",
                                                                              "policy"))
     ep = load_episode_clip(cfg, root, source, args.episode, context + args.steps)
     log.info("episode %s of %s (%s): %d context blocks, %d generated", ep.episode_id, source, ep.embodiment,
              context, args.steps)
-    guidance = cfg.sampling.guidance_scale if args.guidance is None else args.guidance
-    result = rollout(model, cfg, ep, mode=mode, context=context, steps=args.steps,
-                     num_steps=args.num_steps or cfg.rollout.num_steps,
-                     shift=cfg.sampling.shift if args.shift is None else args.shift,
-                     guidance_scale=None if guidance == 1.0 else guidance, seed=args.seed)
+    result = rollout(model, cfg, ep, mode=mode, context=context, steps=args.steps, num_steps=num_steps,
+                     shift=shift, guidance_scale=None if guidance == 1.0 else guidance, seed=args.seed)
     stem = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     d = cfg.data

@@ -166,7 +166,6 @@ def test_sample_rejects_bad_arguments():
         sampling.sample(model, c, mode="dream", num_context=1, rng=jax.random.key(0))
 
 
-@pytest.mark.slow
 def test_world_model_guidance_scale_one_equals_conditional():
     cfg = tiny_config(pattern=("gdn", "swa"), depth=2, scan_layers=False)
     cfg.data.num_blocks = 3

@@ -140,7 +140,6 @@ def test_policy_inference_equals_euler_on_the_full_sequence():
     np.testing.assert_array_equal(s_a, 0.0)
 
 
-@pytest.mark.slow
 def test_guided_streaming_equals_guided_full_sequence():
     cfg, model, params, batch, full = setup("unscanned")
     w = 2.5
