@@ -162,4 +162,28 @@ def get_base_config() -> ml_collections.ConfigDict:
         "phase2_human": phase2_human(10_000),
         "phase3_robot": phase3_robot(10_000),
     })
+    add_world_action_fields(c)
+    return c
+
+
+def add_world_action_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """World-action model fields (issue 6): text encoder, readout losses, sampling and rollout.
+    Validated by `kairos_jax.sampling.validate_world_action_config`."""
+    # Understanding expert: "bytes" (built-in byte-level text transformer) or "precomputed"
+    # (batch keys text_embedding [B, L, D_ext] + text_embedding_mask [B, L], projected to text_width).
+    c.model.text_encoder = "bytes"
+    c.model.text_embedding_dim = 0           # D_ext of precomputed embeddings (> 0 when precomputed)
+    # Readout heads on the final hidden states, trained where labels exist.
+    c.train.proprio_loss_weight = 0.1        # masked by proprio_mask * proprio_dim_mask
+    c.train.progress_loss_weight = 0.1       # masked by progress_mask when the batch has one
+    c.sampling = ml_collections.ConfigDict(dict(
+        num_steps=10,                        # Euler steps from sigma = 1 to 0
+        shift=1.0,                           # schedule shift: sigma' = s sigma / (1 + (s - 1) sigma)
+        guidance_scale=1.0,                  # classifier-free guidance on the text (1 = conditional only)
+    ))
+    c.rollout = ml_collections.ConfigDict(dict(
+        num_steps=4,                         # Euler steps per streamed block
+        context_blocks=2,                    # ground-truth blocks committed before the rollout starts
+        full_capacity=64,                    # initial blocks of a "full" layer's cache (doubles when full)
+    ))
     return c

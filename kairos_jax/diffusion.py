@@ -27,6 +27,40 @@ import jax.numpy as jnp
 MODES = ("joint", "policy", "forward_dynamics", "inverse_dynamics", "video_prediction")
 SIGMA_SAMPLERS = ("logit_normal", "uniform")
 
+# What a mode does to a modality of a block (the table above); shared with the samplers.
+CLEAN, ABSENT, NOISY = 0, 1, 2
+# Modalities each mode generates (and trains): (actions, video).
+GENERATES = {
+    "joint": (True, True),
+    "policy": (True, False),
+    "forward_dynamics": (False, True),
+    "inverse_dynamics": (True, False),
+    "video_prediction": (False, True),
+}
+
+
+def mode_rules(mode, tau, num_blocks: int):
+    """CLEAN / ABSENT / NOISY per block for each modality.
+
+    mode: int [B] (index into MODES); tau: int [B, 1] (policy: first block whose video is absent).
+    Returns (action_rule, video_rule), int32 [B, T]. Blocks whose action chunk is unknown are
+    ABSENT on top of this (see `draw_noise_levels`).
+    """
+    t = jnp.arange(num_blocks)[None]
+    m = jnp.asarray(mode)[:, None]
+    is_ = lambda name: m == MODES.index(name)
+    video = jnp.select([is_("inverse_dynamics"), is_("policy")],
+                       [jnp.int32(CLEAN), jnp.where(t < tau, CLEAN, ABSENT)], jnp.int32(NOISY))
+    action = jnp.select([is_("video_prediction"), is_("forward_dynamics")],
+                        [jnp.int32(ABSENT), jnp.int32(CLEAN)], jnp.int32(NOISY))
+    shape = (m.shape[0], num_blocks)
+    return jnp.broadcast_to(action, shape).astype(jnp.int32), jnp.broadcast_to(video, shape).astype(jnp.int32)
+
+
+def sigma_from_rule(rule, noisy_sigma):
+    """sigma = 0 (CLEAN), 1 (ABSENT) or `noisy_sigma` (NOISY)."""
+    return jnp.select([rule == CLEAN, rule == ABSENT], [0.0, 1.0], noisy_sigma)
+
 
 def sample_sigma(rng, shape, *, sampling: str, logit_mean=0.0, logit_std=1.0, shift=1.0):
     """Noise levels in (0, 1): logit-normal (SD3) or uniform, then the time shift
@@ -49,7 +83,8 @@ def draw_noise_levels(rng, *, batch_size: int, num_blocks: int, mode_probs, has_
     """Per-block, per-modality sigmas and loss weights for a batch.
 
     mode_probs: [len(MODES)]; has_actions: bool [B]; action_mask: [B, T] (block's chunk known).
-    Returns dict with sigma_video, sigma_action, weight_video, weight_action ([B, T]) and mode [B].
+    Returns dict with sigma_video, sigma_action, weight_video, weight_action ([B, T]), mode [B] and
+    tau [B, 1] (policy mode's first block with absent video).
     """
     B, T = batch_size, num_blocks
     r_mode, r_v, r_a, r_cv, r_ca, r_tau = jax.random.split(rng, 6)
@@ -64,25 +99,18 @@ def draw_noise_levels(rng, *, batch_size: int, num_blocks: int, mode_probs, has_
     s_v = jnp.where(jax.random.uniform(r_cv, (B, T)) < train_cfg.clean_block_prob, 0.0, s_v)
     s_a = jnp.where(jax.random.uniform(r_ca, (B, T)) < train_cfg.clean_block_prob, 0.0, s_a)
     tau = jax.random.randint(r_tau, (B, 1), 0, T)
-    t = jnp.arange(T)[None]
-    zeros, ones = jnp.zeros((B, T)), jnp.ones((B, T))
-    m = mode[:, None]
-    is_ = lambda name: m == MODES.index(name)
-
-    sigma_video = jnp.select(
-        [is_("inverse_dynamics"), is_("policy")],
-        [zeros, jnp.where(t < tau, 0.0, 1.0)], s_v)
-    sigma_action = jnp.select(
-        [is_("video_prediction"), is_("forward_dynamics")], [ones, zeros], s_a)
+    action_rule, video_rule = mode_rules(mode, tau, T)
+    sigma_video = sigma_from_rule(video_rule, s_v)
+    sigma_action = sigma_from_rule(action_rule, s_a)
     known = action_mask > 0
     sigma_action = jnp.where(known, sigma_action, 1.0)
 
-    gen_video = is_("joint") | is_("video_prediction") | is_("forward_dynamics")
-    gen_action = is_("joint") | is_("inverse_dynamics") | is_("policy")
+    generates = jnp.asarray([GENERATES[name] for name in MODES])                  # [modes, 2]
+    gen_action, gen_video = generates[mode, 0][:, None], generates[mode, 1][:, None]
     weight_video = (gen_video & (sigma_video > 0)).astype(jnp.float32)
     weight_action = (gen_action & (sigma_action > 0) & known).astype(jnp.float32)
     return dict(sigma_video=sigma_video, sigma_action=sigma_action, weight_video=weight_video,
-                weight_action=weight_action, mode=mode)
+                weight_action=weight_action, mode=mode, tau=tau)
 
 
 def add_noise(x0, eps, sigma):
@@ -106,3 +134,23 @@ def flow_losses(pred_video, pred_action, x0_video, eps_video, x0_action, eps_act
     video_loss = jnp.sum(v_err * weight_video) / jnp.maximum(jnp.sum(weight_video), 1.0)
     action_loss = jnp.sum(a_err * weight_action) / jnp.maximum(jnp.sum(weight_action), 1.0)
     return video_loss, action_loss, (v_err, a_err)
+
+
+def readout_losses(proprio_pred, progress_pred, batch):
+    """Masked MSE of the readout heads where the batch has labels.
+
+    proprio_pred [B, T, P] against batch["proprio"], masked by proprio_mask [B, T] x proprio_dim_mask
+    [B, P] and averaged over the masked entries; progress_pred [B, T] against batch["progress"],
+    masked by batch["progress_mask"] [B, T] when present (every block otherwise). A loss whose labels
+    are not in the batch is absent from the result.
+    """
+    out = {}
+    if "proprio" in batch:
+        mask = batch["proprio_mask"][:, :, None] * batch["proprio_dim_mask"][:, None, :]
+        err = jnp.square(proprio_pred - batch["proprio"]) * mask
+        out["proprio"] = jnp.sum(err) / jnp.maximum(jnp.sum(mask), 1.0)
+    if "progress" in batch:
+        mask = batch.get("progress_mask", jnp.ones_like(batch["progress"]))
+        err = jnp.square(progress_pred - batch["progress"]) * mask
+        out["progress"] = jnp.sum(err) / jnp.maximum(jnp.sum(mask), 1.0)
+    return out

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kairos_jax import diffusion
 from kairos_jax.model import KairosWorldModel, TokenLayout
+from kairos_jax.model.text import batch_text, drop_text
 from kairos_jax.sharding import activation_sharding, logical_to_mesh_spec, state_shardings
 
 BATCH_KEYS = ("video", "actions", "action_mask", "action_dim_mask", "embodiment_id", "text", "source_id")
@@ -126,7 +127,8 @@ def global_batch(setup: Setup, local_batch: dict) -> dict:
 
 
 def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int):
-    """Rectified-flow loss of one (micro)batch; returns (loss, metrics)."""
+    """Rectified-flow loss of one (micro)batch plus the readout losses where the batch has labels
+    (proprio, progress); returns (loss, metrics)."""
     model = nnx.merge(graphdef, params)
     video, actions = batch["video"], batch["actions"]
     B, T = video.shape[:2]
@@ -141,16 +143,20 @@ def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int):
     x_v = diffusion.add_noise(video, eps_v, lv["sigma_video"])
     x_a = diffusion.add_noise(actions, eps_a, lv["sigma_action"])
     keep_text = jax.random.uniform(r_text, (B, 1)) >= cfg.train.text_dropout
-    text = jnp.where(keep_text, batch["text"], 0)
+    text = drop_text(batch_text(batch, cfg.model.text_encoder), keep_text[:, 0])
     out = model(x_v, x_a, lv["sigma_video"], lv["sigma_action"], batch["embodiment_id"], dim_mask, text)
     video_loss, action_loss, (v_err, a_err) = diffusion.flow_losses(
         out.video_velocity, out.action_velocity, video, eps_v, actions, eps_a, lv["weight_video"],
         lv["weight_action"], dim_mask)
     loss = cfg.train.video_loss_weight * video_loss + cfg.train.action_loss_weight * action_loss
+    readouts = diffusion.readout_losses(out.proprio, out.progress, batch)
+    for name, value in readouts.items():
+        loss = loss + cfg.train[f"{name}_loss_weight"] * value
     # Per-source sums (divided after accumulation) so each source's loss can be followed.
     src = jax.nn.one_hot(batch["source_id"], num_sources)                                   # [B, S]
     metrics = {
         "loss": loss, "loss_video": video_loss, "loss_action": action_loss,
+        **{f"loss_{name}": value for name, value in readouts.items()},
         "src_video_err": src.T @ jnp.sum(v_err * lv["weight_video"], 1),
         "src_video_w": src.T @ jnp.sum(lv["weight_video"], 1),
         "src_action_err": src.T @ jnp.sum(a_err * lv["weight_action"], 1),

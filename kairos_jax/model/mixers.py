@@ -4,6 +4,15 @@ the sequence together, laid out block by block as [action tokens | video tokens]
 
 Streams are tuples with one array per modality, each [B, T, S_m, W_m] (T step blocks, S_m tokens of
 modality m per block, W_m that expert's width). The fast ops come from `pallas_kernels`.
+
+Every mixer also has a streaming form, `step(streams, position, cache)`, for one new block (T = 1)
+against a fixed-size cache of the committed blocks (DESIGN section 7): it returns the block's output
+and the cache with the block committed (the caller keeps or drops that second result). Caches:
+
+    swa / dswa  ring buffers k, v [B, C, S, H, D] of the last C = (W - 1) * d committed blocks
+    full        the same layout with C = a capacity the caller grows (the baseline)
+    gdn         recurrent state [B, H, K, V] (float32) and the short conv's input history
+                [B, conv_size - 1, H, D] of q, k and v (pre-conv) over the flattened token sequence
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from kairos_jax.model.attention import masked_attention
 from kairos_jax.model.layers import Linear, RMSNorm, _param, rope
 from kairos_jax.sharding import constrain
 
@@ -61,6 +71,7 @@ class WindowAttentionMixer(nnx.Module):
         self.window = None if kind == "full" else window
         self.dilation = dilation if kind == "dswa" else 1
         self.impl = impl
+        self.num_heads, self.head_dim = H, D
 
     def qkv(self, streams, positions):
         """Per-modality projections, concatenated per block: each [B, T, S, H, D]."""
@@ -80,6 +91,58 @@ class WindowAttentionMixer(nnx.Module):
         o = pallas_kernels.window_attention(flat(q), flat(k), flat(v), block_size=S, window=self.window,
                                             dilation=self.dilation, impl=self.impl)
         return self.out(o.reshape(B, T, S, H, D), sizes)
+
+    # -- streaming -----------------------------------------------------------------------------
+    def cache_blocks(self, full_capacity: int) -> int:
+        """Committed blocks the streaming cache holds. SWA: the W - 1 blocks before the new one.
+        DSWA: the last (W - 1) d blocks, since block j is read again d, 2d, ..., (W - 1) d steps
+        later (each step reads only the W - 1 of them its dilated window sees). full: the capacity."""
+        if self.kind == "full":
+            return full_capacity
+        return (self.window - 1) * self.dilation
+
+    def init_cache(self, batch_size: int, block_size: int, full_capacity: int, dtype):
+        shape = (batch_size, self.cache_blocks(full_capacity), block_size, self.num_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def visible_blocks(self, position, capacity: int):
+        """The committed blocks that block `position` attends to: (ring slots [M], valid [M]).
+
+        Block j is stored in slot j % capacity. SWA / DSWA read j = position - m d, m = 1..W-1
+        (valid when j >= 0); full reads every slot j < position.
+        """
+        if self.kind == "full":
+            j = jnp.arange(capacity)
+            return j, j < position
+        j = position - self.dilation * jnp.arange(1, self.window)
+        return j % capacity, j >= 0
+
+    def step(self, streams, position, cache):
+        """streams: one block, each [B, 1, S_m, W_m]; position: int32 [] block index (RoPE).
+        Returns (outputs like `__call__`, cache with this block committed)."""
+        sizes = [x.shape[2] for x in streams]
+        B = streams[0].shape[0]
+        q, k, v = self.qkv(streams, jnp.full((B, 1), position, jnp.int32))
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]                                  # [B, S, H, D]
+        _, S, H, D = q.shape
+        capacity = cache["k"].shape[1]
+        keys, values, valid = k, v, jnp.ones((B, S), bool)
+        new_cache = cache
+        if capacity:
+            slots, ok = self.visible_blocks(position, capacity)
+            M = slots.shape[0]
+            if self.kind == "full":     # every slot is read: no gather (it would copy the whole cache)
+                past = lambda c: c.reshape(B, M * S, H, D).astype(k.dtype)
+            else:
+                past = lambda c: jnp.take(c, slots, axis=1).reshape(B, M * S, H, D).astype(k.dtype)
+            keys = jnp.concatenate([past(cache["k"]), k], axis=1)
+            values = jnp.concatenate([past(cache["v"]), v], axis=1)
+            valid = jnp.concatenate([jnp.broadcast_to(jnp.repeat(ok, S), (B, M * S)), valid], axis=1)
+            write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x[:, None].astype(c.dtype),
+                                                                     position % capacity, axis=1)
+            new_cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+        o = masked_attention(q, keys, values, valid)
+        return self.out(o[:, None], sizes), new_cache
 
 
 def causal_depthwise_conv(x, w, history=None):
@@ -130,7 +193,7 @@ class GatedDeltaMixer(nnx.Module):
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype),
                                  out_sharding=("heads",))
         self.out_norm = RMSNorm(D, rngs=rngs, param_dtype=param_dtype)
-        self.num_heads, self.head_dim = H, D
+        self.num_heads, self.head_dim, self.conv_size = H, D, conv_size
         self.chunk_size, self.impl = chunk_size, impl
 
     def inputs(self, streams):
@@ -155,22 +218,52 @@ class GatedDeltaMixer(nnx.Module):
         o = self.out_norm(o) * jax.nn.silu(gate.astype(jnp.float32)).astype(o.dtype)
         return tuple(self.o[m](part) for m, part in enumerate(_split_tokens(o, sizes)))
 
+    def conv_qkv(self, q, k, v, history=None):
+        """Short conv + SiLU on flattened q, k, v [B, L, H, D], then L2-normalised q, k.
+        history: {"conv_q", "conv_k", "conv_v"} inputs preceding the sequence (zeros when None).
+        Returns (q, k, v, new history)."""
+        h = history or {}
+        q, hq = self.conv(q, self.conv_q, h.get("conv_q"))
+        k, hk = self.conv(k, self.conv_k, h.get("conv_k"))
+        v, hv = self.conv(v, self.conv_v, h.get("conv_v"))
+        q = q * jax.lax.rsqrt(jnp.sum(q.astype(jnp.float32) ** 2, -1, keepdims=True) + 1e-6).astype(q.dtype)
+        k = k * jax.lax.rsqrt(jnp.sum(k.astype(jnp.float32) ** 2, -1, keepdims=True) + 1e-6).astype(k.dtype)
+        return q, k, v, {"conv_q": hq, "conv_k": hk, "conv_v": hv}
+
     def __call__(self, streams, positions):
         del positions  # the recurrence is ordered by itself
         sizes = [x.shape[2] for x in streams]
         q, k, v, a, b, gate = self.inputs(streams)
         B, T, S, H, D = q.shape
         flat = lambda x: x.reshape((B, T * S) + x.shape[3:])
-        q, _ = self.conv(flat(q), self.conv_q)
-        k, _ = self.conv(flat(k), self.conv_k)
-        v, _ = self.conv(flat(v), self.conv_v)
-        q = q * jax.lax.rsqrt(jnp.sum(q.astype(jnp.float32) ** 2, -1, keepdims=True) + 1e-6).astype(q.dtype)
-        k = k * jax.lax.rsqrt(jnp.sum(k.astype(jnp.float32) ** 2, -1, keepdims=True) + 1e-6).astype(k.dtype)
+        q, k, v, _ = self.conv_qkv(flat(q), flat(k), flat(v))
         g, beta = self.gates(flat(a), flat(b))
         o, _ = pallas_kernels.gated_delta_rule(_seq_constrain(q), _seq_constrain(k), _seq_constrain(v), g,
                                                beta, chunk_size=self.chunk_size, output_final_state=False,
                                                impl=self.impl)
         return self.out(o.reshape(B, T, S, H, D), gate, sizes)
+
+    # -- streaming -----------------------------------------------------------------------------
+    def init_cache(self, batch_size: int, dtype):
+        H, D = self.num_heads, self.head_dim
+        history = jnp.zeros((batch_size, self.conv_size - 1, H, D), dtype)
+        return {"state": jnp.zeros((batch_size, H, D, D), jnp.float32),
+                "conv_q": history, "conv_k": history, "conv_v": history}
+
+    def step(self, streams, position, cache):
+        """One block [B, 1, S_m, W_m] continuing the recurrence from the cached state and conv
+        history (the block's S tokens in order). Returns (outputs, cache after the block)."""
+        del position
+        sizes = [x.shape[2] for x in streams]
+        q, k, v, a, b, gate = self.inputs(streams)
+        B, _, S, H, D = q.shape
+        flat = lambda x: x.reshape((B, S) + x.shape[3:])
+        q, k, v, history = self.conv_qkv(flat(q), flat(k), flat(v), cache)
+        g, beta = self.gates(flat(a), flat(b))
+        o, state = pallas_kernels.gated_delta_rule(q, k, v, g, beta, initial_state=cache["state"],
+                                                   chunk_size=self.chunk_size, output_final_state=True,
+                                                   impl=self.impl)
+        return self.out(o.reshape(B, 1, S, H, D), gate, sizes), {"state": state.astype(jnp.float32), **history}
 
 
 def make_mixer(kind: str, widths, cfg, *, rngs, dtype, param_dtype):

@@ -1,8 +1,24 @@
-"""The understanding expert: a small byte-level text transformer.
+"""The understanding expert: task text for the cross-attention of every world-model layer.
 
-Task text arrives as byte tokens (UTF-8 byte + 1, 0 = padding). A learned null token is always
-prepended, so a sample with no text (or text dropped for classifier-free guidance) still has one
-key to attend to. Every world-model block reads the output by cross-attention.
+Two encoders (`config.model.text_encoder`):
+
+- "bytes" (default): a small byte-level text transformer. Task text arrives as byte tokens
+  (UTF-8 byte + 1, 0 = padding), int32 [B, L].
+- "precomputed": embeddings of an external text / vision-language model stored with the data,
+  given as a pair (text_embedding float [B, L, D_ext], text_embedding_mask [B, L]) and projected to
+  the text width (D_ext = `config.model.text_embedding_dim`).
+
+Both prepend a learned null token, so a sample with no text (or text dropped for classifier-free
+guidance) still has one key to attend to; `null_text` gives the dropped form of either input.
+
+Storing precomputed embeddings. The model and `trainer.loss_fn` read batch keys
+`text_embedding` float [B, L, D_ext] (one row per token of the external model, zero-padded to a
+fixed L) and `text_embedding_mask` [B, L] (1 on real tokens) when
+`config.model.text_encoder = "precomputed"` and `config.model.text_embedding_dim = D_ext`. The
+episode schema and the Grain pipeline do not carry them yet: to train on them, a loader has to put
+the two keys into every batch (and `trainer.BATCH_KEYS` has to include them, so that
+`global_batch` shards them). The natural place is one embedding per distinct task text, stored
+beside a source's shards and looked up by the episode's text when a clip is made.
 """
 
 from __future__ import annotations
@@ -67,3 +83,61 @@ class UnderstandingExpert(nnx.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return self.norm(x), mask
+
+
+class PrecomputedTextEncoder(nnx.Module):
+    """(text_embedding [B, L, D_ext], text_embedding_mask [B, L]) -> hidden states [B, L + 1, W_text]
+    and key mask [B, L + 1]: a linear projection of the stored embeddings, RMS-normalised, after a
+    learned null token."""
+
+    def __init__(self, embedding_dim: int, width: int, *, rngs, dtype, param_dtype):
+        self.proj = Linear((embedding_dim,), (width,), (None, "embed"), rngs=rngs, dtype=dtype,
+                           param_dtype=param_dtype, use_bias=True)
+        self.null = _param(rngs, (width,), ("embed",), param_dtype, std=1.0)
+        self.norm = RMSNorm(width, rngs=rngs, param_dtype=param_dtype)
+        self.embedding_dim = embedding_dim
+        self.dtype = dtype
+
+    def __call__(self, text):
+        embedding, mask = text
+        B, L, D = embedding.shape
+        if self.embedding_dim != D:
+            raise ValueError(f"text_embedding has {D} features, config.model.text_embedding_dim="
+                             f"{self.embedding_dim}")
+        x = self.proj(embedding)
+        null = jnp.broadcast_to(self.null.get_value().astype(x.dtype), (B, 1, x.shape[-1]))
+        x = constrain(jnp.concatenate([null, x], axis=1), ("act_batch", None, "act_embed"))
+        mask = jnp.concatenate([jnp.ones((B, 1), bool), mask > 0], axis=1)
+        return self.norm(x), mask
+
+
+def batch_text(batch, text_encoder: str):
+    """The model's text input from a batch: byte tokens batch["text"], or with the "precomputed"
+    encoder the pair (batch["text_embedding"], batch["text_embedding_mask"])."""
+    if text_encoder == "precomputed":
+        return batch["text_embedding"], batch["text_embedding_mask"]
+    return batch["text"]
+
+
+def null_text(text):
+    """The text input with the task text dropped (only the null token stays visible): byte tokens
+    -> all padding; (embedding, mask) -> mask all zero."""
+    if isinstance(text, tuple | list):
+        embedding, mask = text
+        return embedding, jnp.zeros_like(mask)
+    return jnp.zeros_like(text)
+
+
+def drop_text(text, keep):
+    """Classifier-free-guidance dropout: keep bool [B] per sample; dropped samples get `null_text`."""
+    if isinstance(text, tuple | list):
+        embedding, mask = text
+        return embedding, jnp.where(keep[:, None], mask, jnp.zeros_like(mask))
+    return jnp.where(keep[:, None], text, 0)
+
+
+def concat_text(a, b):
+    """Batch-concatenate two text inputs of the same kind (for guided sampling)."""
+    if isinstance(a, tuple | list):
+        return tuple(jnp.concatenate([x, y], axis=0) for x, y in zip(a, b))
+    return jnp.concatenate([a, b], axis=0)

@@ -4,7 +4,13 @@ A sample is a sequence of T step blocks; block t holds [a_{t-1} (k action tokens
 patches)]. Each modality has its own expert (embedding, norms, adaLN, attention projections, FFN);
 the token mixer of layer l (pattern[l % len(pattern)]) runs over all tokens together. Every
 modality of every block carries its own noise level sigma in [0, 1]; the model predicts the
-rectified-flow velocity (eps - x0) of both modalities.
+rectified-flow velocity (eps - x0) of both modalities, and readouts of each block's state
+(proprioception and task progress) from its final hidden states.
+
+Training runs `__call__` over whole clips. Streaming rollout (DESIGN section 7) runs the same
+layers one block at a time: `init_cache` builds fixed-size per-layer caches (window K/V ring
+buffers, GDN state and conv history, the text keys/values of every layer's cross-attention) and
+`step_block` runs one block against them, returning the cache with that block committed.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ from flax import nnx, struct
 
 from kairos_jax.model.attention import masked_attention
 from kairos_jax.model.layers import MLP, Linear, RMSNorm, _param, timestep_embedding
-from kairos_jax.model.mixers import make_mixer
-from kairos_jax.model.text import UnderstandingExpert
+from kairos_jax.model.mixers import GatedDeltaMixer, make_mixer
+from kairos_jax.model.text import PrecomputedTextEncoder, UnderstandingExpert
 from kairos_jax.sharding import constrain
 
 MODALITIES = ("action", "video")  # order of the tokens inside every step block
 ACTION, VIDEO = 0, 1
+TEXT_ENCODERS = ("bytes", "precomputed")
 
 REMAT_POLICIES = {
     "none": None,
@@ -43,6 +50,7 @@ class TokenLayout:
     patch_dim: int          # Dp
     num_embodiments: int
     text_len: int
+    proprio_dim: int = 0    # P (padded), size of the proprio readout
 
     @property
     def block_size(self) -> int:
@@ -54,7 +62,8 @@ class TokenLayout:
         return cls(num_blocks=data_cfg.num_blocks, action_tokens=data_cfg.action_chunk,
                    action_dim=data_cfg.action_dim, video_tokens=n,
                    patch_dim=data_cfg.patch_size ** 2 * data_cfg.channels,
-                   num_embodiments=data_cfg.num_embodiments, text_len=data_cfg.text_len)
+                   num_embodiments=data_cfg.num_embodiments, text_len=data_cfg.text_len,
+                   proprio_dim=data_cfg.proprio_dim)
 
 
 def modulate(x, shift, scale):
@@ -105,6 +114,39 @@ class NoiseConditioner(nnx.Module):
         return self.l2(jax.nn.silu(self.l1(timestep_embedding(sigma, self.cond_dim))))
 
 
+class ReadoutHeads(nnx.Module):
+    """The model's "understanding" outputs, read from a block's final hidden states: the block's
+    proprio state (per-embodiment output weights, like the action adapter) and task progress.
+
+    Each modality's hidden states are RMS-normalised and mean-pooled over the block's tokens,
+    projected and summed, then a GELU; proprio = per-embodiment linear map, progress = sigmoid.
+    """
+
+    def __init__(self, widths, hidden: int, num_embodiments: int, proprio_dim: int, *, rngs, dtype,
+                 param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = nnx.List([RMSNorm(w, rngs=rngs, param_dtype=param_dtype, learned=False) for w in widths])
+        self.pool = nnx.List([Linear((w,), (hidden,), ("embed", "mlp"), use_bias=m == 0, **kw)
+                              for m, w in enumerate(widths)])
+        E, P = num_embodiments, max(proprio_dim, 1)
+        self.proprio_w = _param(rngs, (E, hidden, P), ("embodiment", "mlp", None), param_dtype, std=0.0)
+        self.proprio_b = _param(rngs, (E, P), ("embodiment", None), param_dtype, std=0.0)
+        self.progress = Linear((hidden,), (1,), ("mlp", None), scale=0.0, use_bias=True, **kw)
+        self.proprio_dim = proprio_dim
+        self.dtype = dtype
+
+    def __call__(self, streams, embodiment_id):
+        """streams: final hidden states [B, T, S_m, W_m]; embodiment_id: int [B].
+        Returns proprio [B, T, P] and progress [B, T] (in (0, 1)), float32."""
+        h = sum(self.pool[m](jnp.mean(self.norm[m](x), axis=2)) for m, x in enumerate(streams))
+        h = jax.nn.gelu(h, approximate=True)                                        # [B, T, R]
+        w = jnp.take(self.proprio_w.get_value(), embodiment_id, axis=0).astype(self.dtype)
+        proprio = jnp.einsum("btr,brp->btp", h, w).astype(jnp.float32)
+        proprio = proprio + jnp.take(self.proprio_b.get_value(), embodiment_id, axis=0)[:, None].astype(jnp.float32)
+        progress = jax.nn.sigmoid(self.progress(h)[..., 0].astype(jnp.float32))
+        return proprio[..., :self.proprio_dim], progress
+
+
 class MoTLayer(nnx.Module):
     """One layer: adaLN -> shared mixer -> text cross-attention -> adaLN -> per-expert FFN."""
 
@@ -125,13 +167,30 @@ class MoTLayer(nnx.Module):
         self.mod = nnx.List([_param(rngs, (6, w), (None, "embed"), param_dtype, std=0.0) for w in widths])
 
     def __call__(self, streams, mods, positions, text, text_mask):
+        parts, h = self._modulated(streams, mods)
+        mixed = self.mixer(h, positions)
+        return self._finish(streams, parts, mixed, self.text_kv(text), text_mask)
+
+    def step(self, streams, mods, position, cache, text_mask):
+        """One block (T = 1) against this layer's cache {"mixer", "text_kv"}; returns the outputs and
+        the cache with the block committed."""
+        parts, h = self._modulated(streams, mods)
+        mixed, mixer_cache = self.mixer.step(h, position, cache["mixer"])
+        out = self._finish(streams, parts, mixed, cache["text_kv"], text_mask)
+        return out, {"mixer": mixer_cache, "text_kv": cache["text_kv"]}
+
+    def text_kv(self, text):
+        """Cross-attention keys/values of the text hidden states: [B, L, 2, H, D]."""
+        return self.cross_kv(text)
+
+    def _modulated(self, streams, mods):
         parts = [jnp.moveaxis(mods[m] + self.mod[m].get_value()[None, None], 2, 0)
                  for m in range(len(streams))]                                     # 6 x [B, T, W]
         h = tuple(modulate(self.norm1[m](x), p[0], p[1]) for m, (x, p) in enumerate(zip(streams, parts)))
-        mixed = self.mixer(h, positions)
-        streams = [x + p[2][:, :, None].astype(x.dtype) * o for x, p, o in zip(streams, parts, mixed)]
+        return parts, h
 
-        kv = self.cross_kv(text)                                                   # [B, L, 2, H, D]
+    def _finish(self, streams, parts, mixed, kv, text_mask):
+        streams = [x + p[2][:, :, None].astype(x.dtype) * o for x, p, o in zip(streams, parts, mixed)]
         out = []
         for m, x in enumerate(streams):
             B, T, S, W = x.shape
@@ -156,12 +215,24 @@ class PatternUnit(nnx.Module):
             streams = layer(streams, mods, positions, text, text_mask)
         return streams
 
+    def step(self, streams, mods, position, caches, text_mask):
+        new = []
+        for layer, cache in zip(self.layers, caches):
+            streams, cache = layer.step(streams, mods, position, cache, text_mask)
+            new.append(cache)
+        return streams, tuple(new)
+
+    def text_kv(self, text):
+        return tuple(layer.text_kv(text) for layer in self.layers)
+
 
 @struct.dataclass
 class WorldModelOutput:
     video_velocity: jax.Array     # [B, T, N, Dp] float32
     action_velocity: jax.Array    # [B, T, k, A] float32
     hidden: tuple                 # final hidden states per modality, [B, T, S_m, W_m]
+    proprio: jax.Array = None     # [B, T, P] float32, readout of each block's proprio state
+    progress: jax.Array = None    # [B, T] float32 in (0, 1), readout of task progress
 
 
 class KairosWorldModel(nnx.Module):
@@ -191,11 +262,18 @@ class KairosWorldModel(nnx.Module):
                                     for w in widths])
         self.video_out = Linear((cfg.video_width,), (lay.patch_dim,), ("embed", "patch"), scale=0.0,
                                 use_bias=True, **kw)
-        self.text = UnderstandingExpert(cfg.text_width, cfg.text_depth, cfg.text_heads, lay.text_len, **kw)
+        self.text_encoder = cfg.text_encoder
+        if cfg.text_encoder == "precomputed":
+            self.text = PrecomputedTextEncoder(cfg.text_embedding_dim, cfg.text_width, **kw)
+        elif cfg.text_encoder == "bytes":
+            self.text = UnderstandingExpert(cfg.text_width, cfg.text_depth, cfg.text_heads, lay.text_len, **kw)
+        else:
+            raise ValueError(f"config.model.text_encoder={cfg.text_encoder!r}: one of {TEXT_ENCODERS}")
 
         n_units = cfg.depth // len(cfg.pattern)
         self.scan_layers = bool(cfg.scan_layers)
         self.remat = cfg.remat
+        self.pattern, self.depth, self.n_units = tuple(cfg.pattern), int(cfg.depth), n_units
         if self.scan_layers:
             @nnx.split_rngs(splits=n_units)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -207,6 +285,8 @@ class KairosWorldModel(nnx.Module):
             # Unscanned: any depth, layer l uses pattern[l % len(pattern)].
             self.units = nnx.List([MoTLayer(cfg.pattern[l % len(cfg.pattern)], cfg, widths, **kw)
                                    for l in range(cfg.depth)])
+        # Created last, so that adding the readouts left every other parameter's init unchanged.
+        self.readout = ReadoutHeads(widths, cfg.video_width, lay.num_embodiments, lay.proprio_dim, **kw)
 
     # -- pieces shared by training and streaming rollout ---------------------------------------
     def embed(self, video, actions, embodiment_id, action_dim_mask):
@@ -249,7 +329,9 @@ class KairosWorldModel(nnx.Module):
                  positions=None) -> WorldModelOutput:
         """video: [B, T, N, Dp] noisy video tokens; actions: [B, T, k, A] noisy action chunks;
         sigma_video, sigma_action: [B, T]; embodiment_id: int [B]; action_dim_mask: [B, A];
-        text: int [B, L] byte tokens; positions: [B, T] block indices (default 0..T-1)."""
+        text: int [B, L] byte tokens, or with model.text_encoder = "precomputed" the pair
+        (text_embedding [B, L, D_ext], text_embedding_mask [B, L]); positions: [B, T] block indices
+        (default 0..T-1)."""
         B, T = video.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -258,7 +340,81 @@ class KairosWorldModel(nnx.Module):
         conds, mods = self.conditioning(sigma_action, sigma_video)
         streams = self.run_layers(streams, mods, positions, text_h, text_mask)
         video_v, action_v = self.head(streams, conds, embodiment_id, action_dim_mask)
-        return WorldModelOutput(video_velocity=video_v, action_velocity=action_v, hidden=streams)
+        proprio, progress = self.readout(streams, embodiment_id)
+        return WorldModelOutput(video_velocity=video_v, action_velocity=action_v, hidden=streams,
+                                proprio=proprio, progress=progress)
+
+    # -- streaming rollout ---------------------------------------------------------------------
+    def init_cache(self, text, *, full_capacity: int = 0):
+        """Empty rollout caches for a batch with task text `text` (as in `__call__`).
+
+        Per layer {"mixer": mixer cache (see mixers.py), "text_kv": [B, L + 1, 2, H, D]}; with scanned
+        layers a tuple over the pattern of caches stacked over the repeats, else a tuple over layers.
+        `full_capacity`: blocks the caches of "full" attention layers hold (grow with `grow_cache`).
+        Returns (caches, text_mask [B, L + 1]).
+        """
+        text_h, text_mask = self.text(text)
+        B = text_h.shape[0]
+        S = self.layout.block_size
+
+        def mixer_cache(layer):
+            if isinstance(layer.mixer, GatedDeltaMixer):
+                return layer.mixer.init_cache(B, self.dtype)
+            return layer.mixer.init_cache(B, S, full_capacity, self.dtype)
+
+        if self.scan_layers:
+            text_kv = nnx.vmap(lambda unit: unit.text_kv(text_h), in_axes=0, out_axes=0)(self.units)
+            stack = lambda x: jnp.broadcast_to(x, (self.n_units,) + x.shape)
+            caches = tuple({"mixer": jax.tree.map(stack, mixer_cache(layer)), "text_kv": kv}
+                           for layer, kv in zip(self.units.layers, text_kv))
+        else:
+            caches = tuple({"mixer": mixer_cache(layer), "text_kv": layer.text_kv(text_h)} for layer in self.units)
+        return caches, text_mask
+
+    def full_attention_layers(self) -> bool:
+        return "full" in (self.pattern if self.scan_layers else
+                          tuple(self.pattern[l % len(self.pattern)] for l in range(self.depth)))
+
+    def grow_cache(self, caches, full_capacity: int):
+        """Caches whose "full"-attention layers hold `full_capacity` blocks (zero-padded at the end)."""
+        slot_axis = 2 if self.scan_layers else 1
+        kinds = self.pattern if self.scan_layers else [self.pattern[l % len(self.pattern)] for l in range(self.depth)]
+
+        def grow(x):
+            pad = [(0, 0)] * x.ndim
+            pad[slot_axis] = (0, full_capacity - x.shape[slot_axis])
+            return jnp.pad(x, pad)
+
+        return tuple({**c, "mixer": jax.tree.map(grow, c["mixer"])} if kind == "full" else c
+                     for kind, c in zip(kinds, caches))
+
+    def run_layers_step(self, streams, mods, position, caches, text_mask):
+        if self.scan_layers:
+            scan = nnx.scan(lambda unit, carry, cache: unit.step(carry, mods, position, cache, text_mask),
+                            in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                            transform_metadata={nnx.PARTITION_NAME: "layers"})
+            return scan(self.units, streams, caches)
+        new = []
+        for layer, cache in zip(self.units, caches):
+            streams, cache = layer.step(streams, mods, position, cache, text_mask)
+            new.append(cache)
+        return streams, tuple(new)
+
+    def step_block(self, video, actions, sigma_video, sigma_action, embodiment_id, action_dim_mask, position,
+                   caches, text_mask):
+        """One step block at block index `position` against the rollout caches.
+
+        video [B, 1, N, Dp], actions [B, 1, k, A], sigma_video / sigma_action [B, 1], position int32 []
+        (traced: one compiled step serves every position). Returns (WorldModelOutput of the block,
+        the caches with this block committed): a read-only caller drops the second result.
+        """
+        streams = self.embed(video, actions, embodiment_id, action_dim_mask)
+        conds, mods = self.conditioning(sigma_action, sigma_video)
+        streams, caches = self.run_layers_step(streams, mods, position, caches, text_mask)
+        video_v, action_v = self.head(streams, conds, embodiment_id, action_dim_mask)
+        proprio, progress = self.readout(streams, embodiment_id)
+        return WorldModelOutput(video_velocity=video_v, action_velocity=action_v, hidden=streams,
+                                proprio=proprio, progress=progress), caches
 
 
 def count_params(state) -> int:

@@ -1,0 +1,122 @@
+"""Training noise levels per mode (DESIGN section 2 table), the samplers' plan against them, and the
+readout losses against numpy oracles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import base
+from kairos_jax import diffusion, sampling
+
+T = 6
+# The DESIGN table, written out independently of diffusion.py: (actions, video) per block.
+TABLE = {
+    "joint": ("noisy", "noisy"),
+    "policy": ("noisy", "clean_then_absent"),
+    "forward_dynamics": ("clean", "noisy"),
+    "inverse_dynamics": ("noisy", "clean"),
+    "video_prediction": ("absent", "noisy"),
+}
+TRAINS = {"joint": (1, 1), "policy": (1, 0), "forward_dynamics": (0, 1), "inverse_dynamics": (1, 0),
+          "video_prediction": (0, 1)}
+
+
+def expected(rule, t, tau):
+    if rule == "clean_then_absent":
+        return "clean" if t < tau else "absent"
+    return rule
+
+
+def kind_of(sigma):
+    return "clean" if sigma == 0.0 else "absent" if sigma == 1.0 else "noisy"
+
+
+@pytest.fixture(scope="module")
+def draws():
+    cfg = base.get_base_config().train
+    cfg.clean_block_prob = 0.0
+    B = 48
+    action_mask = np.ones((B, T), np.float32)
+    action_mask[:8, 0] = 0.0      # block 0 of the first samples has no known action chunk
+    out = {}
+    for i, mode in enumerate(diffusion.MODES):
+        probs = jnp.asarray(np.eye(len(diffusion.MODES))[i], jnp.float32)
+        lv = diffusion.draw_noise_levels(jax.random.key(i), batch_size=B, num_blocks=T, mode_probs=probs,
+                                         has_actions=jnp.ones(B, bool), action_mask=jnp.asarray(action_mask),
+                                         train_cfg=cfg)
+        out[mode] = ({k: np.asarray(v) for k, v in lv.items()}, action_mask)
+    return out
+
+
+@pytest.mark.parametrize("mode", diffusion.MODES)
+def test_training_noise_levels_follow_the_mode_table(draws, mode):
+    lv, action_mask = draws[mode]
+    assert np.all(lv["mode"] == diffusion.MODES.index(mode))
+    train_a, train_v = TRAINS[mode]
+    for b in range(lv["mode"].shape[0]):
+        tau = int(lv["tau"][b, 0])
+        for t in range(T):
+            want_a = expected(TABLE[mode][0], t, tau) if action_mask[b, t] else "absent"
+            want_v = expected(TABLE[mode][1], t, tau)
+            sa, sv = float(lv["sigma_action"][b, t]), float(lv["sigma_video"][b, t])
+            assert kind_of(sa) == want_a and kind_of(sv) == want_v, (mode, b, t, tau, sa, sv)
+            assert lv["weight_action"][b, t] == float(train_a and want_a == "noisy")
+            assert lv["weight_video"][b, t] == float(train_v and want_v == "noisy")
+
+
+@pytest.mark.parametrize("mode", diffusion.MODES)
+def test_sampling_plan_is_the_training_pattern_with_clean_context(draws, mode):
+    """With num_context = tau, the sampler's plan of every generated block (t >= tau) is exactly the
+    training pattern; NOISY context blocks are given clean (training sees clean blocks too, with
+    clean_block_prob > 0)."""
+    lv, action_mask = draws[mode]
+    names = {diffusion.CLEAN: "clean", diffusion.ABSENT: "absent", diffusion.NOISY: "noisy"}
+    for b in range(16, lv["mode"].shape[0]):      # samples whose actions are all known
+        tau = int(lv["tau"][b, 0])
+        plan_a, plan_v = sampling.generation_plan(mode, T, tau)
+        for t in range(T):
+            ta, tv = kind_of(float(lv["sigma_action"][b, t])), kind_of(float(lv["sigma_video"][b, t]))
+            pa, pv = names[int(plan_a[t])], names[int(plan_v[t])]
+            if t >= tau:
+                assert (pa, pv) == (ta, tv), (mode, t, tau)
+            else:
+                assert pa == ("clean" if ta == "noisy" else ta) and pv == ("clean" if tv == "noisy" else tv)
+
+
+def test_generation_plan_by_hand():
+    a, v = sampling.generation_plan("policy", 4, 2)
+    np.testing.assert_array_equal(a, [diffusion.CLEAN, diffusion.CLEAN, diffusion.NOISY, diffusion.NOISY])
+    np.testing.assert_array_equal(v, [diffusion.CLEAN, diffusion.CLEAN, diffusion.ABSENT, diffusion.ABSENT])
+    a, v = sampling.generation_plan("simulate", 3, 1)
+    np.testing.assert_array_equal(a, [diffusion.CLEAN] * 3)
+    np.testing.assert_array_equal(v, [diffusion.CLEAN, diffusion.NOISY, diffusion.NOISY])
+    with pytest.raises(ValueError, match="mode='teleport'"):
+        sampling.generation_plan("teleport", 3, 1)
+
+
+def test_readout_losses_against_numpy():
+    r = np.random.default_rng(0)
+    B, P = 3, 4
+    pred_p, y_p = r.normal(size=(B, T, P)), r.normal(size=(B, T, P))
+    pmask = (r.uniform(size=(B, T)) > 0.3).astype(np.float32)
+    dmask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], np.float32)
+    pred_g, y_g = r.uniform(size=(B, T)), r.uniform(size=(B, T))
+    gmask = (r.uniform(size=(B, T)) > 0.5).astype(np.float32)
+    batch = {"proprio": y_p, "proprio_mask": pmask, "proprio_dim_mask": dmask, "progress": y_g,
+             "progress_mask": gmask}
+    got = diffusion.readout_losses(jnp.asarray(pred_p), jnp.asarray(pred_g), jax.tree.map(jnp.asarray, batch))
+    num = den = 0.0
+    for b in range(B):
+        for t in range(T):
+            for p in range(P):
+                if pmask[b, t] and dmask[b, p]:
+                    num += (pred_p[b, t, p] - y_p[b, t, p]) ** 2
+                    den += 1
+    np.testing.assert_allclose(got["proprio"], num / den, rtol=1e-5)
+    np.testing.assert_allclose(got["progress"], np.sum((pred_g - y_g) ** 2 * gmask) / gmask.sum(), rtol=1e-5)
+    # Without labels the loss is absent; without a progress mask every block counts.
+    del batch["progress_mask"], batch["proprio"]
+    got = diffusion.readout_losses(jnp.asarray(pred_p), jnp.asarray(pred_g), jax.tree.map(jnp.asarray, batch))
+    assert set(got) == {"progress"}
+    np.testing.assert_allclose(got["progress"], np.mean((pred_g - y_g) ** 2), rtol=1e-5)

@@ -1,0 +1,169 @@
+"""Rollout CLI: image metrics against hand-derived values and a brute-force oracle, checkpoint
+discovery and restore for every layout `make train` writes, and an end-to-end run on shards."""
+
+import json
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipelines.pipeline import patchify
+from data_pipelines.shards import write_episodes
+from kairos_jax import checkpointing, rollout
+from tests.conftest import tiny_config
+from tests.data.synthetic import make_episode
+from tests.test_streaming import random_model
+
+
+def test_psnr_by_hand():
+    a = np.full((4, 4, 3), 100, np.uint8)
+    assert rollout.psnr(a, a) == float("inf")
+    np.testing.assert_allclose(rollout.psnr(a, a + 5), 20 * np.log10(255 / 5))
+
+
+def test_ssim_of_constant_images_by_hand():
+    """Constant images: variances and covariance vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1)."""
+    c1 = (0.01 * 255) ** 2
+    a, b = 60.0, 200.0
+    got = rollout.ssim(np.full((16, 16), a), np.full((16, 16), b))
+    np.testing.assert_allclose(got, (2 * a * b + c1) / (a * a + b * b + c1), rtol=1e-9)
+    x = np.random.default_rng(0).integers(0, 256, (16, 16, 3))
+    np.testing.assert_allclose(rollout.ssim(x, x), 1.0, rtol=1e-12)
+
+
+def test_ssim_against_brute_force_windows():
+    r = np.random.default_rng(1)
+    x = r.uniform(0, 255, (14, 13))
+    y = np.clip(x + r.normal(0, 30, x.shape), 0, 255)
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    vals = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            mx, my = np.sum(w * px), np.sum(w * py)
+            vx, vy = np.sum(w * (px - mx) ** 2), np.sum(w * (py - my) ** 2)
+            cxy = np.sum(w * (px - mx) * (py - my))
+            vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
+    np.testing.assert_allclose(rollout.ssim(x, y), np.mean(vals), rtol=1e-9)
+
+
+def test_unpatchify_inverts_the_pipeline():
+    frames = np.random.default_rng(2).integers(0, 256, (3, 8, 8, 3)).astype(np.float32)
+    video = patchify(frames, 4) / 127.5 - 1.0
+    np.testing.assert_array_equal(rollout.unpatchify(video, 8, 4, 3), frames.astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A workdir laid out as `make train` leaves it (config.json, a phase checkpoint with model +
+    optimizer + data iterator, an export), random parameters, and a shard folder."""
+    root = tmp_path_factory.mktemp("rollout")
+    cfg = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
+    cfg.data.root = str(root / "data")
+    cfg.curriculum = ("phase3_robot",)
+    model = random_model(cfg, seed=5, scale=0.2)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    workdir = root / "run"
+    os.makedirs(workdir)
+    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    ckpt = checkpointing.Checkpointer(str(workdir / "phase3_robot" / "checkpoints"), keep=2, async_save=False)
+    data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
+    state = {"step": jnp.int32(7), "params": params, "opt_state": {"mu": params}}
+    ckpt.save(7, state, data_iter)
+    ckpt.close()
+    r = np.random.default_rng(0)
+    episodes = [make_episode(r, T=24, hw=(16, 16), episode_id=f"ep{i}") for i in range(3)]
+    write_episodes(str(root / "data" / "reacher"), "reacher", episodes)
+    return dict(root=root, cfg=cfg, params=params, workdir=workdir, episodes=episodes)
+
+
+def test_checkpoint_layouts_resolve_and_restore_the_saved_parameters(run):
+    workdir = run["workdir"]
+    for path in (workdir, workdir / "phase3_robot", workdir / "phase3_robot" / "checkpoints"):
+        ref = rollout.find_checkpoint(str(path))
+        assert ref.kind == "phase" and ref.step == 7 and ref.config_path == str(workdir / "config.json")
+    ref = rollout.find_checkpoint(str(workdir))
+    cfg = rollout.load_config(ref.config_path)
+    assert tuple(cfg.model.pattern) == ("swa", "gdn") and cfg.model.depth == 2
+    restored = nnx.to_pure_dict(nnx.state(rollout.load_model(ref, cfg), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, restored, run["params"])
+    # The export is preferred once it exists; the export folder resolves by itself too.
+    checkpointing.export_params(str(workdir / "export"), run["params"], run["cfg"].to_json_best_effort())
+    for path in (workdir, workdir / "export"):
+        ref = rollout.find_checkpoint(str(path))
+        assert ref.kind == "export" and ref.path == str(workdir / "export")
+    restored = nnx.to_pure_dict(nnx.state(rollout.load_model(ref, cfg), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, restored, run["params"])
+    with pytest.raises(rollout.RolloutError, match="neither an export folder"):
+        rollout.find_checkpoint(str(run["root"] / "data"))
+    os.makedirs(workdir / "phase2_human" / "checkpoints")
+    with pytest.raises(rollout.RolloutError, match="no export and no finished checkpoint"):
+        rollout.find_checkpoint(str(workdir / "phase2_human"))
+
+
+def test_cli_simulate_and_policy_end_to_end(run, capsys):
+    pytest.importorskip("PIL")
+    import av
+    from PIL import Image
+
+    out = run["root"] / "out"
+    code = rollout.main([f"--checkpoint={run['workdir']}", "--mode=simulate", "--steps=3", "--context=2",
+                         f"--out={out / 'sim.mp4'}", f"--data_root={run['root'] / 'data'}"])
+    assert code == 0
+    with av.open(str(out / "sim.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (8 * 4, (8 + 2 + 8) * 4, 3)
+    # Left: the ground truth, i.e. the last episode's frames at the block stride, as the model sees them.
+    ep = run["episodes"][-1]
+    truth = rollout.load_episode_clip(run["cfg"], str(run["root"] / "data"), "reacher", None, 5).frames
+    np.testing.assert_array_equal(truth[0], ep.frames[0].reshape(8, 2, 8, 2, 3).mean((1, 3)).round())
+    for f, t in zip(frames, truth):
+        assert np.abs(f[:, :32].astype(float) - t.repeat(4, 0).repeat(4, 1)).mean() < 6
+    metrics = json.loads((out / "sim_metrics.json").read_text())
+    assert metrics["episode"] == "ep2" and [r["block"] for r in metrics["per_step"]] == [2, 3, 4]
+    assert all(-1 <= r["ssim"] <= 1 and r["psnr"] > 0 for r in metrics["per_step"])
+    assert Image.open(out / "sim_metrics.png").size[0] == 640
+
+    code = rollout.main([f"--checkpoint={run['workdir']}", "--mode=policy", "--steps=2", "--context=2",
+                         "--episode=ep1", f"--out={out / 'policy'}", f"--data_root={run['root'] / 'data'}"])
+    assert code == 0
+    report = json.loads((out / "policy_actions.json").read_text())
+    true = np.asarray(report["true"])
+    # block t holds a_{t-1} = actions[f_t - k : f_t], f_t = k t (k = 2)
+    np.testing.assert_allclose(true, run["episodes"][1].actions[2:6].reshape(2, 2, 2), rtol=1e-6)
+    pred = np.asarray(report["predicted"])
+    assert pred.shape == (2, 2, 2) and np.all(np.isfinite(pred))
+    np.testing.assert_allclose(report["mse"], np.mean((pred - true) ** 2), rtol=1e-5)
+    assert "block 3: predicted" in capsys.readouterr().out
+    assert rollout.main([f"--checkpoint={run['workdir']}", "--steps=50", f"--out={out / 'x.mp4'}",
+                         f"--data_root={run['root'] / 'data'}"]) == 2
+    assert "at most 12 blocks" in capsys.readouterr().err      # 24 frames, stride k = 2
+
+
+def test_closed_loop_policy_drives_the_reacher(run):
+    """observation -> policy action chunk -> k environment steps -> next observation, committed."""
+    pytest.importorskip("dm_control")
+    cfg = run["cfg"]
+    model = random_model(cfg, seed=5, scale=0.2)
+    result = rollout.closed_loop_reacher(model, cfg, str(run["root"] / "data"), "reacher", blocks=2, num_steps=2,
+                                         shift=1.0, guidance_scale=None, seed=0)
+    k = cfg.data.action_chunk
+    assert result["frames"].shape == (3, 64, 64, 3) and result["frames"].dtype == np.uint8
+    assert result["torques"].shape == (2 * k, 2) and np.all(np.abs(result["torques"]) <= 1.0)
+    assert result["position"] == 3 and np.all(result["distance"] >= 0)
+    assert np.abs(result["frames"][0].astype(int) - result["frames"][-1]).max() > 0    # the arm moved
+    out = run["root"] / "out" / "loop.mp4"
+    assert rollout.main([f"--checkpoint={run['workdir']}", "--mode=closed_loop", "--steps=2", f"--out={out}",
+                         f"--data_root={run['root'] / 'data'}", "--num_steps=2"]) == 0
+    report = json.loads((run["root"] / "out" / "loop_closed_loop.json").read_text())
+    assert len(report["torques"]) == len(report["distance"]) == 2 * k
+    import av
+
+    with av.open(str(out)) as container:
+        assert len(list(container.decode(video=0))) == 3
