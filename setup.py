@@ -28,6 +28,7 @@ setup(
         "tqdm",
         "pyarrow>=15",
         "pillow",
+        "flatbuffers",  # jax.export serialisation of the streaming rollout step
     ],
     extras_require={
         "dev": ["pytest>=8", "chex", "hypothesis", "ruff"],

@@ -115,6 +115,11 @@ def validate(cfg) -> None:
              dict(p.modes), "weights must be >= 0 and not all zero")
 
 
+    from kairos_jax.sampling import validate_world_action_config
+
+    validate_world_action_config(cfg)
+
+
 def check_data_sources(cfg) -> None:
     """Every source a phase names must be a folder under data.root (checked before compiling)."""
     root = cfg.data.root

@@ -138,3 +138,25 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_mesh_spec(logical_axes, _CTX.rules, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def map_over_batch_and_heads(fn, *xs):
+    """Run `fn` on each device's block of arrays laid out [B, L, H, ...] (batch, sequence, heads).
+
+    Under `activation_sharding` with a multi-device mesh, `fn` runs inside `jax.shard_map` with the
+    batch split over the mesh axes of `act_batch` and the heads over those of `act_heads`; the
+    sequence is whole on every device. Temporal mixers are independent across batch and heads,
+    so this is exact, and it is what lets a Pallas kernel (a custom call XLA cannot partition)
+    run on sharded activations without gathering them. Outputs have the same layout.
+    """
+    mesh = _CTX.mesh
+    if mesh is None or np.prod(list(mesh.shape.values())) == 1:
+        return fn(*xs)
+    B, H = xs[0].shape[0], xs[0].shape[2]
+    b = logical_to_mesh_spec(("act_batch",), _CTX.rules, mesh, (B,))[0]
+    h = logical_to_mesh_spec(("act_heads",), _CTX.rules, mesh, (H,))[0]
+    spec = lambda ndim: PartitionSpec(b, None, h, *([None] * (ndim - 3)))
+    in_specs = tuple(spec(x.ndim) for x in xs)
+    out_shape = jax.eval_shape(fn, *xs)
+    out_specs = jax.tree.map(lambda o: spec(o.ndim), out_shape)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*xs)

@@ -25,6 +25,9 @@ from kairos_jax.model.text import batch_text, drop_text
 from kairos_jax.sharding import activation_sharding, logical_to_mesh_spec, state_shardings
 
 BATCH_KEYS = ("video", "actions", "action_mask", "action_dim_mask", "embodiment_id", "text", "source_id")
+# Labels of the readout heads and precomputed text: used when the batch has them.
+OPTIONAL_BATCH_KEYS = ("proprio", "proprio_mask", "proprio_dim_mask", "progress", "text_embedding",
+                       "text_embedding_mask")
 
 
 def make_schedule(train_cfg, total_steps: int):
@@ -120,7 +123,10 @@ def batch_sharding(setup: Setup, ndim: int) -> NamedSharding:
 def global_batch(setup: Setup, local_batch: dict) -> dict:
     """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
     out = {}
-    for key in BATCH_KEYS:
+    missing = [k for k in BATCH_KEYS if k not in local_batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; it has {sorted(local_batch)}")
+    for key in BATCH_KEYS + tuple(k for k in OPTIONAL_BATCH_KEYS if k in local_batch):
         x = np.asarray(local_batch[key])
         out[key] = jax.make_array_from_process_local_data(batch_sharding(setup, x.ndim), x)
     return out
@@ -204,10 +210,8 @@ def make_train_step(cfg, setup: Setup, tx, phase_cfg, num_sources: int):
         metrics["param_norm"] = optax.tree.norm(params)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-    batch_sh = {k: batch_sharding(setup, nd) for k, nd in
-                (("video", 4), ("actions", 4), ("action_mask", 2), ("action_dim_mask", 2),
-                 ("embodiment_id", 1), ("text", 2), ("source_id", 1))}
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+    # The batch arrives already sharded (global_batch); its layout is taken as given.
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, None), out_shardings=(state_sh, None),
                      donate_argnums=(0,))
 
     def run(state, batch):

@@ -54,6 +54,13 @@ def test_sharded_loss_and_update_equal_single_device(sharded_run):
         np.testing.assert_allclose(sharded["params"][k], single["params"][k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("op", ["gdn", "dswa"])
+def test_pallas_kernels_run_inside_shard_map_on_the_mesh(sharded_run, op):
+    r = sharded_run["pallas_in_shard_map"][op]
+    assert r["shard_map_in_program"]
+    assert r["value_err"] < 1e-5 and r["grad_err"] < 1e-4, r
+
+
 def test_mesh_shape_fills_minus_one_and_rejects_bad_shapes():
     assert mesh_shape(dict(data=-1, fsdp=2, tensor=1, context=1), 8) == (4, 2, 1, 1)
     assert mesh_shape(dict(data=2, fsdp=2, tensor=2, context=1), 8) == (2, 2, 2, 1)
