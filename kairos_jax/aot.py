@@ -139,7 +139,10 @@ def libtpu_available() -> bool:
 
 
 def cuda_plugin_available() -> bool:
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
 
 
 def topology_devices(topology: str) -> list:
@@ -289,7 +292,7 @@ class Report:
         lines = [
             f"AOT compile of the train step for {self.topology}: {self.chips} devices ({self.device_kind}), "
             f"mesh {self.mesh}, phase {self.phase}",
-            f"  model {self.params / 1e9:.3f}B parameters; global batch {self.batch_size} clips = "
+            f"  model {self.params / 1e6:,.1f}M parameters; global batch {self.batch_size} clips = "
             f"{self.tokens_per_step:,} tokens/step",
             f"  lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s",
             "  memory per device (compiled.memory_analysis()):",

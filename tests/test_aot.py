@@ -54,19 +54,25 @@ def test_matmul_flops_counts_every_scan_iteration_and_the_gradient():
 
 
 def test_bad_topologies_name_the_problem():
-    with pytest.raises(aot.AotError, match="generation one of"):
+    with pytest.raises(aot.AotError, match="accelerator one of"):
         aot.parse_topology("v9:2x2x2")
-    with pytest.raises(aot.AotError, match="v5p slices are 3-D"):
+    with pytest.raises(aot.AotError, match="v5p shapes have 3 numbers"):
         aot.parse_topology("v5p:2x4")
     with pytest.raises(aot.AotError, match="positive integers"):
         aot.parse_topology("v6e:2xfour")
+    with pytest.raises(aot.AotError, match=r"h100 shapes have 2 numbers, e.g. 2x8 \(hosts x GPUs per host\)"):
+        aot.parse_topology("h100:8")
     assert aot.parse_topology("v6e:4x8") == ("v6e", (4, 8))
+    assert aot.parse_topology("h100:2x8") == ("h100", (2, 8))
 
 
-def test_missing_libtpu_is_a_clear_error(monkeypatch):
+def test_missing_compiler_plugins_are_clear_errors(monkeypatch):
     monkeypatch.setattr(aot, "libtpu_available", lambda: False)
     with pytest.raises(aot.AotError, match=r"needs libtpu .* pip install \"jax\[tpu\]=="):
         aot.topology_devices("v5p:2x2x2")
+    monkeypatch.setattr(aot, "cuda_plugin_available", lambda: False)
+    with pytest.raises(aot.AotError, match=r"needs the CUDA PJRT plugin .* pip install \"jax-cuda12-plugin=="):
+        aot.topology_devices("h100:1x8")
 
 
 def small_config():

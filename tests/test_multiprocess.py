@@ -87,8 +87,10 @@ def _worker():
         train.run()
     finally:
         if record_dir:
-            with open(os.path.join(record_dir, f"episodes_{jax.process_index()}.json"), "w") as f:
-                json.dump(sorted(set(read)), f)
+            with open(os.path.join(record_dir, f"process_{jax.process_index()}.json"), "w") as f:
+                json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
+                           "local_devices": jax.local_device_count(), "devices": jax.device_count(),
+                           "episodes": sorted(set(read))}, f)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,12 +127,20 @@ def runs(tmp_path_factory):
     return dict(data=data, record=record, two=two, one=one, launcher=launched.stdout, logs=logs)
 
 
+def _process_record(runs, i):
+    with open(os.path.join(runs["record"], f"process_{i}.json")) as f:
+        return json.load(f)
+
+
 @pytest.mark.multiprocess
 def test_both_processes_join_one_mesh_and_finish(runs):
     assert "all 2 processes finished" in runs["launcher"]
     for i in range(2):
-        assert f"jax.distributed: process {i} of 2, 2 local of 4 devices" in runs["logs"][i], runs["logs"][i][-2000:]
-    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1, 'context': 1} over 4 devices" in runs["logs"][0]
+        info = _process_record(runs, i)
+        assert (info["process_index"], info["process_count"], info["local_devices"], info["devices"]) == (i, 2, 2, 4)
+        assert "Curriculum summary" in runs["logs"][i]
+    with open(os.path.join(runs["two"], "config.json")) as f:
+        assert json.load(f)["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "context": 1}
 
 
 @pytest.mark.multiprocess
@@ -152,10 +162,7 @@ def test_process_zero_writes_metrics_checkpoints_and_export(runs):
 
 @pytest.mark.multiprocess
 def test_processes_read_disjoint_episodes(runs):
-    read = []
-    for i in range(2):
-        with open(os.path.join(runs["record"], f"episodes_{i}.json")) as f:
-            read.append({tuple(e) for e in json.load(f)})
+    read = [{tuple(e) for e in _process_record(runs, i)["episodes"]} for i in range(2)]
     assert read[0] and read[1]
     assert not read[0] & read[1], read[0] & read[1]
     # Each process read episodes of every source the curriculum names.
