@@ -49,6 +49,9 @@ def get_config(data_root: str):
 def _worker():
     import itertools
 
+    if os.environ.get("KAIROS_MP_FAIL_PROCESS") == os.environ.get("JAX_PROCESS_ID"):
+        sys.exit(3)   # a process that dies before joining: the launcher must stop the others
+
     import jax
     from jax.experimental import multihost_utils
 
@@ -121,7 +124,8 @@ def runs(tmp_path_factory):
                KAIROS_MP_REPLAY=record, PYTHONPATH=ROOT)
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
-    reference = subprocess.run([sys.executable, "-m", "tests.test_multiprocess", *flags, f"--workdir={one}"],
+    reference = subprocess.run([sys.executable, "-m", "tests.test_multiprocess", *flags, f"--workdir={one}",
+                                "--distributed=off"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert reference.returncode == 0, reference.stderr[-4000:]
     return dict(data=data, record=record, two=two, one=one, launcher=launched.stdout, logs=logs)
@@ -191,6 +195,19 @@ def test_two_process_run_equals_one_process_run_on_the_same_global_batches(runs)
     a, b = final_params(single, runs["two"]), final_params(single, runs["one"])
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.multiprocess
+def test_launcher_stops_the_others_and_fails_when_one_process_fails(tmp_path):
+    """Process 1 exits at once; process 0 waits in jax.distributed.initialize for it until the
+    launcher stops it. The launcher exits with process 1's status."""
+    env = dict(os.environ, PYTHON=sys.executable, MODULE="tests.test_multiprocess", PYTHONPATH=ROOT, GRACE="5",
+               KAIROS_MP_FAIL_PROCESS="1")
+    out = subprocess.run(["bash", "launch/multiprocess_local.sh", "2", "--config=experiments/embedded.py",
+                          f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 3, (out.stdout, out.stderr)
+    assert "process 1 (pid" in out.stderr and "failed with status 3; stopping the others" in out.stderr
+    assert "all 2 processes finished" not in out.stdout
 
 
 if __name__ == "__main__":
