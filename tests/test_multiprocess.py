@@ -49,7 +49,8 @@ def get_config(data_root: str):
 def _worker():
     import itertools
 
-    if os.environ.get("KAIROS_MP_FAIL_PROCESS") == os.environ.get("JAX_PROCESS_ID"):
+    fail = os.environ.get("KAIROS_MP_FAIL_PROCESS")
+    if fail is not None and fail == os.environ.get("JAX_PROCESS_ID"):
         sys.exit(3)   # a process that dies before joining: the launcher must stop the others
 
     import jax
