@@ -35,6 +35,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Call jax.distributed.initialize(): auto = when a cluster environment "
                                  "(TPU pod, SLURM, JAX_COORDINATOR_ADDRESS) is detected.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS, "
+    "else the cluster's: TPU metadata, SLURM)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (default: $JAX_NUM_PROCESSES, "
+                                      "else the cluster's)", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes) (default: "
+                                   "$JAX_PROCESS_ID, else the cluster's)", lower_bound=0)
 
 log = logging.getLogger("kairos")
 
@@ -235,12 +242,32 @@ def format_summary(results: list[PhaseResult]) -> str:
 
 
 def _maybe_initialize_distributed(mode: str):
+    """jax.distributed.initialize() for multi-process runs (JAX's multi-controller runtime).
+
+    The coordinator address, process count and process id come from --coordinator_address /
+    --num_processes / --process_id, else from $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES /
+    $JAX_PROCESS_ID (launch/multiprocess_local.sh, launch/k8s/gpu_jobset.yaml), else JAX detects them
+    from the cluster (Cloud TPU metadata, GKE TPU, SLURM). mode "auto" initialises when a coordinator
+    address or a cluster is present, "on" always, "off" never."""
     if mode == "off":
         return
-    cluster = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_ID",
-                                            "MEGASCALE_COORDINATOR_ADDRESS"))
+
+    def env_int(name):
+        value = os.environ.get(name)
+        try:
+            return None if value is None else int(value)
+        except ValueError:
+            raise app.UsageError(f"${name}={value!r} is not an integer") from None
+
+    coordinator_address = _COORDINATOR_ADDRESS.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else env_int("JAX_NUM_PROCESSES")
+    process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else env_int("JAX_PROCESS_ID")
+    cluster = coordinator_address is not None or any(
+        k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
     if mode == "on" or cluster:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        log.info("jax.distributed: process %d of %d, %d local of %d devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def main(argv):

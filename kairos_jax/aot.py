@@ -1,0 +1,408 @@
+"""Compile the real train step for a TPU slice or GPU cluster without the hardware: memory and FLOPs first.
+
+    python -m kairos_jax.aot --config=experiments/kairos_4b.py --topology=v5p:4x4x4 \
+        [--phase=phase1_video] [--config.train.batch_size=128 ...]
+    python -m kairos_jax.aot --config=experiments/kairos_4b.py --topology=h100:8x8
+
+The step compiled is the one the trainer runs (`trainer.make_train_step`): the config's mesh is
+resolved over the topology's chips, the train state is `trainer.abstract_train_state` (shapes and
+shardings only) and the batch is abstract with the data config's shapes. Nothing is materialised:
+no parameters, no data. XLA's TPU compiler (libtpu) lays the program out in HBM, so a step that
+does not fit a TPU fails here, as it would on the slice, with the compiler's own account of the overflow.
+
+Printed: the compiled memory analysis per chip (arguments, outputs, aliased, temporaries, generated
+code) against the chip's HBM, and the FLOPs of one step. XLA's cost analysis counts the body of a
+loop once (the scan over layers, and any scan over time in a mixer), so the FLOPs come from
+counting the matmuls (`dot_general`) of the step's jaxpr with every scan multiplied by its length:
+once for the step as compiled (with rematerialisation: what the chips execute) and once with
+`model.remat=none` (the model FLOPs behind MFU).
+
+Targets: TPU slices (v4, v5e, v5p, v6e; needs libtpu: `pip install "jax[tpu]==<jax version>"`) and
+Hopper GPUs (h100, h200; `--topology=h100:2x8` = 2 hosts of 8 GPUs; needs the CUDA PJRT plugin,
+`pip install "jax-cuda12-plugin==<jax version>"`, but no GPU and no CUDA libraries). For GPUs XLA runs
+its whole HLO pipeline for sm_90 (SPMD partitioning, fusion, scheduling, buffer assignment, kernel
+launch planning) from a target description (`_gpu_target_config`) but does not fail on HBM
+overflow: the fit is this tool's comparison of the peak with the GPU's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from kairos_jax import trainer
+from kairos_jax.config import ConfigError, validate
+from kairos_jax.metrics import compiled_flops
+from kairos_jax.model.world_model import count_params
+from kairos_jax.sharding import activation_sharding, create_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Per-chip figures of an accelerator, as its vendor documents them."""
+
+    platform: str             # "tpu" or "cuda"
+    device_kind: str
+    hbm_bytes: int
+    hbm_stated: str
+    peak_bf16_flops: float    # dense
+    source: str
+    topology_kwargs: tuple = ()
+
+
+GB, GIB = 10 ** 9, 2 ** 30
+
+
+def _gpu_target_config(name: str, sms: int, memory_bytes: int, bandwidth: float, clock_ghz: float) -> str:
+    """stream_executor.GpuTargetConfigProto (text) of an sm_90 (Hopper) GPU: what XLA:GPU needs to
+    compile without the device. Limits per compute capability 9.0 from the CUDA C++ Programming
+    Guide (technical specifications table); SM count, memory, bandwidth and clock from the datasheet."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: {sms}
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(bandwidth)}
+  l2_cache_size: 52428800
+  clock_rate_ghz: {clock_ghz}
+  device_memory_size: {memory_bytes}
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+device_description_str: "{name}"
+"""
+
+
+# TPUs: cloud.google.com/tpu/docs/<generation>, "key specifications" (HBM capacity and peak bf16
+# compute per chip). The docs write "GB" (v5e, v5p, v6e) and "GiB" (v4); the capacities are binary:
+# XLA:TPU accepts a v5p program of 93.7 GiB per chip (kairos_4b on v5p:4x4x4, benchmarks/RESULTS.md),
+# more than 95e9 bytes. GPUs: NVIDIA's H100 / H200 datasheets (SXM; dense bf16 tensor-core peak,
+# half the "with sparsity" figure; memory in decimal GB, as NVIDIA counts it).
+CHIPS = {
+    "v4": Chip("tpu", "TPU v4", 32 * GIB, "32 GiB", 275e12, "cloud.google.com/tpu/docs/v4",
+               (("chip_config_name", "megacore"),)),
+    "v5e": Chip("tpu", "TPU v5 lite", 16 * GIB, "16 GiB", 197e12, "cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("tpu", "TPU v5", 95 * GIB, "95 GiB", 459e12, "cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("tpu", "TPU v6 lite", 32 * GIB, "32 GiB", 918e12, "cloud.google.com/tpu/docs/v6e"),
+    "h100": Chip("cuda", "NVIDIA H100 80GB HBM3", 80 * GB, "80 GB", 989e12, "NVIDIA H100 datasheet (SXM5)",
+                 (("target_config", _gpu_target_config("NVIDIA H100 80GB HBM3", 132, 80 * GB, 3.35e12, 1.98)),)),
+    "h200": Chip("cuda", "NVIDIA H200", 141 * GB, "141 GB", 989e12, "NVIDIA H200 datasheet (SXM)",
+                 (("target_config", _gpu_target_config("NVIDIA H200", 132, 141 * GB, 4.8e12, 1.98)),)),
+}
+_SHAPE_HELP = {"tpu3": "2x2x2 (chips per axis of the 3-D torus)", "tpu2": "2x4 (chips per axis of the 2-D torus)",
+               "cuda": "2x8 (hosts x GPUs per host)"}
+
+
+class AotError(RuntimeError):
+    """The target cannot be compiled for: a bad topology name, or the compiler plugin missing."""
+
+
+def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
+    """'v5p:4x4x4' -> ('v5p', (4, 4, 4)); 'h100:2x8' -> ('h100', (2, 8)): 2 hosts of 8 GPUs."""
+    gen, sep, shape = topology.partition(":")
+    if not sep or gen not in CHIPS:
+        raise AotError(f"--topology={topology!r}: expected <accelerator>:<shape>, e.g. v5p:2x2x2 or h100:2x8, "
+                       f"with accelerator one of {sorted(CHIPS)}")
+    try:
+        dims = tuple(int(d) for d in shape.split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise AotError(f"--topology={topology!r}: the shape must be positive integers joined by 'x'")
+    kind = "cuda" if CHIPS[gen].platform == "cuda" else ("tpu2" if gen in ("v5e", "v6e") else "tpu3")
+    want = 3 if kind == "tpu3" else 2
+    if len(dims) != want:
+        raise AotError(f"--topology={topology!r}: {gen} shapes have {want} numbers, e.g. {_SHAPE_HELP[kind]}")
+    return gen, dims
+
+
+def libtpu_available() -> bool:
+    return bool(os.environ.get("TPU_LIBRARY_PATH")) or importlib.util.find_spec("libtpu") is not None
+
+
+def cuda_plugin_available() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
+
+
+def topology_devices(topology: str) -> list:
+    """Compile-only devices of the target: one per TPU chip (v4 and v5p as megacore chips) or GPU."""
+    from jax.experimental import topologies
+
+    gen, dims = parse_topology(topology)
+    chip = CHIPS[gen]
+    if chip.platform == "tpu":
+        if not libtpu_available():
+            raise AotError(f"compiling for {topology} needs libtpu (XLA's TPU compiler), which is not installed "
+                           f"in {sys.prefix}: pip install \"jax[tpu]=={jax.__version__}\"")
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                                 **dict(chip.topology_kwargs)).devices)
+    if not cuda_plugin_available():
+        raise AotError(f"compiling for {topology} needs the CUDA PJRT plugin (XLA's GPU compiler), which is not "
+                       f"installed in {sys.prefix}: pip install \"jax-cuda12-plugin=={jax.__version__}\" (no CUDA "
+                       "libraries or GPU needed to compile)")
+    try:
+        topo = topologies.get_topology_desc(topology_name="", platform="cuda", topology=f"1x{dims[0]}x{dims[1]}",
+                                            **dict(chip.topology_kwargs))
+    except NotImplementedError as e:
+        raise AotError(f"the CUDA plugin did not register (JAX initialised it expecting a GPU): run with "
+                       f"JAX_PLATFORMS=cpu to compile for {topology} on a machine without one ({e})") from None
+    return list(topo.devices)
+
+
+def abstract_batch(cfg, setup: trainer.Setup) -> dict:
+    """ShapeDtypeStructs of one global batch (the pipeline's batch contract), sharded like the
+    trainer shards real batches."""
+    lay, B = setup.layout, cfg.train.batch_size
+    shapes = {
+        "video": ((B, lay.num_blocks, lay.video_tokens, lay.patch_dim), jnp.float32),
+        "actions": ((B, lay.num_blocks, lay.action_tokens, lay.action_dim), jnp.float32),
+        "action_mask": ((B, lay.num_blocks), jnp.float32),
+        "action_dim_mask": ((B, lay.action_dim), jnp.float32),
+        "embodiment_id": ((B,), jnp.int32),
+        "text": ((B, lay.text_len), jnp.int32),
+        "source_id": ((B,), jnp.int32),
+    }
+    return {k: jax.ShapeDtypeStruct(s, dt, sharding=trainer.batch_sharding(setup, len(s)))
+            for k, (s, dt) in shapes.items()}
+
+
+# FLOP counting ----------------------------------------------------------------------------------
+
+def _as_jaxpr(v):
+    if hasattr(v, "eqns"):
+        return v
+    inner = getattr(v, "jaxpr", None)
+    return inner if hasattr(inner, "eqns") else None
+
+
+def _sub_jaxprs(value):
+    if isinstance(value, (tuple, list)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    j = _as_jaxpr(value)
+    return [j] if j is not None else []
+
+
+def matmul_flops(jaxpr) -> tuple[float, list[str]]:
+    """Matmul FLOPs (2 per multiply-add of every dot_general) of a jaxpr, looking into nested
+    jaxprs: a scan body counts `length` times, a cond its most expensive branch. Returns the FLOPs
+    and the primitives whose repeat count is not static (while loops: body counted once). A
+    pallas_call's kernel body is counted once, not once per grid step, so with Pallas mixers the
+    count is short by their FLOPs (at this commit the train step dispatches to no Pallas kernel)."""
+    total, unknown = 0.0, []
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            free_rhs = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+            total += 2.0 * math.prod(lhs) * math.prod(free_rhs)
+            continue
+        inner = [matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if not inner:
+            continue
+        for _, u in inner:
+            unknown.extend(u)
+        if name == "scan":
+            total += eqn.params["length"] * sum(f for f, _ in inner)
+        elif name == "cond":
+            total += max(f for f, _ in inner)
+        else:
+            if name == "while":
+                unknown.append(name)
+            total += sum(f for f, _ in inner)
+    return total, unknown
+
+
+def step_flops(cfg, mesh, phase_name: str) -> tuple[float, list[str]]:
+    """Global matmul FLOPs of one train step of `cfg` on `mesh` (traced, not compiled)."""
+    setup = trainer.build_model_setup(cfg, mesh)
+    phase = cfg.phases[phase_name]
+    tx = trainer.make_optimizer(cfg.train, phase.steps)
+    step = trainer.make_train_step(cfg, setup, tx, phase, num_sources=len(phase.mixture))
+    with activation_sharding(setup.mesh, setup.rules):
+        closed = jax.make_jaxpr(step.jitted)(trainer.abstract_train_state(tx, setup), abstract_batch(cfg, setup))
+    return matmul_flops(closed.jaxpr)
+
+
+# Compilation ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Report:
+    topology: str
+    chips: int
+    device_kind: str
+    mesh: dict
+    phase: str
+    remat: str
+    params: int
+    batch_size: int
+    tokens_per_step: int
+    lower_s: float
+    compile_s: float
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    hbm_bytes: int
+    hbm_stated: str
+    hbm_source: str
+    peak_bf16_flops: float
+    xla_flops_per_chip: float | None      # XLA cost analysis (loop bodies counted once)
+    step_flops: float                     # as compiled (with remat), all chips
+    model_flops: float                    # remat=none, all chips
+    uncounted_loops: list
+
+    @property
+    def peak_bytes(self) -> int:
+        """HBM live at once per chip: arguments and outputs (donated ones counted once) + temporaries
+        + code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.hbm_bytes
+
+    @property
+    def model_flops_per_token(self) -> float:
+        return self.model_flops / self.tokens_per_step
+
+    def format(self) -> str:
+        g = lambda b: f"{b / GIB:8.2f} GiB"
+        peak_pod = self.chips * self.peak_bf16_flops
+        lines = [
+            f"AOT compile of the train step for {self.topology}: {self.chips} devices ({self.device_kind}), "
+            f"mesh {self.mesh}, phase {self.phase}",
+            f"  model {self.params / 1e6:,.1f}M parameters; global batch {self.batch_size} clips = "
+            f"{self.tokens_per_step:,} tokens/step",
+            f"  lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s",
+            "  memory per device (compiled.memory_analysis()):",
+            f"    arguments      {g(self.argument_bytes)}   (train state shard + batch shard)",
+            f"    outputs        {g(self.output_bytes)}",
+            f"    aliased        {g(self.alias_bytes)}   (donated state: outputs reuse argument buffers)",
+            f"    temporaries    {g(self.temp_bytes)}",
+            f"    generated code {g(self.code_bytes)}",
+            f"    peak           {g(self.peak_bytes)}   = arguments + outputs - aliased + temporaries + code",
+            f"    HBM per device {g(self.hbm_bytes)}   ({self.hbm_stated}, {self.hbm_source}): "
+            + (f"FITS, {self.peak_bytes / self.hbm_bytes:.0%} used" if self.fits else
+               f"DOES NOT FIT, {self.peak_bytes / self.hbm_bytes:.0%} of HBM"),
+            "  FLOPs (matmuls of the step's jaxpr, scans times their length):",
+            f"    per step as compiled (remat={self.remat})  {self.step_flops:.4g} = "
+            f"{self.step_flops / self.chips:.4g} per device",
+            f"    model FLOPs per step (remat=none)  {self.model_flops:.4g}",
+            f"    model FLOPs per token              {self.model_flops_per_token:.4g}  "
+            f"(6 x params = {6 * self.params:.4g})",
+            "    XLA cost analysis per device       "
+            + (f"{self.xla_flops_per_chip:.4g}  (counts each loop body once: not a step count)"
+               if self.xla_flops_per_chip is not None else "n/a"),
+            f"    at 100% MFU ({self.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per device) a step takes "
+            f"{_seconds(self.model_flops / peak_pod)}; at 40% MFU {_seconds(self.model_flops / peak_pod / 0.4)} "
+            f"({0.4 * peak_pod * self.tokens_per_step / self.model_flops:,.0f} tokens/s)",
+        ]
+        if self.uncounted_loops:
+            lines.append(f"    note: {len(self.uncounted_loops)} while loop(s) with a dynamic trip count "
+                         "counted once")
+        return "\n".join(lines)
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.3f} s" if s >= 1 else f"{s * 1e3:.3f} ms"
+
+
+def compile_for_topology(cfg, topology: str, phase: str | None = None) -> Report:
+    """Lower and compile the real train step of `cfg` for a target topology; see the module docstring."""
+    validate(cfg)
+    phase = phase or cfg.curriculum[0]
+    if phase not in cfg.phases:
+        raise ConfigError(f"--phase={phase!r} is not a key of config.phases ({sorted(cfg.phases)})")
+    gen, _ = parse_topology(topology)
+    chip = CHIPS[gen]
+    devices = topology_devices(topology)
+    mesh = create_mesh(cfg.mesh, devices)
+    setup = trainer.build_model_setup(cfg, mesh)
+    phase_cfg = cfg.phases[phase]
+    tx = trainer.make_optimizer(cfg.train, phase_cfg.steps)
+    step = trainer.make_train_step(cfg, setup, tx, phase_cfg, num_sources=len(phase_cfg.mixture))
+    state, batch = trainer.abstract_train_state(tx, setup), abstract_batch(cfg, setup)
+    with activation_sharding(setup.mesh, setup.rules):
+        t0 = time.perf_counter()
+        lowered = step.jitted.lower(state, batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    flops, unknown = step_flops(cfg, mesh, phase)
+    if cfg.model.remat == "none":
+        model_flops = flops
+    else:
+        plain = cfg.copy_and_resolve_references()
+        plain.model.remat = "none"
+        model_flops, _ = step_flops(plain, mesh, phase)
+    lay = setup.layout
+    return Report(
+        topology=topology, chips=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+        phase=phase, remat=cfg.model.remat, params=count_params(setup.abstract_params), batch_size=cfg.train.batch_size,
+        tokens_per_step=cfg.train.batch_size * lay.num_blocks * lay.block_size,
+        lower_s=t1 - t0, compile_s=t2 - t1,
+        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+        code_bytes=mem.generated_code_size_in_bytes,
+        hbm_bytes=chip.hbm_bytes, hbm_stated=chip.hbm_stated, hbm_source=chip.source,
+        peak_bf16_flops=chip.peak_bf16_flops, xla_flops_per_chip=compiled_flops(compiled),
+        step_flops=flops, model_flops=model_flops, uncounted_loops=unknown)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, f"Target: <accelerator>:<shape>, accelerator one of {sorted(CHIPS)}; "
+                                "e.g. v5p:4x4x4 (TPU chips per torus axis), v6e:4x4, h100:2x8 (hosts x GPUs).")
+_PHASE = flags.DEFINE_string("phase", None, "Curriculum phase whose step to compile (default: the first).")
+
+
+def main(argv):
+    del argv
+    if _CONFIG.value is None or _TOPOLOGY.value is None:
+        raise app.UsageError("--config and --topology are required")
+    # Compile only: nothing runs on an attached accelerator, and the CUDA plugin registers without one.
+    jax.config.update("jax_platforms", "cpu")
+    try:
+        report = compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _PHASE.value)
+    except (ConfigError, AotError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"error: the train step does not fit in HBM on {_TOPOLOGY.value} (XLA's compiler):\n{e}",
+              file=sys.stderr)
+        sys.exit(3)
+    print(report.format())
+    sys.exit(0 if report.fits else 3)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

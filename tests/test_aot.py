@@ -1,0 +1,148 @@
+"""kairos_jax.aot compiles the real train step for a TPU slice without a TPU (libtpu's compiler) and
+reports memory and FLOPs that agree with independent counts.
+
+Needs `jax[tpu]` (libtpu); skipped without it. Run with
+`python -m pytest -m tpu tests/test_aot.py -s` to see the printed reports.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import base
+from kairos_jax import aot, trainer
+
+pytestmark = pytest.mark.tpu
+
+
+@pytest.fixture(scope="module")
+def libtpu():
+    pytest.importorskip("libtpu")
+
+
+def shard_bytes(tree) -> int:
+    """Bytes of one device's shard of every leaf (ShapeDtypeStructs carrying NamedShardings)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def test_matmul_flops_counts_every_scan_iteration_and_the_gradient():
+    M, K, L = 64, 128, 8
+
+    def f(x, w):
+        def body(c, wi):
+            return jnp.tanh(c @ wi), None
+        return jnp.sum(jax.lax.scan(body, x, w)[0])
+
+    x, w = jax.ShapeDtypeStruct((M, K), jnp.float32), jax.ShapeDtypeStruct((L, K, K), jnp.float32)
+    one = 2 * M * K * K                      # one [M, K] @ [K, K]
+    assert aot.matmul_flops(jax.make_jaxpr(f)(x, w).jaxpr) == (L * one, [])
+    # Gradient w.r.t. w: the forward scan, then per step c^T @ g (dw) and g @ w^T (dc).
+    assert aot.matmul_flops(jax.make_jaxpr(jax.grad(f, argnums=1))(x, w).jaxpr) == (3 * L * one, [])
+
+    def g(x, w):  # a cond counts its most expensive branch; a while loop is flagged
+        y = jax.lax.cond(jnp.sum(x) > 0, lambda a: a @ w[0] @ w[1], lambda a: a @ w[0], x)
+        return jax.lax.while_loop(lambda c: jnp.sum(c) < 0, lambda c: c @ w[2], y)
+
+    flops, unknown = aot.matmul_flops(jax.make_jaxpr(g)(x, w).jaxpr)
+    assert flops == 3 * one and unknown == ["while"]
+
+
+def test_bad_topologies_name_the_problem():
+    with pytest.raises(aot.AotError, match="accelerator one of"):
+        aot.parse_topology("v9:2x2x2")
+    with pytest.raises(aot.AotError, match="v5p shapes have 3 numbers"):
+        aot.parse_topology("v5p:2x4")
+    with pytest.raises(aot.AotError, match="positive integers"):
+        aot.parse_topology("v6e:2xfour")
+    with pytest.raises(aot.AotError, match=r"h100 shapes have 2 numbers, e.g. 2x8 \(hosts x GPUs per host\)"):
+        aot.parse_topology("h100:8")
+    assert aot.parse_topology("v6e:4x8") == ("v6e", (4, 8))
+    assert aot.parse_topology("h100:2x8") == ("h100", (2, 8))
+
+
+def test_missing_compiler_plugins_are_clear_errors(monkeypatch):
+    monkeypatch.setattr(aot, "libtpu_available", lambda: False)
+    with pytest.raises(aot.AotError, match=r"needs libtpu .* pip install \"jax\[tpu\]=="):
+        aot.topology_devices("v5p:2x2x2")
+    monkeypatch.setattr(aot, "cuda_plugin_available", lambda: False)
+    with pytest.raises(aot.AotError, match=r"needs the CUDA PJRT plugin .* pip install \"jax-cuda12-plugin=="):
+        aot.topology_devices("h100:1x8")
+
+
+def small_config():
+    """The base size (width 256, 8 layers, bf16 compute) on 8 chips as fsdp=4 x tensor=2, full remat."""
+    c = base.get_base_config()
+    c.mesh.update(dict(data=1, fsdp=4, tensor=2, context=1))
+    c.model.remat = "full"
+    c.train.batch_size = 16
+    return c
+
+
+def check_report(report, cfg):
+    print("\n" + report.format())
+    assert report.fits, report.format()
+    # Arguments are the state's and the batch's shards: at least their bytes (TPU layouts pad small
+    # arrays to tiles, so not exactly).
+    devices = aot.topology_devices(report.topology)
+    setup = trainer.build_model_setup(cfg, aot.create_mesh(cfg.mesh, devices))
+    phase = cfg.phases[report.phase]
+    state = trainer.abstract_train_state(trainer.make_optimizer(cfg.train, phase.steps), setup)
+    state_bytes, batch_bytes = shard_bytes(state), shard_bytes(aot.abstract_batch(cfg, setup))
+    assert state_bytes + batch_bytes <= report.argument_bytes <= 2 * (state_bytes + batch_bytes) + 2 ** 20
+    # The donated state comes back in the same buffers.
+    assert state_bytes <= report.alias_bytes <= report.argument_bytes
+    assert report.temp_bytes > 0 and report.code_bytes > 0
+    # Full remat runs each unit's forward again in the backward pass: 4 forward-sized passes of the
+    # remat'ed units instead of 3, so the compiled step does at most 4/3 of the model FLOPs.
+    ratio = report.step_flops / report.model_flops
+    assert 1.15 < ratio <= 4 / 3 + 1e-6, ratio
+
+
+def test_small_config_compiles_and_fits_v5p_2x2x2(libtpu):
+    cfg = small_config()
+    report = aot.compile_for_topology(cfg, "v5p:2x2x2")
+    assert report.chips == 8 and report.device_kind == "TPU v5"
+    assert report.mesh == {"data": 1, "fsdp": 4, "tensor": 2, "context": 1}
+    check_report(report, cfg)
+
+
+def test_4b_config_reduced_depth_compiles_and_fits_v5p_2x2x2(libtpu):
+    """The 4B model's widths, heads and token layout with 4 layers (one [swa, swa, dswa, gdn] unit)
+    instead of 32, and one clip per chip, so that XLA:TPU compiles it in minutes on this CPU."""
+    from experiments import kairos_4b
+
+    cfg = kairos_4b.get_config()
+    cfg.model.depth = 4
+    cfg.train.batch_size = 8
+    report = aot.compile_for_topology(cfg, "v5p:2x2x2")
+    assert report.mesh == {"data": 1, "fsdp": 8, "tensor": 1, "context": 1}
+    check_report(report, cfg)
+
+
+def test_v6e_and_v4_topologies_have_one_device_per_chip(libtpu):
+    assert len(aot.topology_devices("v6e:2x4")) == 8
+    assert len(aot.topology_devices("v4:2x2x2")) == 8      # megacore: one device per chip
+
+
+
+
+@pytest.mark.slow
+def test_h100_target_compiles_through_the_cli():
+    """GPU target: the CUDA PJRT plugin compiles for 8 H100s from a target description, no GPU here.
+    Marked slow (not tpu): it needs jax-cuda12-plugin instead of libtpu."""
+    pytest.importorskip("jax_plugins.xla_cuda12")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "kairos_jax.aot", "--config=experiments/embedded.py",
+                          "--topology=h100:1x8", "--config.mesh.data=2", "--config.mesh.fsdp=4"],
+                         cwd=root, capture_output=True, text=True, timeout=1800,
+                         env=dict(os.environ, PYTHONPATH=root))
+    print(out.stdout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "8 devices (NVIDIA H100 80GB HBM3), mesh {'data': 2, 'fsdp': 4, 'tensor': 1, 'context': 1}" in out.stdout
+    assert "FITS" in out.stdout
