@@ -40,6 +40,8 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.9"],
         # Ahead-of-time compilation for TPU topologies (libtpu) on any machine.
         "tpu": ["jax[tpu]>=0.11.2,<0.13"],
+        # Ahead-of-time compilation for GPU targets (H100/H200) without a GPU.
+        "gpu-aot": ["jax-cuda12-plugin>=0.11.2,<0.13"],
         # tfrecord-based RLDS releases (Open X-Embodiment) need TensorFlow itself.
         "rlds": ["tensorflow-cpu", "tensorflow-datasets>=4.9.9"],
     },
@@ -48,6 +50,8 @@ setup(
             "kairos-train=kairos_jax.train:run",
             "kairos-convert=data_pipelines.convert:main",
             "kairos-generate=data_pipelines.generate:main",
+            "kairos-aot=kairos_jax.aot:run",
+            "kairos-rollout=kairos_jax.rollout:main",
         ],
     },
 )

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import os
 import sys
 import time
@@ -41,9 +40,10 @@ from ml_collections import config_flags
 
 from kairos_jax import trainer
 from kairos_jax.config import ConfigError, validate
-from kairos_jax.metrics import compiled_flops
+from kairos_jax.metrics import compiled_flops, matmul_flops
 from kairos_jax.model.world_model import count_params
 from kairos_jax.sharding import activation_sharding, create_mesh
+from pallas_kernels._dispatch import target_platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,51 +189,6 @@ def abstract_batch(cfg, setup: trainer.Setup) -> dict:
 
 # FLOP counting ----------------------------------------------------------------------------------
 
-def _as_jaxpr(v):
-    if hasattr(v, "eqns"):
-        return v
-    inner = getattr(v, "jaxpr", None)
-    return inner if hasattr(inner, "eqns") else None
-
-
-def _sub_jaxprs(value):
-    if isinstance(value, (tuple, list)):
-        return [j for v in value for j in _sub_jaxprs(v)]
-    j = _as_jaxpr(value)
-    return [j] if j is not None else []
-
-
-def matmul_flops(jaxpr) -> tuple[float, list[str]]:
-    """Matmul FLOPs (2 per multiply-add of every dot_general) of a jaxpr, looking into nested
-    jaxprs: a scan body counts `length` times, a cond its most expensive branch. Returns the FLOPs
-    and the primitives whose repeat count is not static (while loops: body counted once). A
-    pallas_call's kernel body is counted once, not once per grid step, so with Pallas mixers the
-    count is short by their FLOPs (at this commit the train step dispatches to no Pallas kernel)."""
-    total, unknown = 0.0, []
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (lhs_contract, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
-            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-            free_rhs = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
-            total += 2.0 * math.prod(lhs) * math.prod(free_rhs)
-            continue
-        inner = [matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
-        if not inner:
-            continue
-        for _, u in inner:
-            unknown.extend(u)
-        if name == "scan":
-            total += eqn.params["length"] * sum(f for f, _ in inner)
-        elif name == "cond":
-            total += max(f for f, _ in inner)
-        else:
-            if name == "while":
-                unknown.append(name)
-            total += sum(f for f, _ in inner)
-    return total, unknown
-
-
 def step_flops(cfg, mesh, phase_name: str) -> tuple[float, list[str]]:
     """Global matmul FLOPs of one train step of `cfg` on `mesh` (traced, not compiled)."""
     setup = trainer.build_model_setup(cfg, mesh)
@@ -345,7 +300,8 @@ def compile_for_topology(cfg, topology: str, phase: str | None = None) -> Report
     tx = trainer.make_optimizer(cfg.train, phase_cfg.steps)
     step = trainer.make_train_step(cfg, setup, tx, phase_cfg, num_sources=len(phase_cfg.mixture))
     state, batch = trainer.abstract_train_state(tx, setup), abstract_batch(cfg, setup)
-    with activation_sharding(setup.mesh, setup.rules):
+    # The mixers dispatch for the target (Pallas kernels lowered for it), not for this host's CPU.
+    with activation_sharding(setup.mesh, setup.rules), target_platform("gpu" if chip.platform == "cuda" else "tpu"):
         t0 = time.perf_counter()
         lowered = step.jitted.lower(state, batch)
         t1 = time.perf_counter()

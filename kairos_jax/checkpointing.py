@@ -15,11 +15,16 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _absolute(directory: str) -> str:
+    """Local paths are made absolute (Orbax needs that); URLs such as gs://bucket/run are kept."""
+    return directory if "://" in directory else os.path.abspath(directory)
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.directory = os.path.abspath(directory)
+        self.directory = _absolute(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
@@ -50,7 +55,7 @@ class Checkpointer:
 
 def export_params(directory: str, params, config_json: str) -> str:
     """Params-only checkpoint plus the config it was trained with (for rollouts and serving)."""
-    directory = os.path.abspath(directory)
+    directory = _absolute(directory)
     path = os.path.join(directory, "params")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params, force=True)
@@ -65,7 +70,7 @@ def load_exported_params(directory: str, abstract_params):
     """Restore params written by `export_params` into `abstract_params` (ShapeDtypeStructs with
     shardings, or without for a single host)."""
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(os.path.abspath(directory), "params"), abstract_params)
+        return ckptr.restore(os.path.join(_absolute(directory), "params"), abstract_params)
 
 
 def read_exported_config(directory: str) -> dict:

@@ -4,6 +4,7 @@ peak measured on this machine (not a datasheet number)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -25,8 +26,56 @@ def measure_peak_flops(dtype: str = "float32", n: int = 1024, reps: int = 8) -> 
     return 2.0 * n ** 3 / best
 
 
+def _as_jaxpr(v):
+    if hasattr(v, "eqns"):
+        return v
+    inner = getattr(v, "jaxpr", None)
+    return inner if hasattr(inner, "eqns") else None
+
+
+def _sub_jaxprs(value):
+    if isinstance(value, (tuple, list)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    j = _as_jaxpr(value)
+    return [j] if j is not None else []
+
+
+def matmul_flops(jaxpr) -> tuple[float, list[str]]:
+    """Matmul FLOPs (2 per multiply-add of every dot_general) of a jaxpr, looking into nested
+    jaxprs: a scan body counts `length` times, a cond its most expensive branch. Returns the FLOPs
+    and the primitives whose repeat count is not static (while loops: body counted once). A
+    pallas_call's kernel body is counted once, not once per grid step, so with Pallas mixers the
+    count is short by their FLOPs."""
+    total, unknown = 0.0, []
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            free_rhs = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+            total += 2.0 * math.prod(lhs) * math.prod(free_rhs)
+            continue
+        inner = [matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if not inner:
+            continue
+        for _, u in inner:
+            unknown.extend(u)
+        if name == "scan":
+            total += eqn.params["length"] * sum(f for f, _ in inner)
+        elif name == "cond":
+            total += max(f for f, _ in inner)
+        else:
+            if name == "while":
+                unknown.append(name)
+            total += sum(f for f, _ in inner)
+    return total, unknown
+
+
 def compiled_flops(compiled) -> float | None:
-    """FLOPs of one execution of a compiled computation, from XLA's cost analysis (per device)."""
+    """FLOPs of one execution of a compiled computation, from XLA's cost analysis (per device).
+
+    XLA counts a loop body once: with scanned layers this is short by the number of repeats, so MFU
+    uses `matmul_flops` of the traced step instead; this is reported beside it for comparison."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it

@@ -146,9 +146,9 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     compiled = None
     for step in range(start, phase.steps):
         batch = trainer.global_batch(setup, next(data_iter))
-        if compiled is None:  # compile once; its cost analysis gives the FLOPs behind MFU
+        if compiled is None:  # compile once; MFU counts the step's matmul FLOPs per device
             compiled = step_fn.compile(state, batch)
-            flops = metrics.compiled_flops(compiled)
+            flops = step_fn.flops(state, batch) / setup.mesh.size
         state, m = compiled(state, batch)
         acc = m if acc is None else jax.tree.map(np.add, acc, m)
         steps_since += 1
@@ -272,8 +272,11 @@ def _maybe_initialize_distributed(mode: str):
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
+    # absl's handler prints records of INFO and up; Orbax logs every save step at INFO through the
+    # "absl" logger, which is kept at WARNING while our own "kairos" logger stays at INFO.
+    absl_logging.set_verbosity(absl_logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     _maybe_initialize_distributed(_DISTRIBUTED.value)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kairos_jax import diffusion
+from kairos_jax.metrics import matmul_flops
 from kairos_jax.model import KairosWorldModel, TokenLayout
 from kairos_jax.model.text import batch_text, drop_text
 from kairos_jax.sharding import activation_sharding, logical_to_mesh_spec, state_shardings
@@ -223,6 +224,13 @@ def make_train_step(cfg, setup: Setup, tx, phase_cfg, num_sources: int):
         with activation_sharding(setup.mesh, setup.rules):
             return jitted.lower(state, batch).compile()
 
+    def model_flops(state, batch) -> float:
+        """Global matmul FLOPs of one step, from its jaxpr (every scan iteration counted)."""
+        with activation_sharding(setup.mesh, setup.rules):
+            jaxpr = jax.make_jaxpr(jitted)(state, batch)
+        return matmul_flops(jaxpr.jaxpr)[0]
+
     run.jitted = jitted
     run.compile = compile_for
+    run.flops = model_flops
     return run

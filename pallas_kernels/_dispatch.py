@@ -1,5 +1,8 @@
 """Helpers shared by the ops: argument checks, the compute dtype, the chunked layout, dispatch."""
 
+import contextlib
+import threading
+
 import jax
 import jax.numpy as jnp
 
@@ -12,9 +15,29 @@ def check_impl(impl: str, op: str) -> str:
     return impl
 
 
+_TARGET = threading.local()
+
+
+@contextlib.contextmanager
+def target_platform(name: str | None):
+    """Dispatch as if the program ran on `name` ('cpu', 'gpu' or 'tpu'; None = the default backend).
+
+    For ahead-of-time compilation on another machine: compiling for a TPU topology from a CPU host
+    must pick (and lower, not interpret) the TPU kernels that will run there.
+    """
+    if name not in (None, "cpu", "gpu", "tpu"):
+        raise ValueError(f"target platform must be 'cpu', 'gpu', 'tpu' or None, got {name!r}")
+    prev = getattr(_TARGET, "name", None)
+    _TARGET.name = name
+    try:
+        yield
+    finally:
+        _TARGET.name = prev
+
+
 def platform() -> str:
-    """The platform of the default backend: 'cpu', 'gpu' or 'tpu'."""
-    return jax.default_backend()
+    """The platform the ops are dispatched for: `target_platform`'s, else the default backend's."""
+    return getattr(_TARGET, "name", None) or jax.default_backend()
 
 
 def use_pallas(impl: str) -> bool:

@@ -10,7 +10,6 @@ cumsum (Mosaic has none: cumulative gates are computed outside the kernels) and 
 values (Triton has none: sub-blocks are read from refs).
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -21,13 +20,16 @@ BACKENDS = ("tpu", "gpu")
 def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
     """Which kernels to run and whether to interpret them.
 
-    backend=None follows `jax.default_backend()`: "tpu" -> Mosaic, "gpu" -> Triton, anything else
+    backend=None follows the dispatch platform (`_dispatch.target_platform`, else
+    `jax.default_backend()`): "tpu" -> Mosaic, "gpu" -> Triton, anything else
     (CPU) -> the Mosaic kernels in interpret mode. interpret=None interprets exactly when the
     kernels' backend is not the platform the program runs on; pass interpret=False with an explicit
     backend to lower for another target ahead of time (AOT compilation for a TPU topology, export
     for CUDA).
     """
-    platform = jax.default_backend()
+    from pallas_kernels._dispatch import platform as dispatch_platform
+
+    platform = dispatch_platform()
     if backend is None:
         backend = platform if platform in BACKENDS else "tpu"
     if backend not in BACKENDS:

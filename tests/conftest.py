@@ -77,3 +77,11 @@ def synthetic_batch(cfg, batch_size, seed=0, *, action_free=()):
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def no_session_wide_x64():
+    """Tests that need float64 enable it in a scope (`with jax.enable_x64(True)`); a module that
+    flips it for the whole session silently changes every later test's numerics."""
+    assert not jax.config.jax_enable_x64, "jax_enable_x64 leaked from an earlier test module"
+    yield

@@ -11,7 +11,12 @@ import pytest
 from pallas_kernels.gla.pallas import gla_pallas
 from pallas_kernels.gla.reference import gla_reference
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(autouse=True)
+def float64_references():
+    """The float64 references need x64 inside this module's tests only (not session-wide)."""
+    with jax.enable_x64(True):
+        yield
 
 
 def relerr(a, b):
