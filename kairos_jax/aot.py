@@ -36,9 +36,8 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from ml_collections import config_flags
 
-from kairos_jax import trainer
+from kairos_jax import cli, trainer
 from kairos_jax.config import ConfigError, validate
 from kairos_jax.metrics import compiled_flops, matmul_flops
 from kairos_jax.model.world_model import count_params
@@ -329,7 +328,7 @@ def compile_for_topology(cfg, topology: str, phase: str | None = None) -> Report
         step_flops=flops, model_flops=model_flops, uncounted_loops=unknown)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).")
+_CONFIG = cli.CONFIG
 _TOPOLOGY = flags.DEFINE_string("topology", None, f"Target: <accelerator>:<shape>, accelerator one of {sorted(CHIPS)}; "
                                 "e.g. v5p:4x4x4 (TPU chips per torus axis), v6e:4x4, h100:2x8 (hosts x GPUs).")
 _PHASE = flags.DEFINE_string("phase", None, "Curriculum phase whose step to compile (default: the first).")

@@ -23,14 +23,13 @@ import jax
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-from kairos_jax import checkpointing, metrics, trainer
+from kairos_jax import checkpointing, cli, metrics, trainer
 from kairos_jax.config import ConfigError, check_data_sources, check_workdir, validate
 from kairos_jax.model.world_model import count_params
 from kairos_jax.sharding import create_mesh
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).")
+_CONFIG = cli.CONFIG
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Call jax.distributed.initialize(): auto = when a cluster environment "
