@@ -14,6 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["kairos_jax*", "data_pipelines*", "pallas_kernels*"]),
+    package_data={"kairos_jax": ["gpu_targets/*.txtpb"]},
     install_requires=[
         JAX,
         "flax>=0.12",
@@ -50,7 +51,7 @@ setup(
             "kairos-train=kairos_jax.train:run",
             "kairos-convert=data_pipelines.convert:main",
             "kairos-generate=data_pipelines.generate:main",
-            "kairos-aot=kairos_jax.aot:run",
+            "kairos-compile=kairos_jax.aot:run",
             "kairos-rollout=kairos_jax.rollout:main",
         ],
     },

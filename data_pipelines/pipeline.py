@@ -5,7 +5,7 @@
     it = iter(ds)             # it.get_state() / it.set_state(state): exact resume
     batch = next(it)          # dict of numpy arrays, leading dimension B = batch_size
 
-Batch contract (T = num_blocks, k = action_chunk, N = (image_size / patch_size)^2,
+Batch contract (T = num_blocks, k = action_chunk, N = (image_size / patch_size) (width / patch_size),
 Dp = patch_size^2 * channels, A = action_dim, P = proprio_dim, L = text_len):
 
     video            float32 [B, T, N, Dp]  block t's frame (clip frame t*k), patches row-major over
@@ -27,7 +27,8 @@ Dp = patch_size^2 * channels, A = action_dim, P = proprio_dim, L = text_len):
 Clips. A clip covers frames f_0 = start, f_t = start + t*k; start is uniform in
 [0, len - (T-1)*k - 1], drawn from the element's own rng (Grain `random_map`: seed + element index).
 Episodes shorter than T*k frames are left out when the dataset is built (one log line per source
-with the count). Frames are centre-cropped to a square, then area-resized to image_size x image_size
+with the count). Frames are centre-cropped to the aspect ratio of image_size x width (width =
+data.image_width, or image_size when 0), then area-resized to it
 (exact box filter in float, numpy; a plain block mean when the size divides evenly). Actions and
 proprio are normalised with the source's stats.json (normalization.Normalizer: p01/p99 -> [-1, 1]).
 
@@ -87,16 +88,22 @@ def area_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return overlap / overlap.sum(axis=1, keepdims=True)
 
 
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [T, H, W, C] -> float32 [T, size, size, C]: centre crop to a square, area resize."""
+def resize_frames(frames: np.ndarray, size: int, width: int | None = None) -> np.ndarray:
+    """uint8 [T, H, W, C] -> float32 [T, size, width, C] (width defaults to size): centre crop to the
+    output's aspect ratio, then area resize each axis."""
     T, H, W, C = frames.shape
-    s = min(H, W)
-    top, left = (H - s) // 2, (W - s) // 2
-    x = frames[:, top:top + s, left:left + s].astype(np.float32)
-    if s == size:
+    width = width or size
+    if W * size > H * width:           # wider than the target: crop the width
+        h, w = H, max(1, round(H * width / size))
+    else:                              # taller (or equal): crop the height
+        h, w = max(1, round(W * size / width)), W
+    top, left = (H - h) // 2, (W - w) // 2
+    x = frames[:, top:top + h, left:left + w].astype(np.float32)
+    if (h, w) == (size, width):
         return x
-    R = area_resize_matrix(s, size).astype(np.float32)
-    x = R @ x.transpose(0, 3, 1, 2) @ R.T               # [T, C, size, size]
+    Rh = area_resize_matrix(h, size).astype(np.float32)
+    Rw = area_resize_matrix(w, width).astype(np.float32)
+    x = Rh @ x.transpose(0, 3, 1, 2) @ Rw.T              # [T, C, size, width]
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
@@ -125,6 +132,11 @@ class ClipSpec:
     action_dim: int
     proprio_dim: int
     text_len: int
+    image_width: int = 0               # 0: square frames (image_size x image_size)
+
+    @property
+    def width(self) -> int:
+        return self.image_width or self.image_size
 
     @property
     def min_frames(self) -> int:
@@ -163,7 +175,7 @@ def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: Sourc
         if frames.shape[-1] != spec.channels:
             raise episode_lib.EpisodeError(f"episode {ep.source}/{ep.episode_id}: frames have "
                                            f"{frames.shape[-1]} channels, data.channels={spec.channels}")
-        video = patchify(resize_frames(frames, spec.image_size), spec.patch_size) / 127.5 - 1.0
+        video = patchify(resize_frames(frames, spec.image_size, spec.width), spec.patch_size) / 127.5 - 1.0
     else:
         video = patchify(ep.latents[idx].astype(np.float32), spec.patch_size)
 
@@ -302,14 +314,17 @@ def _weights(mixture, where: str) -> dict[str, float]:
 
 
 def _check_spec(data_cfg) -> ClipSpec:
-    spec = ClipSpec(**{f.name: _get(data_cfg, f.name) for f in dataclasses.fields(ClipSpec)})
+    optional = {"image_width"}
+    spec = ClipSpec(**{f.name: _get(data_cfg, f.name) for f in dataclasses.fields(ClipSpec)
+                       if f.name not in optional or f.name in data_cfg})
     for f in dataclasses.fields(ClipSpec):
         v = getattr(spec, f.name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise DataConfigError(f"data.{f.name} must be a positive integer, got {v!r}")
-    if spec.image_size % spec.patch_size:
-        raise DataConfigError(f"data.image_size={spec.image_size} is not a multiple of "
-                              f"data.patch_size={spec.patch_size}")
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f.name in optional else 1):
+            raise DataConfigError(f"data.{f.name} must be a {'non-negative' if f.name in optional else 'positive'} "
+                                  f"integer, got {v!r}")
+    for name, v in (("image_size", spec.image_size), ("image_width", spec.width)):
+        if v % spec.patch_size:
+            raise DataConfigError(f"data.{name}={v} is not a multiple of data.patch_size={spec.patch_size}")
     return spec
 
 
@@ -330,9 +345,9 @@ def _open_source(root: str, name: str, source_id: int, spec: ClipSpec,
     kind = src.manifest.get("video", "frames")
     for shape in src.manifest["frame_shapes"]:
         h, w, c = shape
-        if kind == "latents" and (h != spec.image_size or w != spec.image_size or c != spec.channels):
-            raise DataConfigError(f"source {name!r}: latents are {h}x{w}x{c}; set data.image_size={h} "
-                                  f"(square) and data.channels={c} to train on them")
+        if kind == "latents" and (h != spec.image_size or w != spec.width or c != spec.channels):
+            raise DataConfigError(f"source {name!r}: latents are {h}x{w}x{c}; set data.image_size={h}, "
+                                  f"data.image_width={w} and data.channels={c} to train on them")
         if kind == "frames" and c != spec.channels:
             raise DataConfigError(f"source {name!r}: frames have {c} channels, data.channels={spec.channels}")
     embodiments = {}

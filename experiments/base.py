@@ -113,9 +113,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         root="data/embedded",     # folder holding one sub-folder of ArrayRecord shards per source
-        image_size=32,            # frames are resized to image_size x image_size
-        patch_size=8,             # video tokens: (image_size / patch_size)^2 patches per frame
-        channels=3,
+        image_size=32,            # frame height (and width unless image_width is set)
+        image_width=0,            # frame width; 0: square frames (image_size x image_size)
+        patch_size=8,             # video tokens: (image_size / patch_size) (width / patch_size) per frame
+        channels=3,               # 3 for RGB frames; the latent channels for pre-encoded sources
         num_blocks=8,             # step blocks per clip
         action_chunk=4,           # k: control steps (action tokens) per block; frame stride in a clip
         action_dim=32,            # actions are zero-padded to this size (max over embodiments)

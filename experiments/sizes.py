@@ -21,8 +21,12 @@ def apply_size(c: ml_collections.ConfigDict, size: str) -> ml_collections.Config
                             mlp_ratio=4.0, pattern=("swa", "swa", "dswa", "gdn"), window=8, dilation=4,
                             text_width=1024, text_depth=6, text_heads=16, cond_dim=512, dtype="bfloat16",
                             param_dtype="float32", scan_layers=True, remat="full"))
-        c.data.update(dict(image_size=256, patch_size=16, num_blocks=16, action_chunk=8, text_len=128))
-        c.train.update(dict(batch_size=256, lr=2e-4, warmup_steps=2000, grad_accum=1))
+        # The paper's sequence shape: 21 latent frames of 30 x 52 tokens, i.e. 480 x 832 video through
+        # an 8x spatially downsampling VAE (16 latent channels, pre-encoded by the converter's
+        # --encoder) and 2 x 2 patches; 8 action tokens per block: 21 x 1568 = 32,928 tokens per clip.
+        c.data.update(dict(image_size=60, image_width=104, channels=16, patch_size=2, num_blocks=21,
+                           action_chunk=8, text_len=128))
+        c.train.update(dict(batch_size=32, lr=2e-4, warmup_steps=2000, grad_accum=1))
         c.mesh.update(dict(data=1, fsdp=-1, tensor=1, context=1))
         return c
     raise ValueError(f"unknown model size {size!r}; allowed: '', 'base', 'embedded', '4b'")

@@ -1,8 +1,14 @@
 """Compile the real train step for a TPU slice or GPU cluster without the hardware: memory and FLOPs first.
 
-    python -m kairos_jax.aot --config=experiments/kairos_4b.py --topology=v5p:4x4x4 \
+    python -m kairos_jax.compile --config=experiments/kairos_4b.py --topology=v5p-128 \
         [--phase=phase1_video] [--config.train.batch_size=128 ...]
-    python -m kairos_jax.aot --config=experiments/kairos_4b.py --topology=h100:8x8
+    python -m kairos_jax.compile --config=experiments/kairos_4b.py --topology=8xh100
+
+(`python -m kairos_jax.aot` is the same CLI.) Topologies: Cloud TPU slice names (v5p-64: 64
+TensorCores = 32 chips, 2x4x4; v6e-8: 8 chips, 2x4), explicit shapes (v5p:2x4x4, v6e:2x4), GPU
+counts (8xh100 = one host of 8) or hosts x GPUs (h100:2x8). The last stdout line is one JSON
+object (topology, devices, peak_bytes_per_device, hbm_bytes_per_device, model_flops_per_step,
+...); exit status 3 when the step does not fit, 2 for a bad config or topology.
 
 The step compiled is the one the trainer runs (`trainer.make_train_step`): the config's mesh is
 resolved over the topology's chips, the train state is `trainer.abstract_train_state` (shapes and
@@ -29,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import math
 import os
 import sys
 import time
@@ -61,33 +69,15 @@ class Chip:
 GB, GIB = 10 ** 9, 2 ** 30
 
 
-def _gpu_target_config(name: str, sms: int, memory_bytes: int, bandwidth: float, clock_ghz: float) -> str:
-    """stream_executor.GpuTargetConfigProto (text) of an sm_90 (Hopper) GPU: what XLA:GPU needs to
-    compile without the device. Limits per compute capability 9.0 from the CUDA C++ Programming
-    Guide (technical specifications table); SM count, memory, bandwidth and clock from the datasheet."""
-    return f"""gpu_device_info {{
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_block_optin: 232448
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: {sms}
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: {int(bandwidth)}
-  l2_cache_size: 52428800
-  clock_rate_ghz: {clock_ghz}
-  device_memory_size: {memory_bytes}
-  cuda_compute_capability {{ major: 9 minor: 0 }}
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-device_description_str: "{name}"
-"""
+_GPU_TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+
+
+def gpu_target_config(filename: str) -> str:
+    """A stream_executor.GpuTargetConfigProto (text format) kept in kairos_jax/gpu_targets/: what
+    XLA:GPU needs to compile for a GPU it does not have (limits per compute capability, SM count,
+    memory, bandwidth, clock). The files cite their sources."""
+    with open(os.path.join(_GPU_TARGETS, filename)) as f:
+        return f.read()
 
 
 # TPUs: cloud.google.com/tpu/docs/<generation>, "key specifications" (HBM capacity and peak bf16
@@ -102,9 +92,9 @@ CHIPS = {
     "v5p": Chip("tpu", "TPU v5", 95 * GIB, "95 GiB", 459e12, "cloud.google.com/tpu/docs/v5p"),
     "v6e": Chip("tpu", "TPU v6 lite", 32 * GIB, "32 GiB", 918e12, "cloud.google.com/tpu/docs/v6e"),
     "h100": Chip("cuda", "NVIDIA H100 80GB HBM3", 80 * GB, "80 GB", 989e12, "NVIDIA H100 datasheet (SXM5)",
-                 (("target_config", _gpu_target_config("NVIDIA H100 80GB HBM3", 132, 80 * GB, 3.35e12, 1.98)),)),
+                 (("target_config", gpu_target_config("h100_sxm.txtpb")),)),
     "h200": Chip("cuda", "NVIDIA H200", 141 * GB, "141 GB", 989e12, "NVIDIA H200 datasheet (SXM)",
-                 (("target_config", _gpu_target_config("NVIDIA H200", 132, 141 * GB, 4.8e12, 1.98)),)),
+                 (("target_config", gpu_target_config("h200_sxm.txtpb")),)),
 }
 _SHAPE_HELP = {"tpu3": "2x2x2 (chips per axis of the 3-D torus)", "tpu2": "2x4 (chips per axis of the 2-D torus)",
                "cuda": "2x8 (hosts x GPUs per host)"}
@@ -114,10 +104,50 @@ class AotError(RuntimeError):
     """The target cannot be compiled for: a bad topology name, or the compiler plugin missing."""
 
 
+# Cloud TPU slice names count TensorCores for the megacore generations (v4, v5p: 2 per chip, one
+# JAX device per chip) and chips for the single-core ones (v5e, v6e).
+_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+
+
+def _torus_shape(chips: int, ndim: int) -> tuple[int, ...]:
+    """The slice shape Cloud TPU uses for a power-of-two chip count: grow the smallest axis, the
+    last one first (v5p: 4 chips 1x2x2 ~ 2x2x1, 8 2x2x2, 16 2x2x4, 32 2x4x4, 64 4x4x4, 128 4x4x8;
+    v6e: 8 chips 2x4, 16 4x4, 64 8x8, 256 16x16)."""
+    dims = [1] * ndim
+    while math.prod(dims) < chips:
+        i = max(j for j in range(ndim) if dims[j] == min(dims))
+        dims[i] *= 2
+    return tuple(sorted(dims, reverse=True)) if chips < 2 ** ndim else tuple(dims)   # v5p-8: 2x2x1
+
+
 def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
-    """'v5p:4x4x4' -> ('v5p', (4, 4, 4)); 'h100:2x8' -> ('h100', (2, 8)): 2 hosts of 8 GPUs."""
+    """A target -> (accelerator, shape).
+
+    TPU: 'v5p:4x4x4' (chips per torus axis) or the Cloud TPU slice name 'v5p-128' (TensorCores for
+    v4 / v5p, chips for v5e / v6e) -> ('v5p', (4, 4, 4)). GPU: 'h100:2x8' (hosts x GPUs per host)
+    or '16xh100' (GPUs, 8 per host) -> ('h100', (2, 8)).
+    """
     gen, sep, shape = topology.partition(":")
-    if not sep or gen not in CHIPS:
+    if not sep:
+        count, x, gpu = topology.partition("x")
+        name, dash, size = topology.partition("-")
+        if x and gpu in CHIPS and CHIPS[gpu].platform == "cuda" and count.isdigit() and int(count) > 0:
+            n = int(count)
+            if n > 8 and n % 8:
+                raise AotError(f"--topology={topology!r}: more than 8 GPUs must be whole hosts of 8")
+            return gpu, (max(1, n // 8), min(n, 8))
+        if dash and name in _CORES_PER_CHIP and size.isdigit() and int(size) > 0:
+            n, per = int(size), _CORES_PER_CHIP[name]
+            chips = n // per
+            if n % per or chips & (chips - 1):
+                raise AotError(f"--topology={topology!r}: {name} slices are named by "
+                               f"{'TensorCores (2 per chip)' if per == 2 else 'chips'}, a power of two"
+                               f"{' from 8' if per == 2 else ''}, e.g. {name}-{8 * per}")
+            return name, _torus_shape(chips, 2 if name in ("v5e", "v6e") else 3)
+        raise AotError(f"--topology={topology!r}: expected a slice name like v5p-64 or v6e-8, a GPU count like "
+                       f"8xh100, or <accelerator>:<shape> like v5p:2x2x2 or h100:2x8, with accelerator one of "
+                       f"{sorted(CHIPS)}")
+    if gen not in CHIPS:
         raise AotError(f"--topology={topology!r}: expected <accelerator>:<shape>, e.g. v5p:2x2x2 or h100:2x8, "
                        f"with accelerator one of {sorted(CHIPS)}")
     try:
@@ -131,6 +161,12 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
     if len(dims) != want:
         raise AotError(f"--topology={topology!r}: {gen} shapes have {want} numbers, e.g. {_SHAPE_HELP[kind]}")
     return gen, dims
+
+
+def canonical_topology(topology: str) -> str:
+    """'v5p-64' -> 'v5p:2x4x4', '8xh100' -> 'h100:1x8' (the form the compiler plugins take)."""
+    gen, dims = parse_topology(topology)
+    return f"{gen}:{'x'.join(map(str, dims))}"
 
 
 def libtpu_available() -> bool:
@@ -149,6 +185,7 @@ def topology_devices(topology: str) -> list:
     from jax.experimental import topologies
 
     gen, dims = parse_topology(topology)
+    topology = canonical_topology(topology)
     chip = CHIPS[gen]
     if chip.platform == "tpu":
         if not libtpu_available():
@@ -237,6 +274,21 @@ class Report:
     @property
     def fits(self) -> bool:
         return self.peak_bytes <= self.hbm_bytes
+
+    def summary(self) -> dict:
+        """The CLI's last stdout line (one JSON object)."""
+        return {
+            "topology": self.topology, "target": canonical_topology(self.topology), "devices": self.chips,
+            "device_kind": self.device_kind, "mesh": self.mesh, "phase": self.phase,
+            "params": self.params, "batch_size": self.batch_size, "tokens_per_step": self.tokens_per_step,
+            "argument_bytes_per_device": self.argument_bytes, "output_bytes_per_device": self.output_bytes,
+            "alias_bytes_per_device": self.alias_bytes, "temp_bytes_per_device": self.temp_bytes,
+            "code_bytes_per_device": self.code_bytes, "peak_bytes_per_device": self.peak_bytes,
+            "hbm_bytes_per_device": self.hbm_bytes, "hbm_used_fraction": self.peak_bytes / self.hbm_bytes,
+            "fits": self.fits, "remat": self.remat, "step_flops": self.step_flops,
+            "model_flops_per_step": self.model_flops, "model_flops_per_token": self.model_flops_per_token,
+            "xla_flops_per_device": self.xla_flops_per_chip, "compile_s": self.compile_s,
+        }
 
     @property
     def model_flops_per_token(self) -> float:
@@ -350,8 +402,16 @@ def main(argv):
             raise
         print(f"error: the train step does not fit in HBM on {_TOPOLOGY.value} (XLA's compiler):\n{e}",
               file=sys.stderr)
+        gen, _ = parse_topology(_TOPOLOGY.value)
+        print(json.dumps({"topology": _TOPOLOGY.value, "target": canonical_topology(_TOPOLOGY.value),
+                          "fits": False, "hbm_bytes_per_device": CHIPS[gen].hbm_bytes,
+                          "error": "RESOURCE_EXHAUSTED from XLA's compiler"}), flush=True)
         sys.exit(3)
     print(report.format())
+    if not report.fits:
+        print(f"error: the train step does not fit: {report.peak_bytes / GIB:.2f} GiB peak per device > "
+              f"{report.hbm_bytes / GIB:.2f} GiB HBM on {report.topology}", file=sys.stderr)
+    print(json.dumps(report.summary()), flush=True)
     sys.exit(0 if report.fits else 3)
 
 

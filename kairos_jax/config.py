@@ -63,9 +63,12 @@ def validate(cfg) -> None:
                  "text_len", "num_embodiments"):
         _positive_int(cfg, "data", name)
     _positive_int(cfg, "data", "worker_count", minimum=0)
+    _positive_int(cfg, "data", "image_width", minimum=0)
+    _positive_int(cfg, "data", "channels")
     _req(d.image_size % d.patch_size == 0, "data.image_size", d.image_size,
          f"must be a multiple of data.patch_size={d.patch_size}")
-    _req(d.channels in (1, 3), "data.channels", d.channels, "one of (1, 3)")
+    _req(d.image_width % d.patch_size == 0, "data.image_width", d.image_width,
+         f"must be 0 (square frames) or a multiple of data.patch_size={d.patch_size}")
     _req(isinstance(d.root, str) and d.root != "", "data.root", d.root, "a directory path")
 
     # train

@@ -229,11 +229,12 @@ def load_episode_clip(cfg, root: str, source: str, episode: str | None, num_bloc
         raise RolloutError(f"episode {ep.episode_id} has {ep.num_frames} frames: at most {max_blocks} blocks of "
                            f"{k} steps, asked for {num_blocks} (context + steps); lower --steps")
     spec = ClipSpec(num_blocks=num_blocks, action_chunk=k, image_size=d.image_size, patch_size=d.patch_size,
-                    channels=d.channels, action_dim=d.action_dim, proprio_dim=d.proprio_dim, text_len=d.text_len)
+                    channels=d.channels, action_dim=d.action_dim, proprio_dim=d.proprio_dim, text_len=d.text_len,
+                    image_width=d.get("image_width", 0))
     sspec = _source_spec(src, source)
     clip = make_clip(ep, 0, spec, sspec)
     idx = k * np.arange(num_blocks)
-    frames = np.clip(np.rint(resize_frames(ep.frames[idx], d.image_size)), 0, 255).astype(np.uint8)
+    frames = np.clip(np.rint(resize_frames(ep.frames[idx], d.image_size, spec.width)), 0, 255).astype(np.uint8)
     raw = None
     if ep.actions is not None:
         raw = ep.actions[np.clip(idx[:, None] - k + np.arange(k)[None, :], 0, ep.num_frames - 1)]
@@ -241,12 +242,13 @@ def load_episode_clip(cfg, root: str, source: str, episode: str | None, num_bloc
                        ep.embodiment, float(ep.fps))
 
 
-def unpatchify(video, image_size: int, patch: int, channels: int) -> np.ndarray:
-    """[T, N, p p C] in [-1, 1] -> uint8 [T, H, W, C] (inverse of data_pipelines.pipeline.patchify)."""
-    T = video.shape[0]
-    g = image_size // patch
-    x = np.asarray(video, np.float32).reshape(T, g, g, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(T, image_size, image_size, channels)
+def unpatchify(video, image_size: int, patch: int, channels: int, width: int | None = None) -> np.ndarray:
+    """[T, N, p p C] in [-1, 1] -> uint8 [T, H, W, C] (inverse of data_pipelines.pipeline.patchify);
+    H = image_size, W = width (default: square)."""
+    T, width = video.shape[0], width or image_size
+    gh, gw = image_size // patch, width // patch
+    x = np.asarray(video, np.float32).reshape(T, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(T, image_size, width, channels)
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -422,7 +424,7 @@ def closed_loop_reacher(model, cfg, root: str, source: str, *, blocks: int, num_
     key = jax.random.key(seed)
 
     def tokens(frame):
-        x = resize_frames(frame[None], d.image_size)
+        x = resize_frames(frame[None], d.image_size, d.get("image_width", 0))
         return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)        # [1, N, Dp]
 
     with ReacherRecorder(64) as env:
@@ -511,7 +513,7 @@ def _run(args) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     d = cfg.data
     if "video" in result:
-        pred = unpatchify(result["video"], d.image_size, d.patch_size, d.channels)
+        pred = unpatchify(result["video"], d.image_size, d.patch_size, d.channels, d.get("image_width", 0))
         truth = ep.frames[context:]
         per_step = [{"step": i, "block": context + i, "psnr": psnr(t, p), "ssim": ssim(t, p)}
                     for i, (t, p) in enumerate(zip(truth, pred))]

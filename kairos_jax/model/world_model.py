@@ -58,7 +58,8 @@ class TokenLayout:
 
     @classmethod
     def from_config(cls, data_cfg):
-        n = (data_cfg.image_size // data_cfg.patch_size) ** 2
+        width = data_cfg.get("image_width", 0) or data_cfg.image_size
+        n = (data_cfg.image_size // data_cfg.patch_size) * (width // data_cfg.patch_size)
         return cls(num_blocks=data_cfg.num_blocks, action_tokens=data_cfg.action_chunk,
                    action_dim=data_cfg.action_dim, video_tokens=n,
                    patch_dim=data_cfg.patch_size ** 2 * data_cfg.channels,

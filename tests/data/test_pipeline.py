@@ -346,3 +346,34 @@ def test_non_square_frames_are_centre_cropped_then_area_resized(rng):
     want = crop.reshape(2, 32, 3, 32, 3, 3).mean(axis=(2, 4))
     np.testing.assert_allclose(got, want, atol=1e-3)
     assert got.dtype == np.float32 and got.shape == (2, 32, 32, 3)
+
+
+def test_rectangular_output_crops_to_its_aspect_then_area_resizes(rng):
+    from data_pipelines.pipeline import resize_frames
+
+    frames = rng.integers(0, 256, (2, 60, 64, 3), dtype=np.uint8)
+    got = resize_frames(frames, 16, 32)          # 1:2 output: crop the central 32 rows x 64 columns
+    want = frames[:, 14:46].astype(np.float64).reshape(2, 16, 2, 32, 2, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert got.shape == (2, 16, 32, 3)
+    tall = resize_frames(frames[:, :, :30], 20, 10)   # 60x30 is already 2:1: no crop, 3x3 block means
+    np.testing.assert_allclose(tall, frames[:, :, :30].astype(np.float64).reshape(2, 20, 3, 10, 3, 3)
+                               .mean(axis=(2, 4)), atol=1e-3)
+
+
+def test_rectangular_latents_need_image_width_and_are_patchified_row_major(tmp_path, rng):
+    from data_pipelines.episode import Episode
+
+    z = rng.normal(size=(12, 4, 8, 2)).astype(np.float32)          # 4 x 8 latents (the paper's 30 x 52 kind)
+    ep = Episode(frames=None, latents=z, actions=None, proprio=None, text="wide latent clip",
+                 embodiment="passive_camera", fps=10.0, source="lat", episode_id="w0")
+    write_episodes(str(tmp_path / "lat"), "lat", [ep])
+    square = _cfg(str(tmp_path), image_size=4, patch_size=2, channels=2, num_blocks=2, action_chunk=2)
+    with pytest.raises(DataConfigError, match="latents are 4x8x2; set data.image_size=4, data.image_width=8"):
+        build_dataset(square, _phase(lat=1.0), seed=0, batch_size=1)
+    cfg = _cfg(str(tmp_path), image_size=4, image_width=8, patch_size=2, channels=2, num_blocks=2, action_chunk=2)
+    batch = next(iter(build_dataset(cfg, _phase(lat=1.0), seed=0, batch_size=1)))
+    assert batch["video"].shape == (1, 2, 8, 8)                   # (4/2) x (8/2) patches of 2 x 2 x 2
+    start = int(round(batch["progress"][0, 0] * 11))
+    frame = z[start]
+    np.testing.assert_array_equal(batch["video"][0, 0, 5], frame[2:4, 2:4].reshape(-1))   # row 1, column 1
