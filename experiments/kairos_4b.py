@@ -1,7 +1,8 @@
 """The paper's model size (about 4B parameters) over the whole curriculum.
 
 Width 2560, 32 layers, 20 heads, pattern [swa, swa, dswa, gdn] with dilation 4, action expert
-width 1024. Compile it for a TPU topology without hardware with `python -m kairos_jax.aot`.
+width 1024, at the paper's sequence shape (see experiments/sizes.py). Compile it for a TPU slice or a
+GPU node without hardware: `python -m kairos_jax.compile --config=experiments/kairos_4b.py --topology=v5p-64`.
 """
 
 from experiments import base, sizes
