@@ -69,10 +69,10 @@ def _banded_forward(q, k, v, tile, block_size, window, scale):
     def query_tile(I):
         q_i = qt[I] * scale
 
-        def visit(J, carry):
+        def visit(J, carry, valid=True):
             m, l, acc = carry
             s = jnp.einsum("bhqd,bhkd->bhqk", q_i, kt[J])
-            s = jnp.where(_pair_mask(I, J, tile, block_size, window), s, -jnp.inf)
+            s = jnp.where(_pair_mask(I, J, tile, block_size, window) & valid, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             c = jnp.exp(m - m_new)
@@ -84,8 +84,15 @@ def _banded_forward(q, k, v, tile, block_size, window, scale):
                 jnp.zeros(q_i.shape, q.dtype))
         # the diagonal tile first: it holds every query's own block, so the running max is finite
         m, l, acc = visit(I, init)
-        lo = jnp.maximum(I - span, 0)
-        m, l, acc = jax.lax.fori_loop(lo, I, lambda j, c: visit(I - 1 - (j - lo), c), (m, l, acc))
+        if window is None:
+            # full block-causal: tiles I-1 .. 0, a trip count that depends on I (no masked work)
+            m, l, acc = jax.lax.fori_loop(0, I, lambda t, c: visit(I - 1 - t, c), (m, l, acc))
+        else:
+            # a band: the span tiles before it, a static trip count (tiles before the first are
+            # masked out). A loop of known length lowers to a scan, which FLOP counters
+            # (kairos_jax.metrics.matmul_flops) and XLA's scheduler see whole.
+            m, l, acc = jax.lax.fori_loop(
+                0, span, lambda t, c: visit(jnp.maximum(I - 1 - t, 0), c, I - 1 - t >= 0), (m, l, acc))
         return acc / l[..., None], m + jnp.log(l)
 
     o, lse = jax.lax.map(query_tile, jnp.arange(n))
@@ -118,11 +125,12 @@ def _banded_bwd(tile, block_size, window, scale, res, do):
     def key_tile(dq, J):
         k_j, v_j = kt[J], vt[J]
 
-        def visit(I, c):
+        def visit(t, c):
             dq, dk_j, dv_j = c
+            I = jnp.minimum(J + t, n - 1)           # past the last tile: masked out entirely
             q_i, do_i = qt[I], dot[I]
             s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j) * scale
-            s = jnp.where(_pair_mask(I, J, tile, block_size, window), s, -jnp.inf)
+            s = jnp.where(_pair_mask(I, J, tile, block_size, window) & (J + t < n), s, -jnp.inf)
             p = jnp.exp(s - lse_t[I][..., None])
             dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v_j)
             ds = p * (dp - delta_t[I][..., None]) * scale
@@ -131,7 +139,8 @@ def _banded_bwd(tile, block_size, window, scale, res, do):
                     dv_j + jnp.einsum("bhqk,bhqd->bhkd", p, do_i))
 
         zero = (jnp.zeros_like(k_j), jnp.zeros_like(v_j))
-        dq, dk_j, dv_j = jax.lax.fori_loop(J, jnp.minimum(J + span + 1, n), visit, (dq, *zero))
+        # band: a static trip count (see the forward); full: only the tiles J .. n-1
+        dq, dk_j, dv_j = jax.lax.fori_loop(0, span + 1 if window is not None else n - J, visit, (dq, *zero))
         return dq, (dk_j, dv_j)
 
     dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros_like(qt), jnp.arange(n))

@@ -170,3 +170,22 @@ def test_chunked_memory_grows_linearly_in_sequence_length():
 
     small, large = temp_bytes(2048), temp_bytes(8192)
     assert large <= 4.5 * small  # quadratic growth would be 16x
+
+
+def test_flop_count_sees_every_window_tile_forward_and_backward():
+    """The band loops have static trip counts, so kairos_jax.metrics.matmul_flops (the MFU and AOT
+    FLOP count) counts every visited tile: forward n (span + 1) tile pairs of QK^T and PV; the
+    backward recomputes QK^T (P from the saved log-sum-exp) and adds dP = dO V^T, dQ, dK, dV."""
+    from kairos_jax.metrics import matmul_flops
+    from pallas_kernels.window_attention.chunked import window_attention_chunked
+
+    B, T, H, D, bs, tile, window = 1, 512, 2, 16, 32, 64, 4
+    n, span = T // tile, 2                      # tiles, and tiles before the diagonal (3 blocks back)
+    x = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
+    f = lambda q, k, v: window_attention_chunked(q, k, v, block_size=bs, window=window, tile=tile)
+    pair = 2 * B * H * tile * tile * D          # one [tile, D] x [D, tile] (or [tile, tile] x [tile, D])
+    fwd, unknown = matmul_flops(jax.make_jaxpr(f)(x, x, x).jaxpr)
+    assert unknown == [] and fwd == n * (span + 1) * 2 * pair
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2))
+    total, unknown = matmul_flops(jax.make_jaxpr(grad)(x, x, x).jaxpr)
+    assert unknown == [] and total == n * (span + 1) * (2 + 5) * pair
