@@ -131,6 +131,11 @@ def activation_sharding(mesh: Mesh | None, rules):
         _CTX.mesh, _CTX.rules = prev
 
 
+def active_mesh() -> tuple[Mesh | None, tuple]:
+    """(mesh, rules) of the enclosing `activation_sharding` ((None, ()) outside one)."""
+    return _CTX.mesh, _CTX.rules
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `activation_sharding`."""
     mesh = _CTX.mesh
@@ -145,7 +150,8 @@ def map_over_batch_and_heads(fn, *xs):
 
     Under `activation_sharding` with a multi-device mesh, `fn` runs inside `jax.shard_map` with the
     batch split over the mesh axes of `act_batch` and the heads over those of `act_heads`; the
-    sequence is whole on every device. Temporal mixers are independent across batch and heads,
+    sequence is whole on every device (see `kairos_jax.context_parallel` for the mixers' form
+    that splits the sequence over the `context` axis). Temporal mixers are independent across batch and heads,
     so this is exact, and it is what lets a Pallas kernel (a custom call XLA cannot partition)
     run on sharded activations without gathering them. Outputs have the same layout.
     """

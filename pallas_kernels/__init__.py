@@ -5,6 +5,7 @@ from pallas_kernels.gla import gla, gla_step
 from pallas_kernels.window_attention import (
     full_block_causal_attention,
     window_attention,
+    window_attention_prefix,
     window_attention_step,
 )
 
@@ -14,6 +15,7 @@ __all__ = [
     "gla",
     "gla_step",
     "window_attention",
+    "window_attention_prefix",
     "window_attention_step",
     "full_block_causal_attention",
 ]

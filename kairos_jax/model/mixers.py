@@ -22,9 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from kairos_jax import context_parallel
 from kairos_jax.model.attention import masked_attention
 from kairos_jax.model.layers import Linear, RMSNorm, _param, rope
-from kairos_jax.sharding import constrain, map_over_batch_and_heads
+from kairos_jax.sharding import constrain
 
 MIXERS = ("swa", "dswa", "gdn", "full")
 
@@ -88,9 +89,9 @@ class WindowAttentionMixer(nnx.Module):
         q, k, v = self.qkv(streams, positions)
         B, T, S, H, D = q.shape
         flat = lambda x: _seq_constrain(x.reshape(B, T * S, H, D))
-        attend = lambda q, k, v: pallas_kernels.window_attention(
-            q, k, v, block_size=S, window=self.window, dilation=self.dilation, impl=self.impl)
-        o = map_over_batch_and_heads(attend, flat(q), flat(k), flat(v))
+        # split over the `context` mesh axis when there is one (kairos_jax/context_parallel.py)
+        o = context_parallel.window_attention(flat(q), flat(k), flat(v), block_size=S, window=self.window,
+                                              dilation=self.dilation, impl=self.impl)
         return self.out(o.reshape(B, T, S, H, D), sizes)
 
     # -- streaming -----------------------------------------------------------------------------
@@ -239,9 +240,9 @@ class GatedDeltaMixer(nnx.Module):
         flat = lambda x: x.reshape((B, T * S) + x.shape[3:])
         q, k, v, _ = self.conv_qkv(flat(q), flat(k), flat(v))
         g, beta = self.gates(flat(a), flat(b))
-        recur = lambda q, k, v, g, beta: pallas_kernels.gated_delta_rule(
-            q, k, v, g, beta, chunk_size=self.chunk_size, output_final_state=False, impl=self.impl)[0]
-        o = map_over_batch_and_heads(recur, _seq_constrain(q), _seq_constrain(k), _seq_constrain(v), g, beta)
+        # split over the `context` mesh axis when there is one (kairos_jax/context_parallel.py)
+        o = context_parallel.gated_delta_rule(_seq_constrain(q), _seq_constrain(k), _seq_constrain(v), g, beta,
+                                              chunk_size=self.chunk_size, impl=self.impl)
         return self.out(o.reshape(B, T, S, H, D), gate, sizes)
 
     # -- streaming -----------------------------------------------------------------------------

@@ -32,3 +32,19 @@ def window_attention_reference(q, k, v, *, block_size, window, dilation=1, scale
     s = jnp.where(mask, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(dt)).astype(v.dtype)
+
+
+def window_attention_prefix_reference(q, k, v, *, block_size, window, dilation=1, first_valid_block=0,
+                                      scale=None):
+    """Dense oracle of `window_attention_prefix`: q [B, Tq, H, D] are the last Tq of the Tk keys
+    k, v [B, Tk, H, D]; key blocks < first_valid_block are never seen."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    dt = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    scale = D ** -0.5 if scale is None else scale
+    mask = block_window_mask(Tk, block_size, window, dilation)[Tk - Tq:]
+    mask &= (jnp.arange(Tk) // block_size >= first_valid_block)[None, :]
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dt), k.astype(dt)) * scale
+    s = jnp.where(mask, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(dt)).astype(v.dtype)
