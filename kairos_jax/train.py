@@ -117,7 +117,7 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     latest = ckpt.latest_step()
     if latest is not None:
         state = ckpt.restore(latest, trainer.abstract_train_state(tx, setup),
-                             data_iter if latest < phase.steps else None)
+                             data_iter if latest < phase.steps else None, global_batch_size=cfg.train.batch_size)
         log.info("%s: resumed from checkpoint at step %d", name, latest)
     else:
         params = init_params() if callable(init_params) else init_params
