@@ -163,9 +163,9 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
             }
             if flops and peak_flops:
                 scalars["mfu"] = flops / dt / peak_flops
-            for name in ("loss_proprio", "loss_progress"):
-                if name in m:
-                    scalars[name] = m[name] / steps_since
+            for key in ("loss_proprio", "loss_progress"):
+                if key in m:
+                    scalars[key] = m[key] / steps_since
             for i, src in enumerate(sources):
                 if m["src_video_w"][i] > 0:
                     scalars[f"loss_video/{src}"] = m["src_video_err"][i] / m["src_video_w"][i]
