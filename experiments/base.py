@@ -151,6 +151,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         async_checkpointing=True,
         measure_peak_flops=True,
+        # JAX profiler trace of steps (N, M), inclusive, numbered like the metrics (1 = first step) in
+        # every phase: <workdir>/<phase>/profile/process_<i>/ (TensorBoard / XProf). () = off.
+        profile_steps=(),
     ))
 
     # Mesh axes (data, fsdp, tensor, context); -1 fills with the remaining devices.

@@ -76,6 +76,38 @@ class StopRequested:
         return flag
 
 
+class StepProfiler:
+    """JAX profiler trace of steps first..last (config.train.profile_steps, numbered like the metrics).
+
+    Every process traces into its own folder, <directory>/process_<i>/ (the trace files are named by
+    host, which simulated processes on one machine share). The trace starts after the step function
+    is compiled, before step `first`, and stops once step `last` has finished on the device (or when
+    the phase ends or stops early)."""
+
+    def __init__(self, steps, directory: str, phase: str):
+        self.first, self.last = tuple(steps) if steps else (None, None)
+        self.directory = os.path.join(directory, f"process_{jax.process_index()}")
+        self.phase = phase
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.first is not None and not self.active and self.first <= step <= self.last:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+            log.info("%s: profiling steps %d..%d into %s", self.phase, step, self.last, self.directory)
+
+    def after(self, step: int, state) -> None:
+        if self.active and step >= self.last:
+            self.close(state)
+
+    def close(self, state) -> None:
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("%s: profiler trace written to %s", self.phase, self.directory)
+
+
 @dataclasses.dataclass
 class PhaseResult:
     name: str
@@ -117,7 +149,7 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     latest = ckpt.latest_step()
     if latest is not None:
         state = ckpt.restore(latest, trainer.abstract_train_state(tx, setup),
-                             data_iter if latest < phase.steps else None)
+                             data_iter if latest < phase.steps else None, global_batch_size=cfg.train.batch_size)
         log.info("%s: resumed from checkpoint at step %d", name, latest)
     else:
         params = init_params() if callable(init_params) else init_params
@@ -143,12 +175,16 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     t_last, steps_since = time.perf_counter(), 0
     acc = None
     compiled = None
+    profiler = StepProfiler(cfg.train.get("profile_steps", ()), os.path.join(pdir, "profile"), name)
     for step in range(start, phase.steps):
         batch = trainer.global_batch(setup, next(data_iter))
         if compiled is None:  # compile once; MFU counts the step's matmul FLOPs per device
             compiled = step_fn.compile(state, batch)
             flops = step_fn.flops(state, batch) / setup.mesh.size
-        state, m = compiled(state, batch)
+        profiler.before(step + 1)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+            state, m = compiled(state, batch)
+        profiler.after(step + 1, state)
         acc = m if acc is None else jax.tree.map(np.add, acc, m)
         steps_since += 1
         done = step + 1
@@ -163,9 +199,9 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
             }
             if flops and peak_flops:
                 scalars["mfu"] = flops / dt / peak_flops
-            for name in ("loss_proprio", "loss_progress"):
-                if name in m:
-                    scalars[name] = m[name] / steps_since
+            for key in ("loss_proprio", "loss_progress"):
+                if key in m:
+                    scalars[key] = m[key] / steps_since
             for i, src in enumerate(sources):
                 if m["src_video_w"][i] > 0:
                     scalars[f"loss_video/{src}"] = m["src_video_err"][i] / m["src_video_w"][i]
@@ -185,6 +221,7 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
                 ckpt.save(done, state, data_iter)
             stopped = True
             break
+    profiler.close(state)
     if pbar is not None:
         pbar.close()
     writer.close()

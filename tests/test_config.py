@@ -39,6 +39,8 @@ BAD = [
     ("lr", lambda c: c.train.update(dict(lr=0.0)), "train.lr"),
     ("sigma", lambda c: c.train.update(dict(sigma_sampling="cosine")), "train.sigma_sampling"),
     ("mesh", lambda c: c.mesh.update(dict(data=-1, fsdp=-1)), "mesh"),
+    ("profile", lambda c: c.train.update(dict(profile_steps=(5, 3))), "train.profile_steps"),
+    ("profile0", lambda c: c.train.update(dict(profile_steps=(0, 3))), "train.profile_steps"),
     ("mesh0", lambda c: c.mesh.update(dict(tensor=0)), "mesh.tensor"),
     ("curriculum", lambda c: setattr(c, "curriculum", ("phase9",)), "curriculum"),
     ("weights", lambda c: c.phases.phase1_video.mixture.update(dict(passive_video=-1.0)), "mixture"),
