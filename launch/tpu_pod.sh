@@ -10,7 +10,7 @@
 #
 # setup  copies this repository to REPO_DIR on every host (gcloud ... scp --worker=all) and installs
 #        it with the TPU extra into a venv there (REPO_DIR/.venv, `pip install -e .[tpu]`).
-# aot    compiles the train step for this slice's topology on worker 0 only (kairos_jax.aot; the
+# aot    compiles the train step for this slice's topology on worker 0 only (kairos_jax.compile; the
 #        topology is TOPOLOGY, e.g. v5p:4x4x4): the memory and FLOPs check before spending the slice.
 # train  runs `python -m kairos_jax.train --distributed=on <flags>` on all workers at once
 #        (gcloud compute tpus tpu-vm ssh --worker=all); each host's output is prefixed with its
@@ -27,7 +27,7 @@
 set -euo pipefail
 
 usage() {
-  echo "usage: TPU_NAME=... ZONE=... $0 {setup|aot|train} [flags for kairos_jax.aot / kairos_jax.train]" >&2
+  echo "usage: TPU_NAME=... ZONE=... $0 {setup|aot|train} [flags for kairos_jax.compile / kairos_jax.train]" >&2
   exit 2
 }
 [[ $# -ge 1 ]] || usage
@@ -62,7 +62,7 @@ case "$action" in
     ;;
   aot)
     : "${TOPOLOGY:?set TOPOLOGY to the topology of the slice, e.g. v5p:4x4x4}"
-    on_workers 0 "cd $(printf '%q' "$repo_dir") && .venv/bin/python -m kairos_jax.aot \
+    on_workers 0 "cd $(printf '%q' "$repo_dir") && .venv/bin/python -m kairos_jax.compile \
       --topology=$(printf '%q' "$TOPOLOGY")$remote_args"
     ;;
   train)
