@@ -45,8 +45,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
 def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:
+        # A TPU torus whose axes cannot be grouped into the mesh axes (e.g. fsdp=16 x tensor=2 x
+        # context=2 on 4x4x4): let mesh_utils split a physical axis between two mesh axes.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def _rules_dict(rules) -> dict[str, tuple[str, ...]]:
