@@ -42,7 +42,8 @@ def _sub_jaxprs(value):
 
 def matmul_flops(jaxpr) -> tuple[float, list[str]]:
     """Matmul FLOPs (2 per multiply-add of every dot_general) of a jaxpr, looking into nested
-    jaxprs: a scan body counts `length` times, a cond its most expensive branch. Returns the FLOPs
+    jaxprs: a scan body counts `length` times, a cond its most expensive branch, a shard_map body
+    once per device of its manual axes. Returns the FLOPs
     and the primitives whose repeat count is not static (while loops: body counted once). A
     pallas_call's kernel body is counted once, not once per grid step, so with Pallas mixers the
     count is short by their FLOPs."""
@@ -62,6 +63,9 @@ def matmul_flops(jaxpr) -> tuple[float, list[str]]:
             unknown.extend(u)
         if name == "scan":
             total += eqn.params["length"] * sum(f for f, _ in inner)
+        elif name == "shard_map":
+            # the body is one device's program, run by every device of its manual mesh axes
+            total += _shard_map_copies(eqn.params) * sum(f for f, _ in inner)
         elif name == "cond":
             total += max(f for f, _ in inner)
         else:
@@ -69,6 +73,13 @@ def matmul_flops(jaxpr) -> tuple[float, list[str]]:
                 unknown.append(name)
             total += sum(f for f, _ in inner)
     return total, unknown
+
+
+def _shard_map_copies(params) -> int:
+    mesh = params["mesh"]
+    axes = next((params[k] for k in ("newly_manual_axes", "manual_axes", "axis_names") if k in params), None)
+    axes = mesh.axis_names if axes is None else axes
+    return math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in axes)
 
 
 def compiled_flops(compiled) -> float | None:
