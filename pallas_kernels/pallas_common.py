@@ -13,8 +13,15 @@ values (Triton has none: sub-blocks are read from refs).
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 BACKENDS = ("tpu", "gpu")
+
+
+def tpu_sequential_grid(parallel_axes: int) -> pltpu.CompilerParams:
+    """Mosaic params of a grid of `parallel_axes` independent axes followed by one sequential
+    ('arbitrary') axis, along which a kernel carries its state in VMEM scratch."""
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * parallel_axes + ("arbitrary",))
 
 
 def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:

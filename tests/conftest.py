@@ -79,6 +79,13 @@ def tiny_cfg():
     return tiny_config()
 
 
+@pytest.fixture
+def float64_references():
+    """x64 for one test (float64 references): `pytestmark = pytest.mark.usefixtures(...)`."""
+    with jax.enable_x64(True):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def no_session_wide_x64():
     """Tests that need float64 enable it in a scope (`with jax.enable_x64(True)`); a module that

@@ -18,13 +18,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.gated_delta_rule.pallas_math import chunk_backward, chunk_forward
-from pallas_kernels.pallas_common import TpuTokenLayout, col_to_row
+from pallas_kernels.pallas_common import TpuTokenLayout, col_to_row, tpu_sequential_grid
 
 F32 = jnp.float32
 
-
-def _params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, h0_ref, *refs, scale, dtype, save_states):
@@ -76,7 +73,7 @@ def forward(q, k, v, g_cum, beta, h0, *, scale, chunk_size, interpret, save_stat
             jax.ShapeDtypeStruct((B, H, K, V), F32),
         ],
         scratch_shapes=[pltpu.VMEM((K, V), F32)],
-        compiler_params=_params(),
+        compiler_params=tpu_sequential_grid(2),
         interpret=interpret,
         name="gdn_fwd_tpu",
     )(lk.to_kernel(q), lk.to_kernel(k), lv.to_kernel(v), rows(g_cum.astype(F32)),
@@ -141,7 +138,7 @@ def backward(q, k, v, g_cum, beta, hs, do, dht, *, scale, chunk_size, interpret)
             jax.ShapeDtypeStruct((B, H, K, V), F32),
         ],
         scratch_shapes=[pltpu.VMEM((K, V), F32)],
-        compiler_params=_params(),
+        compiler_params=tpu_sequential_grid(2),
         interpret=interpret,
         name="gdn_bwd_tpu",
     )(lk.to_kernel(q), lk.to_kernel(k), lv.to_kernel(v), rows(g_cum.astype(F32)),

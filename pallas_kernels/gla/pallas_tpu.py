@@ -14,13 +14,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.gla.pallas_math import chunk_backward, chunk_forward
-from pallas_kernels.pallas_common import TpuTokenLayout
+from pallas_kernels.pallas_common import TpuTokenLayout, tpu_sequential_grid
 
 F32 = jnp.float32
 
-
-def _params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, *refs, scale, dtype, save_states):
@@ -65,7 +62,7 @@ def forward(q, k, v, g_cum, h0, *, scale, chunk_size, interpret, save_states):
         out_shape=[jax.ShapeDtypeStruct(lv.kernel_shape(T), v.dtype), *hs_shape[:save_states],
                    jax.ShapeDtypeStruct((B, H, K, V), F32)],
         scratch_shapes=[pltpu.VMEM((K, V), F32)],
-        compiler_params=_params(),
+        compiler_params=tpu_sequential_grid(2),
         interpret=interpret,
         name="gla_fwd_tpu",
     )(lk.to_kernel(q), lk.to_kernel(k), lv.to_kernel(v), lk.to_kernel(g_cum.astype(F32)), h0)
@@ -117,7 +114,7 @@ def backward(q, k, v, g_cum, hs, do, dht, *, scale, chunk_size, interpret):
             jax.ShapeDtypeStruct((B, H, K, V), F32),
         ],
         scratch_shapes=[pltpu.VMEM((K, V), F32)],
-        compiler_params=_params(),
+        compiler_params=tpu_sequential_grid(2),
         interpret=interpret,
         name="gla_bwd_tpu",
     )(lk.to_kernel(q), lk.to_kernel(k), lv.to_kernel(v), lk.to_kernel(g_cum.astype(F32)), hs,

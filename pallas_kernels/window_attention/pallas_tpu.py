@@ -14,14 +14,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.pallas_common import TpuTokenLayout, col_to_row, dot, row_to_col
+from pallas_kernels.pallas_common import TpuTokenLayout, col_to_row, dot, row_to_col, tpu_sequential_grid
 from pallas_kernels.window_attention import pallas_math as wm
 
 F32 = jnp.float32
 
-
-def _params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
 class _Tiling:
@@ -95,7 +92,7 @@ def forward(q, k, v, blocks, *, tile, block_size, window, scale, interpret):
                    jax.ShapeDtypeStruct((B, H, t.n, 1, tile), F32)],
         scratch_shapes=[pltpu.VMEM((tile, 1), F32), pltpu.VMEM((tile, 1), F32),
                         pltpu.VMEM((tile, D), F32)],
-        compiler_params=_params(),
+        compiler_params=tpu_sequential_grid(3),
         interpret=interpret,
         name="window_attention_fwd_tpu",
     )(blocks, blocks, lay.to_kernel(q), lay.to_kernel(k), lay.to_kernel(v))
@@ -167,7 +164,7 @@ def backward(q, k, v, o, lse, do, blocks, *, tile, block_size, window, scale, in
         out_specs=q_spec,
         out_shape=shape,
         scratch_shapes=[scratch],
-        compiler_params=_params(),
+        compiler_params=tpu_sequential_grid(3),
         interpret=interpret,
         name="window_attention_dq_tpu",
     )(blocks, blocks, qk, kk, vk, dok, lse, delta)
@@ -181,7 +178,7 @@ def backward(q, k, v, o, lse, do, blocks, *, tile, block_size, window, scale, in
         out_specs=[k_spec, k_spec],
         out_shape=[shape, shape],
         scratch_shapes=[scratch, scratch],
-        compiler_params=_params(),
+        compiler_params=tpu_sequential_grid(3),
         interpret=interpret,
         name="window_attention_dkv_tpu",
     )(blocks, blocks, kk, qk, vk, dok, lse, delta)

@@ -13,12 +13,8 @@ import pytest
 from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 
-
-@pytest.fixture(autouse=True)
-def float64_references():
-    """The float64 references need x64 inside this module's tests only (not session-wide)."""
-    with jax.enable_x64(True):
-        yield
+# The float64 references need x64 inside this module's tests only (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("float64_references")
 
 
 def relerr(a, b):

@@ -11,12 +11,8 @@ import pytest
 from pallas_kernels.gla.pallas import gla_pallas
 from pallas_kernels.gla.reference import gla_reference
 
-
-@pytest.fixture(autouse=True)
-def float64_references():
-    """The float64 references need x64 inside this module's tests only (not session-wide)."""
-    with jax.enable_x64(True):
-        yield
+# The float64 references need x64 inside this module's tests only (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("float64_references")
 
 
 def relerr(a, b):

@@ -12,12 +12,8 @@ from pallas_kernels.window_attention import pallas_math as wm
 from pallas_kernels.window_attention.pallas import window_attention_pallas
 from pallas_kernels.window_attention.reference import window_attention_reference
 
-
-@pytest.fixture(autouse=True)
-def float64_references():
-    """The float64 references need x64 inside this module's tests only (not session-wide)."""
-    with jax.enable_x64(True):
-        yield
+# The float64 references need x64 inside this module's tests only (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("float64_references")
 
 
 def relerr(a, b):
