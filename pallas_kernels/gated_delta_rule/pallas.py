@@ -1,30 +1,17 @@
 """Gated delta rule with Pallas kernels: backend choice, padding and the custom VJP.
 
-`gated_delta_rule_pallas` runs the chunked WY form as Pallas kernels: Mosaic on TPU
-(`pallas_tpu`), Triton on GPU (`pallas_gpu`), and the Mosaic kernels in interpret mode on CPU
-(tests). Forward and backward are both kernels; `jax.grad` goes through a `custom_vjp` whose
-forward saves each chunk's starting state and whose backward runs the reverse chunk pass.
+`gated_delta_rule_pallas` runs the chunked WY form as Pallas kernels: Mosaic on TPU, Triton on
+GPU, and the Mosaic kernels in interpret mode on CPU (tests). The kernels, the padding and the
+`custom_vjp` are the shared chunked-recurrence skeleton (`pallas_kernels.chunk_recurrence`); this
+op contributes its per-chunk maths (`pallas_math`) and two per-token gates (log decay g, beta).
 
 Under a mesh, call it inside `jax.shard_map` with batch and heads sharded and time whole (the
 recurrence is sequential in time): every argument is per-(batch, head), so each shard runs the
 kernels on its own slice with no communication.
 """
 
-import functools
-
-import jax
-import jax.numpy as jnp
-
-from pallas_kernels.gated_delta_rule import pallas_gpu, pallas_tpu
-from pallas_kernels.pallas_common import (
-    chunk_cumsum,
-    chunk_reverse_cumsum,
-    pad_axis,
-    resolve_backend,
-    round_up,
-)
-
-_KERNELS = {"tpu": pallas_tpu, "gpu": pallas_gpu}
+from pallas_kernels.chunk_recurrence import Recurrence, apply
+from pallas_kernels.gated_delta_rule.pallas_math import chunk_backward, chunk_forward
 
 
 def _check(q, k, v, g, beta, initial_state, chunk_size):
@@ -42,32 +29,8 @@ def _check(q, k, v, g, beta, initial_state, chunk_size):
         raise ValueError(f"gated_delta_rule: chunk_size must be a power of two >= 16, got {chunk_size}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _gdn(q, k, v, g, beta, h0, scale, chunk_size, backend, interpret):
-    kernels = _KERNELS[backend]
-    o, _, ht = kernels.forward(q, k, v, chunk_cumsum(g, chunk_size), beta, h0, scale=scale,
-                               chunk_size=chunk_size, interpret=interpret, save_states=False)
-    return o, ht
-
-
-def _gdn_fwd(q, k, v, g, beta, h0, scale, chunk_size, backend, interpret):
-    kernels = _KERNELS[backend]
-    g_cum = chunk_cumsum(g, chunk_size)
-    o, hs, ht = kernels.forward(q, k, v, g_cum, beta, h0, scale=scale, chunk_size=chunk_size,
-                                interpret=interpret, save_states=True)
-    return (o, ht), (q, k, v, g_cum, beta, hs)
-
-
-def _gdn_bwd(scale, chunk_size, backend, interpret, res, cts):
-    q, k, v, g_cum, beta, hs = res
-    do, dht = cts
-    dq, dk, dv, dg_cum, dbeta, dh0 = _KERNELS[backend].backward(
-        q, k, v, g_cum, beta, hs, do, dht, scale=scale, chunk_size=chunk_size, interpret=interpret)
-    dg = chunk_reverse_cumsum(dg_cum, chunk_size)
-    return dq, dk, dv, dg.astype(g_cum.dtype), dbeta.astype(beta.dtype), dh0
-
-
-_gdn.defvjp(_gdn_fwd, _gdn_bwd)
+GDN = Recurrence(name="gdn", gates=("row", "row"), chunk_forward=chunk_forward,
+                 chunk_backward=chunk_backward)
 
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=64,
@@ -81,14 +44,6 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, initial_state=None, scale=None,
     (the platform's); interpret: see `pallas_common.resolve_backend`.
     """
     _check(q, k, v, g, beta, initial_state, chunk_size)
-    backend, interpret = resolve_backend(backend, interpret)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K ** -0.5 if scale is None else float(scale)
-    Tp = round_up(T, chunk_size)
-    q, k, v, g, beta = (pad_axis(x, Tp) for x in (q, k, v, g, beta))
-    h0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
-    o, ht = _gdn(q, k, v, g.astype(jnp.float32), beta.astype(jnp.float32), h0, scale, chunk_size,
-                 backend, interpret)
-    return o[:, :T], (ht if output_final_state else None)
+    return apply(GDN, q, k, v, (g, beta), initial_state=initial_state, scale=scale,
+                 chunk_size=chunk_size, output_final_state=output_final_state, backend=backend,
+                 interpret=interpret)
