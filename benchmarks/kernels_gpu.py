@@ -11,7 +11,14 @@ same reach in tokens (window * block_size keys). cuDNN's window is token-level, 
 the comparison is of cost at equal reach, not of outputs.
 
 Times are the median of --iters runs after --warmup runs, each synchronised (JAX:
-block_until_ready; PyTorch: CUDA events).
+block_until_ready; PyTorch: CUDA events). Before timing, each length also checks the kernels on
+the device: the relative errors of the Pallas outputs and gradients against the chunked XLA path
+(and of fla's output against ours) are recorded beside the times, and the run fails when one
+exceeds --max-relerr, so a timing is never reported for a wrong kernel.
+
+`--smoke` runs the same code on any backend at tiny shapes (the kernels interpreted on CPU), so
+the script is exercised by the test suite (tests/test_benchmark_scripts.py) before a GPU session
+spends minutes on it; its times mean nothing.
 """
 
 import argparse
@@ -26,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.gated_delta_rule.chunked import gated_delta_rule_chunked
 from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
+from pallas_kernels.window_attention.chunked import window_attention_chunked
 from pallas_kernels.window_attention.pallas import window_attention_pallas
 
 
@@ -94,16 +103,24 @@ def bench_fla(arrays, warmup, iters):
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         out[name] = statistics.median(times)
+    with torch.no_grad():
+        out["o"] = forward()[0].float().cpu().numpy()
     out["version"] = getattr(importlib.import_module("fla"), "__version__", "unknown")
     return out
 
 
-def chunked_gdn():
-    try:
-        module = importlib.import_module("pallas_kernels.gated_delta_rule.chunked")
-    except ImportError:
-        return None
-    return module.gated_delta_rule_chunked
+def relerr(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def agreement(fn, ref, args, n_grad):
+    """Largest relative error of fn's outputs and gradients (w.r.t. its first n_grad arguments)
+    against ref's, both run on this device from the same inputs."""
+    outs = lambda f: [x for x in jax.tree.leaves(jax.jit(f)(*args))]
+    errs = [relerr(a, b) for a, b in zip(outs(fn), outs(ref))]
+    errs += [relerr(a, b) for a, b in zip(outs(with_grad(fn, n_grad)), outs(with_grad(ref, n_grad)))]
+    return max(errs)
 
 
 def main():
@@ -112,58 +129,73 @@ def main():
     parser.add_argument("--lengths", default="2048,8192,16384")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--max-relerr", type=float, default=2e-2,
+                        help="largest relative error (bf16 inputs, float32 accumulation) accepted "
+                             "between the Pallas kernels and the chunked XLA path")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on any backend (CPU: interpreted kernels); checks the "
+                             "script, not the speed")
     args = parser.parse_args()
-    if jax.default_backend() != "gpu":
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu and not args.smoke:
         sys.exit(f"kernels_gpu.py measures the Triton kernels and needs a CUDA GPU; JAX's backend "
-                 f"here is {jax.default_backend()!r}. Run it on a GPU machine.")
+                 f"here is {jax.default_backend()!r}. Run it on a GPU machine (or pass --smoke).")
 
-    H, D, block, window = 16, 128, 256, 8
+    H, D, block, window = (2, 32, 32, 2) if args.smoke else (16, 128, 256, 8)
     device = jax.devices()[0]
     results = {
         "device": device.device_kind,
         "jax": jax.__version__,
         "python": platform.python_version(),
+        "smoke": args.smoke,
         "shapes": {"B": 1, "H": H, "K=V=D": D, "dtype": "bfloat16", "block_size": block,
                    "window_blocks": window},
         "gated_delta_rule": [],
         "window_attention": [],
     }
-    chunked = chunked_gdn()
     bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    bad = []
     for T in (int(t) for t in args.lengths.split(",")):
         arrays = gdn_inputs(T, H, D)
-        q, k, v = (bf16(x) for x in arrays[:3])
-        g, beta = (jnp.asarray(x) for x in arrays[3:])
-        row = {"T": T}
-        impls = {"pallas": lambda *a: gated_delta_rule_pallas(*a)}
-        if chunked is not None:
-            impls["chunked_xla"] = lambda *a: chunked(*a)
-        for name, fn in impls.items():
-            row[f"{name}_fwd_s"] = time_jax(fn, (q, k, v, g, beta), args.warmup, args.iters)
-            row[f"{name}_fwd_bwd_s"] = time_jax(with_grad(fn, 5), (q, k, v, g, beta), args.warmup,
-                                                args.iters)
-        fla = bench_fla(arrays, args.warmup, args.iters)
+        gdn_args = (*(bf16(x) for x in arrays[:3]), *(jnp.asarray(x) for x in arrays[3:]))
+        pallas = lambda *a: gated_delta_rule_pallas(*a)
+        chunked = lambda *a: gated_delta_rule_chunked(*a)
+        row = {"T": T, "pallas_vs_chunked_relerr": agreement(pallas, chunked, gdn_args, 5)}
+        for name, fn in (("pallas", pallas), ("chunked_xla", chunked)):
+            row[f"{name}_fwd_s"] = time_jax(fn, gdn_args, args.warmup, args.iters)
+            row[f"{name}_fwd_bwd_s"] = time_jax(with_grad(fn, 5), gdn_args, args.warmup, args.iters)
+        fla = bench_fla(arrays, args.warmup, args.iters) if on_gpu else None
         if fla is not None:
-            row.update({"fla_fwd_s": fla["fwd"], "fla_fwd_bwd_s": fla["fwd_bwd"]})
+            row.update({"fla_fwd_s": fla["fwd"], "fla_fwd_bwd_s": fla["fwd_bwd"],
+                        "fla_vs_pallas_relerr": relerr(fla["o"], pallas(*gdn_args)[0].astype(jnp.float32))})
             results["fla"] = fla["version"]
         results["gated_delta_rule"].append(row)
         print(json.dumps(row), flush=True)
+        if row["pallas_vs_chunked_relerr"] > args.max_relerr:
+            bad.append(("gated_delta_rule", T, row["pallas_vs_chunked_relerr"]))
 
         Tw = T - T % block
-        qw, kw_, vw = (bf16(np.random.default_rng(i).normal(size=(1, Tw, H, D))) for i in range(3))
+        wa_args = tuple(bf16(np.random.default_rng(i).normal(size=(1, Tw, H, D))) for i in range(3))
         swa = lambda q, k, v: window_attention_pallas(q, k, v, block_size=block, window=window)
-        cudnn = lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, local_window_size=(window * block - 1, 0), implementation="cudnn")
-        row = {"T": Tw}
-        for name, fn in (("pallas", swa), ("cudnn_local", cudnn)):
-            row[f"{name}_fwd_s"] = time_jax(fn, (qw, kw_, vw), args.warmup, args.iters)
-            row[f"{name}_fwd_bwd_s"] = time_jax(with_grad(fn, 3), (qw, kw_, vw), args.warmup, args.iters)
+        swa_xla = lambda q, k, v: window_attention_chunked(q, k, v, block_size=block, window=window)
+        impls = {"pallas": swa}
+        if on_gpu:
+            impls["cudnn_local"] = lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, local_window_size=(window * block - 1, 0), implementation="cudnn")
+        row = {"T": Tw, "pallas_vs_chunked_relerr": agreement(swa, swa_xla, wa_args, 3)}
+        for name, fn in impls.items():
+            row[f"{name}_fwd_s"] = time_jax(fn, wa_args, args.warmup, args.iters)
+            row[f"{name}_fwd_bwd_s"] = time_jax(with_grad(fn, 3), wa_args, args.warmup, args.iters)
         results["window_attention"].append(row)
         print(json.dumps(row), flush=True)
+        if row["pallas_vs_chunked_relerr"] > args.max_relerr:
+            bad.append(("window_attention", Tw, row["pallas_vs_chunked_relerr"]))
 
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {args.out}")
+    if bad:
+        sys.exit(f"kernels disagree with the chunked XLA path beyond --max-relerr={args.max_relerr}: {bad}")
 
 
 if __name__ == "__main__":
