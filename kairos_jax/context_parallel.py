@@ -17,7 +17,8 @@ receiver needs (whole shards for the near hops, the tail for the farthest). Shar
 receive nothing for blocks before block 0; those are masked (`first_valid_block`), not zero-filled,
 since a zero key would still get softmax weight. The local queries then attend to [halo | own
 keys] with the same block-causal window rule at a block offset of h (`pallas_kernels.
-window_attention_prefix`, banded: FLOPs ~ (T_loc + h S) x W S per head, S tokens per block).
+window_attention_prefix`, S tokens per block: on GPU/TPU the flash kernels, with the queries padded
+in front by the h halo blocks, FLOPs ~ (T_loc + h S) x W S per head; on CPU the banded XLA form).
 Communication per layer and direction: h x S x H x D values each of K and V per batch row (the
 backward pass sends the halo's dK, dV back the same way: ppermute's transpose). Full attention
 (window None) needs the whole prefix; it is not split here: it falls back to the gathered path
@@ -111,7 +112,7 @@ def window_attention_shard(q, k, v, *, block_size: int, window: int, dilation: i
     first_valid = jnp.maximum(halo - idx * nb, 0)         # halo blocks before global block 0
     return pallas_kernels.window_attention_prefix(
         q, k_ext, v_ext, block_size=block_size, window=window, dilation=dilation,
-        first_valid_block=first_valid, scale=scale, impl="reference" if impl == "reference" else "chunked")
+        first_valid_block=first_valid, scale=scale, impl=impl)
 
 
 def window_attention(q, k, v, *, block_size: int, window: int | None, dilation: int, impl: str,

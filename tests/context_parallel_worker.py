@@ -57,13 +57,16 @@ def op_checks():
         "dswa_w4_d2": ("wa", dict(block_size=bs, window=4, dilation=2), (q, k, v)),
         "dswa_w4_d3": ("wa", dict(block_size=bs, window=4, dilation=3), (q, k, v)),
         "gdn": ("gdn", dict(chunk_size=8), (qn, kn, v, g, beta)),
+        # the Pallas kernels (interpreted here) with the halo as a padded query prefix
+        "dswa_w4_d3_pallas": ("wa_pallas", dict(block_size=bs, window=4, dilation=3), (q, k, v)),
     }
     out = {}
     for mesh_name, mesh_cfg in MESHES.items():
         mesh = create_mesh(mesh_cfg)
         for name, (op, kw, args) in cases.items():
-            if op == "wa":
-                cp = functools.partial(context_parallel.window_attention, impl="chunked", **kw)
+            if op in ("wa", "wa_pallas"):
+                cp = functools.partial(context_parallel.window_attention,
+                                       impl="pallas" if op == "wa_pallas" else "chunked", **kw)
                 ref = functools.partial(pallas_kernels.window_attention, impl="reference", **kw)
             else:
                 cp = functools.partial(context_parallel.gated_delta_rule, impl="chunked", **kw)

@@ -125,6 +125,36 @@ def test_4b_config_reduced_depth_compiles_and_fits_v5p_2x2x2(libtpu):
     check_report(report, cfg)
 
 
+def test_context_parallel_step_compiles_with_pallas_kernels_v5p_2x2x2(libtpu, monkeypatch):
+    """fsdp=2 x tensor=2 x context=2: the mixers take the context-parallel path (halo by
+    collective-permute, GDN state hand-off) and still run as Mosaic kernels inside shard_map."""
+    from jax import stages
+
+    from kairos_jax import context_parallel
+
+    compiled = {}
+    compile_ = stages.Lowered.compile
+
+    def keep(self, *a, **kw):
+        compiled["step"] = compile_(self, *a, **kw)
+        return compiled["step"]
+
+    monkeypatch.setattr(stages.Lowered, "compile", keep)
+    cfg = small_config()
+    cfg.mesh.update(dict(fsdp=2, tensor=2, context=2))
+    before = dict(context_parallel.TRACE_COUNTS)
+    report = aot.compile_for_topology(cfg, "v5p:2x2x2")
+    assert report.mesh == {"data": 1, "fsdp": 2, "tensor": 2, "context": 2}
+    traced = {k: v - before.get(k, 0) for k, v in context_parallel.TRACE_COUNTS.items()}
+    assert traced.get("window_attention", 0) > 0 and traced.get("gated_delta_rule", 0) > 0, traced
+    hlo = compiled["step"].as_text()
+    assert "collective-permute" in hlo
+    for kernel in ("window_attention_fwd_tpu", "window_attention_dq_tpu", "window_attention_dkv_tpu",
+                   "gdn_fwd_tpu", "gdn_bwd_tpu"):
+        assert kernel in hlo, kernel
+    check_report(report, cfg)
+
+
 def test_v6e_and_v4_topologies_have_one_device_per_chip(libtpu):
     assert len(aot.topology_devices("v6e:2x4")) == 8
     assert len(aot.topology_devices("v4:2x2x2")) == 8      # megacore: one device per chip

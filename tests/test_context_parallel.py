@@ -34,7 +34,7 @@ def op_results():
 
 
 @pytest.mark.parametrize("mesh", ["ctx4", "ctx2"])
-@pytest.mark.parametrize("case", ["swa_w3", "dswa_w4_d2", "dswa_w4_d3", "gdn"])
+@pytest.mark.parametrize("case", ["swa_w3", "dswa_w4_d2", "dswa_w4_d3", "dswa_w4_d3_pallas", "gdn"])
 def test_context_parallel_op_equals_unsharded(op_results, mesh, case):
     """16 blocks of 4 tokens, mesh (data 1, tensor 2, context 4) or (data 2, tensor 2, context 2):
     at context 4 the DSWA halos (6 and 9 blocks, the latter capped at 12) span 2 and 3 shards."""

@@ -74,8 +74,10 @@ def window_attention_prefix(q, k, v, *, block_size, window, dilation=1, first_va
     of the sequence (zeros are not enough, a zero key still gets softmax weight). Context
     parallelism calls this with the halo received from the neighbouring shards as the prefix.
 
-    impl: "reference" (dense masked), anything else the banded XLA form of `chunked.py` (FLOPs and
-    memory ~ (Tq + P) x window); there is no Pallas kernel for the prefixed form yet.
+    impl: "reference" (dense masked), "chunked" (the banded XLA form of `chunked.py`: FLOPs and
+    memory ~ (Tq + P) x window), "pallas" (the kernels of `window_attention`, with the queries
+    padded in front by P blocks: see `pallas.window_attention_prefix_pallas`), or "auto": Pallas
+    on GPU/TPU, "chunked" on CPU.
     """
     check_impl(impl, "window_attention_prefix")
     op = "window_attention_prefix"
@@ -88,6 +90,10 @@ def window_attention_prefix(q, k, v, *, block_size, window, dilation=1, first_va
                          f">= the {q.shape[1]} of q")
     kw = dict(block_size=block_size, window=window, dilation=dilation,
               first_valid_block=first_valid_block, scale=scale)
+    if use_pallas(impl):
+        from pallas_kernels.window_attention.pallas import window_attention_prefix_pallas
+
+        return window_attention_prefix_pallas(q, k, v, **kw)
     if impl == "reference":
         return window_attention_prefix_reference(q, k, v, **kw)
     return window_attention_prefix_chunked(q, k, v, **kw)

@@ -15,7 +15,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.pallas_common import pad_axis, resolve_backend, round_up
 from pallas_kernels.window_attention import pallas_gpu, pallas_tpu
@@ -38,34 +37,80 @@ def _check(q, k, v, block_size, window, dilation, tile):
         raise ValueError(f"window_attention: tile must be a power of two >= 16, got {tile}")
 
 
-def _block_ids(T, tile, block_size):
-    """[T // tile, 1, tile] float32: the step block of every position (exact small integers)."""
-    return jnp.asarray((np.arange(T) // block_size).astype(np.float32).reshape(T // tile, 1, tile))
+# Block ids of positions before the start of the sequence (a prefix's masked blocks) are shifted
+# down by this much: exact in float32 for any realistic length, and far beyond any window.
+_BEFORE_START = float(2 ** 20)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _attention(q, k, v, tile, block_size, window, scale, backend, interpret):
-    o, _ = _KERNELS[backend].forward(q, k, v, _block_ids(q.shape[1], tile, block_size), tile=tile,
-                                     block_size=block_size, window=window, scale=scale,
-                                     interpret=interpret)
+def _block_ids(rows, T, block_size, dilation, first_valid_block):
+    """[rows, T] float32: the block id of every position of the phase layout (row r holds phase
+    r % dilation), what the kernels' masks compare (exact small integers).
+
+    Positions whose original block e = id * dilation + phase precedes `first_valid_block` get
+    id - _BEFORE_START: they and the real positions then never see each other (the id difference
+    is negative or >= any window), while among themselves the differences, and so the masks, are
+    unchanged, so their query rows still attend to something and stay finite.
+    """
+    ids = jnp.arange(T, dtype=jnp.int32) // block_size
+    ids = jnp.broadcast_to(ids, (rows, T))
+    if isinstance(first_valid_block, int) and first_valid_block <= 0:
+        return ids.astype(jnp.float32)
+    phase = (jnp.arange(rows, dtype=jnp.int32) % dilation)[:, None]
+    before = ids * dilation + phase < first_valid_block
+    return ids.astype(jnp.float32) - jnp.where(before, _BEFORE_START, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _attention(q, k, v, blocks, tile, block_size, window, scale, backend, interpret):
+    o, _ = _KERNELS[backend].forward(q, k, v, blocks, tile=tile, block_size=block_size, window=window,
+                                     scale=scale, interpret=interpret)
     return o
 
 
-def _attention_fwd(q, k, v, tile, block_size, window, scale, backend, interpret):
-    o, lse = _KERNELS[backend].forward(q, k, v, _block_ids(q.shape[1], tile, block_size), tile=tile,
-                                       block_size=block_size, window=window, scale=scale,
-                                       interpret=interpret)
-    return o, (q, k, v, o, lse)
+def _attention_fwd(q, k, v, blocks, tile, block_size, window, scale, backend, interpret):
+    o, lse = _KERNELS[backend].forward(q, k, v, blocks, tile=tile, block_size=block_size,
+                                       window=window, scale=scale, interpret=interpret)
+    return o, (q, k, v, blocks, o, lse)
 
 
 def _attention_bwd(tile, block_size, window, scale, backend, interpret, res, do):
-    q, k, v, o, lse = res
-    return _KERNELS[backend].backward(q, k, v, o, lse, do, _block_ids(q.shape[1], tile, block_size),
-                                      tile=tile, block_size=block_size, window=window, scale=scale,
-                                      interpret=interpret)
+    q, k, v, blocks, o, lse = res
+    dq, dk, dv = _KERNELS[backend].backward(q, k, v, o, lse, do, blocks, tile=tile,
+                                            block_size=block_size, window=window, scale=scale,
+                                            interpret=interpret)
+    return dq, dk, dv, jnp.zeros_like(blocks)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _phased(q, k, v, *, block_size, window, dilation, first_valid_block, scale, tile, backend,
+            interpret):
+    """The kernels over the dilation phases of q, k, v [B, T, H, D] (one length)."""
+    backend, interpret = resolve_backend(backend, interpret)
+    B, T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    d = dilation
+    per_phase = -(-(T // block_size) // d)  # blocks per phase, after padding to a multiple of d
+    if per_phase >= _BEFORE_START:
+        raise ValueError(f"window_attention: {per_phase} blocks per phase is too many for exact "
+                         f"float32 block ids")
+    window = per_phase if window is None else min(window, per_phase)
+    T_phase = per_phase * block_size
+    if tile is None:
+        tile = min(128, max(16, 1 << (T_phase - 1).bit_length()))
+    T_tiled = round_up(T_phase, tile)
+
+    def to_phases(x):  # [B, T, H, D] -> [B * d, T_tiled, H, D]; phase p holds blocks p, p+d, ...
+        x = pad_axis(x, per_phase * d * block_size)
+        x = x.reshape(B, per_phase, d, block_size, H, D).transpose(0, 2, 1, 3, 4, 5)
+        return pad_axis(x.reshape(B * d, T_phase, H, D), T_tiled)
+
+    blocks = _block_ids(B * d, T_tiled, block_size, d, first_valid_block)
+    o = _attention(to_phases(q), to_phases(k), to_phases(v), blocks, tile, block_size, window, scale,
+                   backend, interpret)
+    o = o[:, :T_phase].reshape(B, d, per_phase, block_size, H, D).transpose(0, 2, 1, 3, 4, 5)
+    return o.reshape(B, per_phase * d * block_size, H, D)[:, :T]
 
 
 def window_attention_pallas(q, k, v, *, block_size, window, dilation=1, scale=None, tile=None,
@@ -78,23 +123,29 @@ def window_attention_pallas(q, k, v, *, block_size, window, dilation=1, scale=No
     `pallas_common.resolve_backend`. Returns o [B,T,H,D] in q's dtype.
     """
     _check(q, k, v, block_size, window, dilation, tile)
-    backend, interpret = resolve_backend(backend, interpret)
-    B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
-    d = dilation
-    per_phase = -(-(T // block_size) // d)  # blocks per phase, after padding to a multiple of d
-    window = per_phase if window is None else min(window, per_phase)
-    T_phase = per_phase * block_size
-    if tile is None:
-        tile = min(128, max(16, 1 << (T_phase - 1).bit_length()))
-    T_tiled = round_up(T_phase, tile)
+    return _phased(q, k, v, block_size=block_size, window=window, dilation=dilation,
+                   first_valid_block=0, scale=scale, tile=tile, backend=backend, interpret=interpret)
 
-    def to_phases(x):  # [B, T, H, D] -> [B * d, T_tiled, H, D]; phase p holds blocks p, p+d, ...
-        x = pad_axis(x, per_phase * d * block_size)
-        x = x.reshape(B, per_phase, d, block_size, H, D).transpose(0, 2, 1, 3, 4, 5)
-        return pad_axis(x.reshape(B * d, T_phase, H, D), T_tiled)
 
-    o = _attention(to_phases(q), to_phases(k), to_phases(v), tile, block_size, window, scale,
-                   backend, interpret)
-    o = o[:, :T_phase].reshape(B, d, per_phase, block_size, H, D).transpose(0, 2, 1, 3, 4, 5)
-    return o.reshape(B, per_phase * d * block_size, H, D)[:, :T]
+def window_attention_prefix_pallas(q, k, v, *, block_size, window, dilation=1, first_valid_block=0,
+                                   scale=None, tile=None, backend=None, interpret=None):
+    """`window_attention_prefix` with the kernels: queries of the last Tq of Tk key positions.
+
+    q: [B, Tq, H, D]; k, v: [B, Tk, H, D], Tk = Tq + P * block_size. Key blocks before
+    `first_valid_block` (int, may be traced) are never seen. The kernels are the square ones: q is
+    padded in front to Tk with P blocks of zero queries, whose outputs are dropped (and whose
+    gradients are zero, so they add nothing to dK, dV). That costs (Tq + P) / Tq times the query
+    work of the plain op; in exchange the prefix form needs no kernel of its own.
+    """
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"window_attention_prefix: expected q [B,Tq,H,D] and k, v [B,Tk,H,D], got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    Tq, Tk = q.shape[1], k.shape[1]
+    if Tk < Tq:
+        raise ValueError(f"window_attention_prefix: Tk={Tk} < Tq={Tq}")
+    q_ext = jnp.pad(q, [(0, 0), (Tk - Tq, 0), (0, 0), (0, 0)])
+    _check(q_ext, k, v, block_size, window, dilation, tile)
+    o = _phased(q_ext, k, v, block_size=block_size, window=window, dilation=dilation,
+                first_valid_block=first_valid_block, scale=scale, tile=tile, backend=backend,
+                interpret=interpret)
+    return o[:, Tk - Tq:]

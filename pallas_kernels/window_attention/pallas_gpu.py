@@ -2,8 +2,8 @@
 
 One program per (batch x phase, head, tile); it loops over its partner tiles inside the window
 (`pallas_math.tile_range`, dynamic loop bounds) with the running max, denominator and accumulator
-in registers. Arrays keep the token-major layout [B, T, H, D]; block ids, log-sum-exp and delta
-are 1-D per (batch, head). Per-tile maths: `pallas_math`.
+in registers. Arrays keep the token-major layout [B, T, H, D]; block ids are 1-D per batch row,
+log-sum-exp and delta 1-D per (batch, head). Per-tile maths: `pallas_math`.
 """
 
 import functools
@@ -56,7 +56,7 @@ def _fwd_kernel(blk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tile, kw, scale
 def _specs(B, T, H, D):
     tok = pl.BlockSpec((None, T, None, D), lambda b, h, i: (b, 0, h, 0))
     vec = pl.BlockSpec((None, None, T), lambda b, h, i: (b, h, 0))
-    blk = pl.BlockSpec((T,), lambda b, h, i: (0,))
+    blk = pl.BlockSpec((None, T), lambda b, h, i: (b, 0))
     return tok, vec, blk
 
 
@@ -79,7 +79,7 @@ def forward(q, k, v, blocks, *, tile, block_size, window, scale, interpret):
         compiler_params=_params(),
         interpret=interpret,
         name="window_attention_fwd_gpu",
-    )(blocks.reshape(T), q, k, v)
+    )(blocks, q, k, v)
 
 
 def _dq_kernel(blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, tile, kw, scale,
@@ -134,7 +134,7 @@ def backward(q, k, v, o, lse, do, blocks, *, tile, block_size, window, scale, in
     delta = jnp.transpose(jnp.sum(do.astype(F32) * o.astype(F32), axis=-1), (0, 2, 1))  # [B, H, T]
     kw = _kw(T, tile, block_size, window)
     common = dict(grid=(B, H, T // tile), compiler_params=_params(), interpret=interpret)
-    args = (blocks.reshape(T), q, k, v, do, lse, delta)
+    args = (blocks, q, k, v, do, lse, delta)
     in_specs = [blk, tok, tok, tok, tok, vec, vec]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, tile=tile, kw=kw, scale=scale, dtype=q.dtype),

@@ -42,8 +42,15 @@ def _specs(t, layout, keys_inner):
     """BlockSpecs for (outer tile, partner tile) token arrays and block-id rows."""
     outer = lambda b, h, i, j: (b, h, i)
     inner = lambda b, h, i, j: (b, h, t.partner(i, j, keys_inner)[0])
-    row = lambda f: pl.BlockSpec((None, 1, t.tile), lambda b, h, i, j: (f(b, h, i, j)[2], 0, 0))
+    row = lambda f: pl.BlockSpec((None, None, 1, t.tile),
+                                 lambda b, h, i, j: (b, f(b, h, i, j)[2], 0, 0))
     return layout.spec(t.tile, outer), layout.spec(t.tile, inner), row(outer), row(inner)
+
+
+def _rows(blocks, tile):
+    """[B, T] block ids -> [B, T // tile, 1, tile]: one whole-array row block per tile."""
+    B, T = blocks.shape
+    return blocks.reshape(B, T // tile, 1, tile)
 
 
 def _stat_spec(t, index):
@@ -75,7 +82,7 @@ def _fwd_kernel(bq_ref, bk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_sc
 
 
 def forward(q, k, v, blocks, *, tile, block_size, window, scale, interpret):
-    """q, k, v [B, T, H, D] (T a multiple of tile); blocks [T // tile, 1, tile] f32 block ids.
+    """q, k, v [B, T, H, D] (T a multiple of tile); blocks [B, T] f32 block ids (see `pallas.py`).
 
     Returns (o [B, T, H, D], lse [B, H, T // tile, 1, tile] f32).
     """
@@ -95,7 +102,7 @@ def forward(q, k, v, blocks, *, tile, block_size, window, scale, interpret):
         compiler_params=tpu_sequential_grid(3),
         interpret=interpret,
         name="window_attention_fwd_tpu",
-    )(blocks, blocks, lay.to_kernel(q), lay.to_kernel(k), lay.to_kernel(v))
+    )(*(_rows(blocks, tile),) * 2, lay.to_kernel(q), lay.to_kernel(k), lay.to_kernel(v))
     return lay.from_kernel(o), lse
 
 
@@ -167,7 +174,7 @@ def backward(q, k, v, o, lse, do, blocks, *, tile, block_size, window, scale, in
         compiler_params=tpu_sequential_grid(3),
         interpret=interpret,
         name="window_attention_dq_tpu",
-    )(blocks, blocks, qk, kk, vk, dok, lse, delta)
+    )(*(_rows(blocks, tile),) * 2, qk, kk, vk, dok, lse, delta)
 
     k_spec, q_spec, bk_spec, bq_spec = _specs(t, lay, keys_inner=False)
     stat = _stat_spec(t, lambda i, j: t.partner(i, j, False)[0])
@@ -181,5 +188,5 @@ def backward(q, k, v, o, lse, do, blocks, *, tile, block_size, window, scale, in
         compiler_params=tpu_sequential_grid(3),
         interpret=interpret,
         name="window_attention_dkv_tpu",
-    )(blocks, blocks, kk, qk, vk, dok, lse, delta)
+    )(*(_rows(blocks, tile),) * 2, kk, qk, vk, dok, lse, delta)
     return lay.from_kernel(dq), lay.from_kernel(dk), lay.from_kernel(dv)

@@ -13,7 +13,7 @@ import pytest
 from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
 from pallas_kernels.gated_delta_rule.pallas_step import gated_delta_rule_step_pallas
 from pallas_kernels.gla.pallas import gla_pallas
-from pallas_kernels.window_attention.pallas import window_attention_pallas
+from pallas_kernels.window_attention.pallas import window_attention_pallas, window_attention_prefix_pallas
 
 pytestmark = pytest.mark.tpu
 TOPOLOGIES = ["v5p:2x2x2", "v6e:2x4"]
@@ -84,6 +84,20 @@ def test_window_attention_compiles(device, B, T, H, D, block, window, dilation, 
              f"dilation={dilation} {jnp.dtype(dtype).name}")
     compile_and_report(device, label + " fwd", fn, *shapes)
     compile_and_report(device, label + " fwd+bwd", grad_of(fn, 3), *shapes)
+
+
+def test_window_attention_prefix_compiles(device):
+    """Context parallelism's form: 12 own blocks of 272 tokens after a 7-block halo (SWA window 8),
+    with first_valid_block a traced scalar as each shard computes it from its axis index."""
+    block, nq, P = 272, 12, 7
+    fn = lambda q, k, v, fv: window_attention_prefix_pallas(
+        q, k, v, block_size=block, window=8, dilation=1, first_valid_block=fv, backend="tpu",
+        interpret=False)
+    shapes = (S((1, nq * block, 8, 128), jnp.bfloat16), *(S((1, (nq + P) * block, 8, 128), jnp.bfloat16),) * 2,
+              S((), jnp.int32))
+    label = f"window_attention_prefix blocks={nq}+{P} block={block} window=8 bfloat16"
+    compile_and_report(device, label + " fwd", fn, *shapes)
+    compile_and_report(device, label + " fwd+bwd", grad_of(lambda q, k, v, fv: fn(q, k, v, fv), 3), *shapes)
 
 
 def test_decode_step_compiles(device):

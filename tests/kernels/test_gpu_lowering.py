@@ -18,7 +18,7 @@ from jax import export
 from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
 from pallas_kernels.gated_delta_rule.pallas_step import gated_delta_rule_step_pallas
 from pallas_kernels.gla.pallas import gla_pallas
-from pallas_kernels.window_attention.pallas import window_attention_pallas
+from pallas_kernels.window_attention.pallas import window_attention_pallas, window_attention_prefix_pallas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -47,7 +47,7 @@ bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
 f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
 
 
-@pytest.mark.parametrize("op", ["gated_delta_rule", "gla", "window_attention"])
+@pytest.mark.parametrize("op", ["gated_delta_rule", "gla", "window_attention", "window_attention_prefix"])
 def test_forward_and_backward_lower_to_triton(op):
     if op == "gated_delta_rule":
         fn = lambda q, k, v, g, b: gated_delta_rule_pallas(q, k, v, g, b, backend="gpu", interpret=False)
@@ -57,10 +57,16 @@ def test_forward_and_backward_lower_to_triton(op):
         fn = lambda q, k, v, g: gla_pallas(q, k, v, g, backend="gpu", interpret=False)
         shapes = (bf16(B, T, H, D),) * 3 + (f32(B, T, H, D),)
         names = {"gla_fwd_gpu", "gla_bwd_gpu"}
-    else:
+    elif op == "window_attention":
         fn = lambda q, k, v: window_attention_pallas(q, k, v, block_size=32, window=2, dilation=2,
                                                      backend="gpu", interpret=False)
         shapes = (bf16(B, T, H, D),) * 3
+        names = {"window_attention_fwd_gpu", "window_attention_dq_gpu", "window_attention_dkv_gpu"}
+    else:  # context parallelism's form: 3 halo blocks before the 8 own ones, the first 2 masked
+        fn = lambda q, k, v: window_attention_prefix_pallas(
+            q, k, v, block_size=32, window=2, dilation=2, first_valid_block=2, backend="gpu",
+            interpret=False)
+        shapes = (bf16(B, T, H, D), bf16(B, T + 96, H, D), bf16(B, T + 96, H, D))
         names = {"window_attention_fwd_gpu", "window_attention_dq_gpu", "window_attention_dkv_gpu"}
     calls, kernels = export_for_h100(grad_of(fn, len(shapes)), *shapes)
     assert set(calls) == {TRITON_CALL} and set(kernels) == names, (calls, kernels)

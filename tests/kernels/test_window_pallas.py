@@ -128,3 +128,54 @@ def test_bad_input_is_rejected():
         window_attention_pallas(q, k, v, block_size=8, window=0)
     with pytest.raises(ValueError, match="tile"):
         window_attention_pallas(q, k, v, block_size=8, window=2, tile=24)
+
+
+def check_prefix(nq, P, window, dilation, first_valid, backend, *, bs=8, tile=16, traced=False):
+    """The prefixed form (context parallelism's halo) against the dense float64 oracle: values and
+    the gradients w.r.t. q and both the prefix and own keys and values."""
+    from pallas_kernels.window_attention.pallas import window_attention_prefix_pallas
+    from pallas_kernels.window_attention.reference import window_attention_prefix_reference
+
+    rng = np.random.default_rng(nq * 100 + P)
+    B, H, D = 2, 2, 16
+    q = jnp.asarray(rng.normal(size=(B, nq * bs, H, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, (nq + P) * bs, H, D)), jnp.float32) for _ in range(2))
+    do = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    kw = dict(block_size=bs, window=window, dilation=dilation)
+    f = lambda q, k, v, fv: window_attention_prefix_pallas(q, k, v, first_valid_block=fv, tile=tile,
+                                                           backend=backend, **kw)
+    if traced:  # first_valid_block as context parallelism passes it: computed from axis_index
+        f = jax.jit(f)
+    r = lambda q, k, v: window_attention_prefix_reference(q, k, v, first_valid_block=first_valid, **kw)
+    o = f(q, k, v, first_valid)
+    assert np.isfinite(np.asarray(o)).all()
+    f64 = [x.astype(jnp.float64) for x in (q, k, v)]
+    assert relerr(o, r(*f64)) <= 1e-5, relerr(o, r(*f64))
+    got = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, first_valid) * do), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: jnp.sum(r(*a) * do), argnums=(0, 1, 2))(*f64)
+    errs = [relerr(a, b) for a, b in zip(got, want)]
+    assert max(errs) <= 1e-4, errs
+    # masked prefix blocks get exactly no gradient
+    masked = slice(0, first_valid * bs)
+    assert not np.any(np.asarray(got[1][:, masked])) and not np.any(np.asarray(got[2][:, masked]))
+
+
+@pytest.mark.parametrize("backend", ["tpu", pytest.param("gpu", marks=pytest.mark.slow)])
+def test_prefix_kernels_dilated_halo_partly_masked(backend):
+    """6 query blocks after a 5-block halo whose first 2 blocks precede the sequence (DSWA(3, 2):
+    the masked blocks fall in both phases), first_valid_block traced."""
+    check_prefix(6, 5, 3, 2, 2, backend, traced=True)
+
+
+def test_prefix_kernels_swa_whole_halo_masked_and_unmasked():
+    """SWA(3) with a 2-block halo: wholly masked (shard 0) and wholly valid (a later shard)."""
+    check_prefix(4, 2, 3, 1, 2, "tpu")
+    check_prefix(4, 2, 3, 1, 0, "tpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("nq,P,window,dilation,first_valid", [
+    (7, 9, 4, 3, 4), (5, 6, None, 1, 3), (3, 12, 4, 3, 12), (8, 3, 2, 4, 1)])
+def test_prefix_kernels_matrix(backend, nq, P, window, dilation, first_valid):
+    check_prefix(nq, P, window, dilation, first_valid, backend)
