@@ -6,7 +6,9 @@ logical rules put `act_seq` on it, the mixers call the entry points here instead
 XLA gathers it and every context shard recomputes the whole sequence). Each runs the op inside
 `jax.shard_map` with in_specs P(batch axes, "context", head axes, ...): shard c holds the c-th
 contiguous stretch of the sequence (nb = T_blocks / n blocks, T_loc tokens), batch and heads split
-as before. Everything else in the model (projections, RoPE over block indices, the GDN short
+as before; a sequence that does not split into n equal whole-block stretches is padded at the end
+with zeros to one that does (both ops are causal, so the padding changes no real output).
+Everything else in the model (projections, RoPE over block indices, the GDN short
 conv, norms, MLPs) runs under plain GSPMD, which partitions it over the sequence by itself.
 
 Window attention (swa, dswa): block i sees blocks i - m d, m = 0..W-1, so a shard needs, besides
@@ -60,27 +62,39 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 def _plan(x, multiple: int):
-    """(mesh, batch axes, head axes, n) when `x` [B, L, H, ...] is split over `context` (n > 1
-    devices, `act_seq` ruled onto it, L a multiple of n * multiple); None otherwise."""
+    """(mesh, batch axes, head axes, n, padded length) when `x` [B, L, H, ...] is split over
+    `context` (n > 1 devices, `act_seq` ruled onto it, L a multiple of `multiple`); None otherwise.
+
+    The padded length is L rounded up to a multiple of n * multiple: every shard gets the same
+    whole number of blocks (`multiple` tokens each). The paper's 21 blocks over 2 shards, say, run
+    as 22 with the last one zeros.
+    """
     mesh, rules = active_mesh()
     if mesh is None or mesh.shape.get(CONTEXT_AXIS, 1) == 1:
         return None
     n = mesh.shape[CONTEXT_AXIS]
     B, L, H = x.shape[:3]
-    if L % (n * multiple):
+    if L % multiple:
         return None
-    spec = logical_to_mesh_spec(("act_batch", "act_seq", "act_heads"), rules, mesh, (B, L, H))
+    L_pad = -(-L // (n * multiple)) * n * multiple
+    spec = logical_to_mesh_spec(("act_batch", "act_seq", "act_heads"), rules, mesh, (B, L_pad, H))
     if spec[1] != CONTEXT_AXIS:
         return None
-    return mesh, spec[0], spec[2], n
+    return mesh, spec[0], spec[2], n, L_pad
 
 
 def _shard_map(fn, plan, *xs):
-    mesh, b, h, _ = plan
+    """fn per shard over [B, L, H, ...] inputs padded at the end to the plan's length with zeros;
+    the padding is cut from the [B, L, H, D] output. Both ops are causal (window attention looks
+    back only, the recurrences run forwards), so trailing padding never reaches a real position
+    (for GDN, zero g, beta and k also leave the state as it is)."""
+    mesh, b, h, _, L_pad = plan
+    L = xs[0].shape[1]
+    xs = [jnp.pad(x, [(0, 0), (0, L_pad - L)] + [(0, 0)] * (x.ndim - 2)) for x in xs]
     spec = lambda ndim: PartitionSpec(b, CONTEXT_AXIS, h, *([None] * (ndim - 3)))
-    # both ops return one [B, L, H, D] array
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(x.ndim) for x in xs), out_specs=spec(4),
-                         check_vma=False)(*xs)
+    out = jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(x.ndim) for x in xs), out_specs=spec(4),
+                        check_vma=False)(*xs)
+    return out[:, :L]
 
 
 # Window attention ------------------------------------------------------------------------------

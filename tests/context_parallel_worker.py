@@ -59,6 +59,12 @@ def op_checks():
         "gdn": ("gdn", dict(chunk_size=8), (qn, kn, v, g, beta)),
         # the Pallas kernels (interpreted here) with the halo as a padded query prefix
         "dswa_w4_d3_pallas": ("wa_pallas", dict(block_size=bs, window=4, dilation=3), (q, k, v)),
+        # lengths that do not split evenly: 13 blocks (padded to 16 at context 4, 14 at context 2)
+        # and 51 tokens (padded to 52)
+        "dswa_w3_d2_uneven": ("wa", dict(block_size=bs, window=3, dilation=2),
+                              (q[:, :52], k[:, :52], v[:, :52])),
+        "gdn_uneven": ("gdn", dict(chunk_size=8), (qn[:, :51], kn[:, :51], v[:, :51], g[:, :51],
+                                                   beta[:, :51])),
     }
     out = {}
     for mesh_name, mesh_cfg in MESHES.items():
@@ -73,7 +79,9 @@ def op_checks():
                 ref = lambda *a, kw=kw: pallas_kernels.gated_delta_rule(
                     *a, impl="reference", output_final_state=False, **kw)[0]
             argnums = tuple(range(len(args)))
-            specs = [PartitionSpec(None, "context", "tensor", *([None] * (x.ndim - 3))) for x in args]
+            # arrays cannot be placed unevenly split: the uneven cases start with the sequence whole
+            seq = "context" if args[0].shape[1] % mesh.shape["context"] == 0 else None
+            specs = [PartitionSpec(None, seq, "tensor", *([None] * (x.ndim - 3))) for x in args]
             placed = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(args, specs)]
             before = dict(context_parallel.TRACE_COUNTS)
             with activation_sharding(mesh, tiny_config().logical_axis_rules):
@@ -97,15 +105,20 @@ def op_checks():
                 # whole sequence
                 "state_gather_elems": mesh.shape["context"] * (B // mesh.shape["data"])
                 * (H // mesh.shape["tensor"]) * D * D,
-                "sequence_elems": (B // mesh.shape["data"]) * T * (H // mesh.shape["tensor"]) * D,
+                "sequence_elems": (B // mesh.shape["data"]) * args[0].shape[1] * (H // mesh.shape["tensor"]) * D,
             }
     return out
 
 
 def model_checks():
+    """Both sequence lengths: 8 blocks, and 7 (padded to 8 inside the mixers at both meshes)."""
+    return {f"{name}/{n}blocks": r for n in (8, 7) for name, r in model_checks_at(n).items()}
+
+
+def model_checks_at(num_blocks):
     """Loss and gradients of every parameter: one device vs each context-parallel mesh."""
     cfg = tiny_config(window=3, dilation=2)   # dswa halo (3-1)*2 = 4 blocks > 2 per shard at context 4
-    cfg.data.num_blocks = 8
+    cfg.data.num_blocks = num_blocks
     batch = synthetic_batch(cfg, 4, seed=3)
     phase = cfg.phases.phase3_robot
     loss = functools.partial(trainer.loss_fn, cfg=cfg, mode_probs=diffusion.mode_weights(phase.modes),
@@ -132,7 +145,7 @@ def model_checks():
         with activation_sharding(setup.mesh, setup.rules):
             text = fn.lower(params, gb).as_text()
             value, grads = fn(params, gb)
-        traced = {k: context_parallel.TRACE_COUNTS[k] - before.get(k, 0) for k in context_parallel.TRACE_COUNTS}
+        traced = {k: n - before.get(k, 0) for k, n in context_parallel.TRACE_COUNTS.items() if n > before.get(k, 0)}
         results[name] = {"loss": float(value), "traced": traced,
                          "collective_permute": "collective_permute" in text or "collective-permute" in text,
                          "grads": {jax.tree_util.keystr(p): np.asarray(x) for p, x in
