@@ -19,8 +19,8 @@ receiver needs (whole shards for the near hops, the tail for the farthest). Shar
 receive nothing for blocks before block 0; those are masked (`first_valid_block`), not zero-filled,
 since a zero key would still get softmax weight. The local queries then attend to [halo | own
 keys] with the same block-causal window rule at a block offset of h (`pallas_kernels.
-window_attention_prefix`, S tokens per block: on GPU/TPU the flash kernels, with the queries padded
-in front by the h halo blocks, FLOPs ~ (T_loc + h S) x W S per head; on CPU the banded XLA form).
+window_attention_prefix`, S tokens per block: on GPU/TPU the flash kernels, whose grids skip the
+halo's query tiles, FLOPs ~ T_loc x W S per head; on CPU the banded XLA form, ~ (T_loc + h S) x W S).
 Communication per layer and direction: h x S x H x D values each of K and V per batch row (the
 backward pass sends the halo's dK, dV back the same way: ppermute's transpose). Full attention
 (window None) needs the whole prefix; it is not split here: it falls back to the gathered path

@@ -60,33 +60,39 @@ def _block_ids(rows, T, block_size, dilation, first_valid_block):
     return ids.astype(jnp.float32) - jnp.where(before, _BEFORE_START, 0.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _attention(q, k, v, blocks, tile, block_size, window, scale, backend, interpret):
-    o, _ = _KERNELS[backend].forward(q, k, v, blocks, tile=tile, block_size=block_size, window=window,
-                                     scale=scale, interpret=interpret)
-    return o
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
+def _attention(q, k, v, blocks, tile, block_size, window, scale, backend, interpret, q0):
+    return _attention_fwd(q, k, v, blocks, tile, block_size, window, scale, backend, interpret, q0)[0]
 
 
-def _attention_fwd(q, k, v, blocks, tile, block_size, window, scale, backend, interpret):
+def _attention_fwd(q, k, v, blocks, tile, block_size, window, scale, backend, interpret, q0):
+    # the kernels skip the query tiles before q0 (padding queries only): zeros stand there
     o, lse = _KERNELS[backend].forward(q, k, v, blocks, tile=tile, block_size=block_size,
-                                       window=window, scale=scale, interpret=interpret)
-    return o, (q, k, v, blocks, o, lse)
+                                       window=window, scale=scale, interpret=interpret, q0=q0)
+    return pad_front(o, q0 * tile), (q, k, v, blocks, o, lse)
 
 
-def _attention_bwd(tile, block_size, window, scale, backend, interpret, res, do):
+def _attention_bwd(tile, block_size, window, scale, backend, interpret, q0, res, do):
     q, k, v, blocks, o, lse = res
     dq, dk, dv = _KERNELS[backend].backward(q, k, v, o, lse, do, blocks, tile=tile,
                                             block_size=block_size, window=window, scale=scale,
-                                            interpret=interpret)
-    return dq, dk, dv, jnp.zeros_like(blocks)
+                                            interpret=interpret, q0=q0)
+    return pad_front(dq, q0 * tile), dk, dv, jnp.zeros_like(blocks)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def pad_front(x, n: int):
+    """Zero-pad axis 1 of x in front by n."""
+    return x if n == 0 else jnp.pad(x, [(0, 0), (n, 0)] + [(0, 0)] * (x.ndim - 2))
+
+
 def _phased(q, k, v, *, block_size, window, dilation, first_valid_block, scale, tile, backend,
-            interpret):
-    """The kernels over the dilation phases of q, k, v [B, T, H, D] (one length)."""
+            interpret, padding_blocks=0):
+    """The kernels over the dilation phases of q, k, v [B, T, H, D] (one length). The first
+    `padding_blocks` blocks of q are padding whose outputs are dropped: the query tiles that hold
+    nothing else in every phase are skipped."""
     backend, interpret = resolve_backend(backend, interpret)
     B, T, H, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
@@ -107,8 +113,9 @@ def _phased(q, k, v, *, block_size, window, dilation, first_valid_block, scale, 
         return pad_axis(x.reshape(B * d, T_phase, H, D), T_tiled)
 
     blocks = _block_ids(B * d, T_tiled, block_size, d, first_valid_block)
+    q0 = (padding_blocks // d) * block_size // tile  # every phase has >= P // d padding blocks
     o = _attention(to_phases(q), to_phases(k), to_phases(v), blocks, tile, block_size, window, scale,
-                   backend, interpret)
+                   backend, interpret, q0)
     o = o[:, :T_phase].reshape(B, d, per_phase, block_size, H, D).transpose(0, 2, 1, 3, 4, 5)
     return o.reshape(B, per_phase * d * block_size, H, D)[:, :T]
 
@@ -132,10 +139,11 @@ def window_attention_prefix_pallas(q, k, v, *, block_size, window, dilation=1, f
     """`window_attention_prefix` with the kernels: queries of the last Tq of Tk key positions.
 
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D], Tk = Tq + P * block_size. Key blocks before
-    `first_valid_block` (int, may be traced) are never seen. The kernels are the square ones: q is
-    padded in front to Tk with P blocks of zero queries, whose outputs are dropped (and whose
-    gradients are zero, so they add nothing to dK, dV). That costs (Tq + P) / Tq times the query
-    work of the plain op; in exchange the prefix form needs no kernel of its own.
+    `first_valid_block` (int, may be traced) are never seen. The kernels are the square ones with
+    q padded in front to Tk by P blocks of zero queries, whose outputs are dropped. The grids start
+    at the first query tile that holds a real query in some dilation phase, so the padding costs
+    at most a partial tile of wasted query rows per phase (a block's worth when P is not a
+    multiple of the dilation), not P blocks.
     """
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"window_attention_prefix: expected q [B,Tq,H,D] and k, v [B,Tk,H,D], got "
@@ -147,5 +155,5 @@ def window_attention_prefix_pallas(q, k, v, *, block_size, window, dilation=1, f
     _check(q_ext, k, v, block_size, window, dilation, tile)
     o = _phased(q_ext, k, v, block_size=block_size, window=window, dilation=dilation,
                 first_valid_block=first_valid_block, scale=scale, tile=tile, backend=backend,
-                interpret=interpret)
+                interpret=interpret, padding_blocks=(Tk - Tq) // block_size)
     return o[:, Tk - Tq:]

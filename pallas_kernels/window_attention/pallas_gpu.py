@@ -33,12 +33,12 @@ def _tiles(n, tile):
     return pl.ds(pl.multiple_of(n * tile, tile), tile)
 
 
-def _fwd_kernel(blk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tile, kw, scale, dtype):
-    i = pl.program_id(2)
-    rows = _tiles(i, tile)
+def _fwd_kernel(blk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tile, q0, kw, scale, dtype):
+    i = pl.program_id(2)                       # query tile i + q0; local output tile i
+    rows = _tiles(i + q0, tile)
     q = q_ref[rows, :]
     bq = blk_ref[rows].reshape(tile, 1)
-    lo, hi = wm.tile_range(i, keys=True, **kw)
+    lo, hi = wm.tile_range(i + q0, keys=True, **kw)
 
     def body(j, carry):
         cols = _tiles(j, tile)
@@ -49,8 +49,9 @@ def _fwd_kernel(blk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, tile, kw, scale
     init = (jnp.full((tile, 1), wm.MASKED, F32), jnp.zeros((tile, 1), F32),
             jnp.zeros(q.shape, F32))
     m, l, acc = lax.fori_loop(lo, hi + 1, body, init)
-    o_ref[rows, :] = (acc / l).astype(o_ref.dtype)
-    lse_ref[rows] = (m + jnp.log(l)).reshape(tile)
+    out = _tiles(i, tile)
+    o_ref[out, :] = (acc / l).astype(o_ref.dtype)
+    lse_ref[out] = (m + jnp.log(l)).reshape(tile)
 
 
 def _specs(B, T, H, D):
@@ -64,32 +65,34 @@ def _kw(T, tile, block_size, window):
     return dict(tile=tile, block_size=block_size, window=window, num_tiles=T // tile)
 
 
-def forward(q, k, v, blocks, *, tile, block_size, window, scale, interpret):
-    """Same contract as `pallas_tpu.forward`, except lse is [B, H, T] f32."""
+def forward(q, k, v, blocks, *, tile, block_size, window, scale, interpret, q0=0):
+    """Same contract as `pallas_tpu.forward`, except lse is [B, H, T - q0 tile] f32."""
     B, T, H, D = q.shape
     _check_head_dim(D)
-    tok, vec, blk = _specs(B, T, H, D)
+    T_loc = T - q0 * tile
+    tok, _, blk = _specs(B, T, H, D)
+    tok_loc, vec_loc, _ = _specs(B, T_loc, H, D)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, tile=tile, kw=_kw(T, tile, block_size, window), scale=scale,
-                          dtype=q.dtype),
-        grid=(B, H, T // tile),
+        functools.partial(_fwd_kernel, tile=tile, q0=q0, kw=_kw(T, tile, block_size, window),
+                          scale=scale, dtype=q.dtype),
+        grid=(B, H, T // tile - q0),
         in_specs=[blk, tok, tok, tok],
-        out_specs=[tok, vec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), F32)],
+        out_specs=[tok_loc, vec_loc],
+        out_shape=[jax.ShapeDtypeStruct((B, T_loc, H, D), q.dtype), jax.ShapeDtypeStruct((B, H, T_loc), F32)],
         compiler_params=_params(),
         interpret=interpret,
         name="window_attention_fwd_gpu",
     )(blocks, q, k, v)
 
 
-def _dq_kernel(blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, tile, kw, scale,
-               dtype):
-    i = pl.program_id(2)
-    rows = _tiles(i, tile)
+def _dq_kernel(blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, tile, q0, kw,
+               scale, dtype):
+    i = pl.program_id(2)                       # query tile i + q0; local tile i
+    rows, out = _tiles(i + q0, tile), _tiles(i, tile)
     q, do = q_ref[rows, :], do_ref[rows, :]
     bq = blk_ref[rows].reshape(tile, 1)
-    lse, delta = lse_ref[rows].reshape(tile, 1), delta_ref[rows].reshape(tile, 1)
-    lo, hi = wm.tile_range(i, keys=True, **kw)
+    lse, delta = lse_ref[out].reshape(tile, 1), delta_ref[out].reshape(tile, 1)
+    lo, hi = wm.tile_range(i + q0, keys=True, **kw)
 
     def body(j, dq):
         cols = _tiles(j, tile)
@@ -100,12 +103,12 @@ def _dq_kernel(blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
         return dq + dot(ds, k, operand_dtype=dtype) * scale
 
     dq = lax.fori_loop(lo, hi + 1, body, jnp.zeros(q.shape, F32))
-    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    dq_ref[out, :] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, tile,
-                kw, scale, dtype):
-    i = pl.program_id(2)
+                q0, kw, scale, dtype):
+    i = pl.program_id(2)                       # key tile i; query tiles from q0 on
     cols = _tiles(i, tile)
     k, v = k_ref[cols, :], v_ref[cols, :]
     bk = blk_ref[cols].reshape(1, tile)
@@ -113,36 +116,39 @@ def _dkv_kernel(blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
 
     def body(j, carry):
         dk, dv = carry
-        rows = _tiles(j, tile)
+        rows, loc = _tiles(j, tile), _tiles(j - q0, tile)
         q, do = q_ref[rows, :], do_ref[rows, :]
         mask = wm.allowed(blk_ref[rows].reshape(tile, 1), bk, kw["window"])
-        p = wm.probabilities(q, k, mask, lse_ref[rows].reshape(tile, 1), scale=scale, dtype=dtype)
+        p = wm.probabilities(q, k, mask, lse_ref[loc].reshape(tile, 1), scale=scale, dtype=dtype)
         dv = dv + dot(p, do, trans_a=True, operand_dtype=dtype)
-        ds = wm.score_grad(p, do, v, delta_ref[rows].reshape(tile, 1), dtype=dtype)
+        ds = wm.score_grad(p, do, v, delta_ref[loc].reshape(tile, 1), dtype=dtype)
         return dk + dot(ds, q, trans_a=True, operand_dtype=dtype) * scale, dv
 
     zeros = jnp.zeros(k.shape, F32)
-    dk, dv = lax.fori_loop(lo, hi + 1, body, (zeros, zeros))
+    dk, dv = lax.fori_loop(jnp.maximum(lo, q0), hi + 1, body, (zeros, zeros))
     dk_ref[cols, :] = dk.astype(dk_ref.dtype)
     dv_ref[cols, :] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, o, lse, do, blocks, *, tile, block_size, window, scale, interpret):
-    """Gradients (dq, dk, dv) [B, T, H, D] from the forward's o and lse."""
+def backward(q, k, v, o, lse, do, blocks, *, tile, block_size, window, scale, interpret, q0=0):
+    """Same contract as `pallas_tpu.backward` (lse [B, H, T - q0 tile])."""
     B, T, H, D = q.shape
-    tok, vec, blk = _specs(B, T, H, D)
-    delta = jnp.transpose(jnp.sum(do.astype(F32) * o.astype(F32), axis=-1), (0, 2, 1))  # [B, H, T]
+    T_loc = T - q0 * tile
+    tok, _, blk = _specs(B, T, H, D)
+    tok_loc, vec_loc, _ = _specs(B, T_loc, H, D)
+    delta = jnp.sum(do[:, q0 * tile:].astype(F32) * o.astype(F32), axis=-1)
+    delta = jnp.transpose(delta, (0, 2, 1))  # [B, H, T_loc]
     kw = _kw(T, tile, block_size, window)
-    common = dict(grid=(B, H, T // tile), compiler_params=_params(), interpret=interpret)
     args = (blocks, q, k, v, do, lse, delta)
-    in_specs = [blk, tok, tok, tok, tok, vec, vec]
+    in_specs = [blk, tok, tok, tok, tok, vec_loc, vec_loc]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, tile=tile, kw=kw, scale=scale, dtype=q.dtype),
-        in_specs=in_specs, out_specs=tok, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        name="window_attention_dq_gpu", **common)(*args)
+        functools.partial(_dq_kernel, tile=tile, q0=q0, kw=kw, scale=scale, dtype=q.dtype),
+        grid=(B, H, T // tile - q0), in_specs=in_specs, out_specs=tok_loc,
+        out_shape=jax.ShapeDtypeStruct((B, T_loc, H, D), q.dtype), compiler_params=_params(),
+        interpret=interpret, name="window_attention_dq_gpu")(*args)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, tile=tile, kw=kw, scale=scale, dtype=q.dtype),
-        in_specs=in_specs, out_specs=[tok, tok],
+        functools.partial(_dkv_kernel, tile=tile, q0=q0, kw=kw, scale=scale, dtype=q.dtype),
+        grid=(B, H, T // tile), in_specs=in_specs, out_specs=[tok, tok],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        name="window_attention_dkv_gpu", **common)(*args)
+        compiler_params=_params(), interpret=interpret, name="window_attention_dkv_gpu")(*args)
     return dq, dk, dv

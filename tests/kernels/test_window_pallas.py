@@ -179,3 +179,36 @@ def test_prefix_kernels_swa_whole_halo_masked_and_unmasked():
     (7, 9, 4, 3, 4), (5, 6, None, 1, 3), (3, 12, 4, 3, 12), (8, 3, 2, 4, 1)])
 def test_prefix_kernels_matrix(backend, nq, P, window, dilation, first_valid):
     check_prefix(nq, P, window, dilation, first_valid, backend)
+
+
+def _pallas_grids(fn, *args):
+    """{kernel name: grid} of the pallas_calls in fn's jaxpr (top level and nested jaxprs)."""
+    grids = {}
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids[str(eqn.params["name"])] = tuple(eqn.params["grid_mapping"].grid)
+            for p in eqn.params.values():
+                if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
+                    visit(p.jaxpr)
+                elif hasattr(p, "eqns"):
+                    visit(p)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
+def test_prefix_grids_skip_the_padding_query_tiles():
+    """12 own blocks of 16 tokens after a 4-block halo, 16-token tiles: the forward and dQ grids
+    run over the 12 query tiles, not 16; the dK/dV grid still covers all 16 key tiles."""
+    from pallas_kernels.window_attention.pallas import window_attention_prefix_pallas
+
+    q = jnp.zeros((1, 12 * 16, 2, 16))
+    k = jnp.zeros((1, 16 * 16, 2, 16))
+    fn = lambda q, k, v: window_attention_prefix_pallas(q, k, v, block_size=16, window=3, first_valid_block=1,
+                                                        tile=16, backend="tpu")
+    grids = _pallas_grids(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)), q, k, k)
+    assert grids["window_attention_fwd_tpu"][:3] == (1, 2, 12), grids
+    assert grids["window_attention_dq_tpu"][:3] == (1, 2, 12), grids
+    assert grids["window_attention_dkv_tpu"][:3] == (1, 2, 16), grids
