@@ -23,8 +23,10 @@ window_attention_prefix`, S tokens per block: on GPU/TPU the flash kernels, whos
 halo's query tiles, FLOPs ~ T_loc x W S per head; on CPU the banded XLA form, ~ (T_loc + h S) x W S).
 Communication per layer and direction: h x S x H x D values each of K and V per batch row (the
 backward pass sends the halo's dK, dV back the same way: ppermute's transpose). Full attention
-(window None) needs the whole prefix; it is not split here: it falls back to the gathered path
-(every shard computes the whole sequence), ring attention being the scheme it would need.
+(window None) is the case h = (n - 1) nb: shard c receives the keys and values of all c shards
+before it (n - 1 hops of whole shards, as much traffic as an all-gather) and its queries attend
+to (c + 1) T_loc keys, so the work grows towards the last shard; a ring schedule that overlaps
+the hops with the attention and balances the shards would be the next step.
 
 Gated DeltaNet: the recurrence S_t = A_t S_{t-1} + b_t k_t v_t^T (A_t = a_t (I - b_t k_t k_t^T)) is
 affine in the incoming state, so a shard's final state is S_loc + M S_in and its outputs
@@ -99,13 +101,14 @@ def _shard_map(fn, plan, *xs):
 
 # Window attention ------------------------------------------------------------------------------
 
-def halo_blocks(window: int, dilation: int, blocks_per_shard: int, num_shards: int) -> int:
+def halo_blocks(window: int | None, dilation: int, blocks_per_shard: int, num_shards: int) -> int:
     """Blocks before a shard's first block that its queries can see: (W - 1) d, but never more
-    than exist before the last shard."""
-    return min((window - 1) * dilation, (num_shards - 1) * blocks_per_shard)
+    than exist before the last shard (all of them for full attention, window None)."""
+    before = (num_shards - 1) * blocks_per_shard
+    return before if window is None else min((window - 1) * dilation, before)
 
 
-def window_attention_shard(q, k, v, *, block_size: int, window: int, dilation: int, axis_name: str,
+def window_attention_shard(q, k, v, *, block_size: int, window: int | None, dilation: int, axis_name: str,
                            axis_size: int, scale=None, impl: str = "auto"):
     """Per-shard body (inside shard_map over `axis_name`): local q, k, v [B, T_loc, H, D] are the
     shard's contiguous blocks; returns the local outputs of the global window attention."""
@@ -133,7 +136,7 @@ def window_attention(q, k, v, *, block_size: int, window: int | None, dilation: 
                      scale=None):
     """The window-attention mixer op on [B, L, H, D] activations: split over `context` when the
     active mesh allows (see the module docstring), else `map_over_batch_and_heads`."""
-    plan = None if window is None else _plan(q, block_size)
+    plan = _plan(q, block_size)
     if plan is None:
         op = lambda q, k, v: pallas_kernels.window_attention(
             q, k, v, block_size=block_size, window=window, dilation=dilation, scale=scale, impl=impl)

@@ -59,6 +59,9 @@ def op_checks():
         "gdn": ("gdn", dict(chunk_size=8), (qn, kn, v, g, beta)),
         # the Pallas kernels (interpreted here) with the halo as a padded query prefix
         "dswa_w4_d3_pallas": ("wa_pallas", dict(block_size=bs, window=4, dilation=3), (q, k, v)),
+        # full block-causal attention: the halo is every earlier shard
+        "full": ("wa", dict(block_size=bs, window=None, dilation=1), (q, k, v)),
+        "full_pallas": ("wa_pallas", dict(block_size=bs, window=None, dilation=1), (q, k, v)),
         # lengths that do not split evenly: 13 blocks (padded to 16 at context 4, 14 at context 2)
         # and 51 tokens (padded to 52)
         "dswa_w3_d2_uneven": ("wa", dict(block_size=bs, window=3, dilation=2),

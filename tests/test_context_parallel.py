@@ -34,8 +34,8 @@ def op_results():
 
 
 @pytest.mark.parametrize("mesh", ["ctx4", "ctx2"])
-@pytest.mark.parametrize("case", ["swa_w3", "dswa_w4_d2", "dswa_w4_d3", "dswa_w4_d3_pallas", "gdn",
-                                  "dswa_w3_d2_uneven", "gdn_uneven"])
+@pytest.mark.parametrize("case", ["swa_w3", "dswa_w4_d2", "dswa_w4_d3", "dswa_w4_d3_pallas", "full",
+                                  "full_pallas", "gdn", "dswa_w3_d2_uneven", "gdn_uneven"])
 def test_context_parallel_op_equals_unsharded(op_results, mesh, case):
     """16 blocks of 4 tokens, mesh (data 1, tensor 2, context 4) or (data 2, tensor 2, context 2):
     at context 4 the DSWA halos (6 and 9 blocks, the latter capped at 12) span 2 and 3 shards."""
@@ -114,6 +114,7 @@ def test_halo_blocks_and_fallback_without_context_axis():
     assert context_parallel.halo_blocks(3, 2, 2, 4) == 4      # (W-1) d
     assert context_parallel.halo_blocks(4, 3, 2, 4) == 6      # capped at the blocks before the last shard
     assert context_parallel.halo_blocks(1, 1, 2, 4) == 0
+    assert context_parallel.halo_blocks(None, 1, 2, 4) == 6   # full attention: every earlier block
     # no mesh: the plain ops, nothing traced on the split path
     before = dict(context_parallel.TRACE_COUNTS)
     x = jnp.ones((1, 8, 2, 4))
