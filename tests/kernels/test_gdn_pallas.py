@@ -5,21 +5,16 @@ Tolerances (issue 3): ||out - ref|| / ||ref|| <= 1e-5 forward in float32, <= 1e-
 gradient against the float64 reference.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
+from tests.float64_checks import check_against_float64, relerr
 
 # The float64 references need x64 inside this module's tests only (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("float64_references")
-
-
-def relerr(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def make_inputs(seed, B, T, H, K, V, *, gates="moderate", correlated=False, h0=True):
@@ -44,28 +39,11 @@ def make_inputs(seed, B, T, H, K, V, *, gates="moderate", correlated=False, h0=T
 
 
 def check_forward_and_grads(args, h0, *, chunk_size, backend):
-    q, k, v, g, beta = args
-    o, s = gated_delta_rule_pallas(*args, initial_state=h0, chunk_size=chunk_size, backend=backend)
-    ro, rs = gated_delta_rule_reference(*(x.astype(jnp.float64) for x in args),
-                                        initial_state=h0.astype(jnp.float64))
+    kernel = lambda *a: gated_delta_rule_pallas(*a[:5], initial_state=a[5], chunk_size=chunk_size,
+                                                backend=backend)
+    ref = lambda *a: gated_delta_rule_reference(*a[:5], initial_state=a[5])
+    o, s = check_against_float64(kernel, ref, (*args, h0), ("q", "k", "v", "g", "beta", "h0"))
     assert o.dtype == jnp.float32 and s.dtype == jnp.float32
-    assert relerr(o, ro) <= 1e-5 and relerr(s, rs) <= 1e-5, (relerr(o, ro), relerr(s, rs))
-
-    rng = np.random.default_rng(1)
-    do = jnp.asarray(rng.normal(size=o.shape), jnp.float32)
-    ds = jnp.asarray(rng.normal(size=s.shape), jnp.float32)
-
-    def loss(fn, dtype):
-        def f(*xs):
-            o, s = fn(*(x.astype(dtype) for x in xs[:5]), initial_state=xs[5].astype(dtype))
-            return jnp.sum(o * do) + jnp.sum(s * ds)
-        return f
-
-    kernel = lambda *a, **kw: gated_delta_rule_pallas(*a, chunk_size=chunk_size, backend=backend, **kw)
-    got = jax.grad(loss(kernel, jnp.float32), argnums=range(6))(*args, h0)
-    want = jax.grad(loss(gated_delta_rule_reference, jnp.float64), argnums=range(6))(*args, h0)
-    errs = {n: relerr(a, b) for n, a, b in zip(("q", "k", "v", "g", "beta", "h0"), got, want)}
-    assert all(e <= 1e-4 for e in errs.values()), errs
 
 
 @pytest.mark.parametrize("backend", ["tpu", pytest.param("gpu", marks=pytest.mark.slow)])
