@@ -133,6 +133,7 @@ class ClipSpec:
     proprio_dim: int
     text_len: int
     image_width: int = 0               # 0: square frames (image_size x image_size)
+    num_embodiments: int = 0           # size of the model's embodiment tables; 0: not checked
 
     @property
     def width(self) -> int:
@@ -314,7 +315,7 @@ def _weights(mixture, where: str) -> dict[str, float]:
 
 
 def _check_spec(data_cfg) -> ClipSpec:
-    optional = {"image_width"}
+    optional = {"image_width", "num_embodiments"}
     spec = ClipSpec(**{f.name: _get(data_cfg, f.name) for f in dataclasses.fields(ClipSpec)
                        if f.name not in optional or f.name in data_cfg})
     for f in dataclasses.fields(ClipSpec):
@@ -356,6 +357,9 @@ def _open_source(root: str, name: str, source_id: int, spec: ClipSpec,
             emb = registry.get(e_name)
         except UnknownEmbodimentError as e:
             raise DataConfigError(f"source {name!r}: {e}") from None
+        if spec.num_embodiments and emb.id >= spec.num_embodiments:
+            raise DataConfigError(f"source {name!r}: embodiment {emb.name} has id {emb.id} but the model's "
+                                  f"embodiment tables have data.num_embodiments={spec.num_embodiments} rows")
         if emb.action_dim > spec.action_dim:
             raise DataConfigError(f"source {name!r}: embodiment {emb.name} has {emb.action_dim} action dims "
                                   f"but data.action_dim={spec.action_dim}")

@@ -26,11 +26,12 @@ each of the next --steps blocks is generated and committed (kairos_jax.streaming
   block (teacher-forced history). Prints and writes <out stem>_actions.json (predicted and true
   actions in the embodiment's units, denormalised with the source's statistics, and their errors)
   and <out stem>_actions.png (one panel per action dimension).
-- closed_loop: the policy drives the dm_control reacher of data_pipelines (observation -> action
-  chunk -> k environment steps -> next observation, committed to the caches); --source must be a
-  reacher source, whose statistics denormalise the actions. Writes --out (mp4 of the frames the
-  environment rendered) and <out stem>_closed_loop.json (the applied torques and the fingertip's
-  distance to the target at every control step).
+- closed_loop: the policy drives a simulated robot of data_pipelines, the reacher, cheetah or
+  pusher (observation -> action chunk -> k environment steps -> next observation, committed to the
+  caches); --source (default: reacher) must hold one of them, and its statistics denormalise the
+  actions. Writes --out (mp4 of the frames the environment rendered) and
+  <out stem>_closed_loop.json (the applied actions and the task measure at every control step:
+  fingertip-target distance, forward position, or puck-goal distance).
 """
 
 from __future__ import annotations
@@ -232,6 +233,10 @@ def load_episode_clip(cfg, root: str, source: str, episode: str | None, num_bloc
                     channels=d.channels, action_dim=d.action_dim, proprio_dim=d.proprio_dim, text_len=d.text_len,
                     image_width=d.get("image_width", 0))
     sspec = _source_spec(src, source)
+    emb_id = sspec.embodiments[ep.embodiment].id
+    if emb_id >= d.num_embodiments:
+        raise RolloutError(f"episode {ep.episode_id}: embodiment {ep.embodiment} has id {emb_id}; the model's "
+                           f"embodiment tables have data.num_embodiments={d.num_embodiments} rows")
     clip = make_clip(ep, 0, spec, sspec)
     idx = k * np.arange(num_blocks)
     frames = np.clip(np.rint(resize_frames(ep.frames[idx], d.image_size, spec.width)), 0, 255).astype(np.uint8)
@@ -399,38 +404,64 @@ def rollout(model, cfg, ep: EpisodeClip, *, mode: str, context: int, steps: int,
     return out
 
 
-def closed_loop_reacher(model, cfg, root: str, source: str, *, blocks: int, num_steps: int, shift: float,
-                        guidance_scale: float | None, seed: int) -> dict:
-    """Drive the reacher with the model's policy for `blocks` action chunks (see the module docstring)."""
+def _control_recorders() -> dict:
+    """Embodiment name -> the recorder class that simulates it under an outside controller."""
+    from data_pipelines.sim.cheetah import CheetahRecorder
+    from data_pipelines.sim.pusher import PusherRecorder
+    from data_pipelines.sim.reacher import ReacherRecorder
+
+    return {r.embodiment: r for r in (ReacherRecorder, CheetahRecorder, PusherRecorder)}
+
+
+def closed_loop(model, cfg, root: str, source: str, *, blocks: int, num_steps: int, shift: float,
+                guidance_scale: float | None, seed: int, image_size: int = 64) -> dict:
+    """Drive the simulated robot of `source` with the model's policy for `blocks` action chunks.
+
+    observation -> policy action chunk (k steps) -> k environment steps -> next observation,
+    committed to the caches with the chunk that produced it. The source (one simulated embodiment:
+    reacher, cheetah or pusher) provides the statistics that denormalise the actions. Returns the
+    rendered frames, the applied actions and the task measure after every control step.
+    """
     from data_pipelines.embodiments import DEFAULT_REGISTRY
     from data_pipelines.pipeline import patchify, resize_frames, text_tokens
     from data_pipelines.shards import ShardedSource
-    from data_pipelines.sim.reacher import TEXTS, ReacherRecorder
 
     src = ShardedSource(os.path.join(root, source))
-    if "reacher" not in src.embodiments or src.stats["reacher"].action is None:
-        raise RolloutError(f"--source={source}: closed_loop needs a reacher source with action statistics")
-    norm = _source_spec(src, source).embodiments["reacher"].action_norm
-    emb = DEFAULT_REGISTRY.get("reacher")
+    recorders = _control_recorders()
+    simulated = [e for e in src.embodiments if e in recorders]
+    if len(simulated) != 1:
+        raise RolloutError(f"--source={source}: closed_loop needs a source of one simulated embodiment "
+                           f"({', '.join(sorted(recorders))}); it has {sorted(src.embodiments)}")
+    name = simulated[0]
+    if src.stats[name].action is None:
+        raise RolloutError(f"--source={source}: no action statistics for {name}, closed_loop cannot "
+                           f"denormalise the policy's actions")
+    emb = DEFAULT_REGISTRY.get(name)
     d = cfg.data
+    if emb.action_dim > d.action_dim:
+        raise RolloutError(f"{name} has {emb.action_dim} action dims; the model's data.action_dim is "
+                           f"{d.action_dim}")
+    if emb.id >= d.num_embodiments:
+        raise RolloutError(f"{name} has embodiment id {emb.id}; the model's embodiment tables have "
+                           f"data.num_embodiments={d.num_embodiments} rows")
+    norm = _source_spec(src, source).embodiments[name].action_norm
     k = d.action_chunk
     rng = np.random.default_rng(seed)
     dim_mask = np.zeros((1, d.action_dim), np.float32)
     dim_mask[0, :emb.action_dim] = 1.0
     engine = StreamingEngine(model, num_steps=num_steps, shift=shift, guidance_scale=guidance_scale,
                              full_capacity=cfg.rollout.full_capacity)
-    state = engine.start(jnp.asarray(text_tokens(TEXTS[0], d.text_len))[None], jnp.asarray([emb.id], jnp.int32),
-                         jnp.asarray(dim_mask))
     key = jax.random.key(seed)
 
     def tokens(frame):
         x = resize_frames(frame[None], d.image_size, d.get("image_width", 0))
         return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)        # [1, N, Dp]
 
-    with ReacherRecorder(64) as env:
-        env.env.task.random.seed(int(rng.integers(2 ** 31)))
-        env.env.reset()
-        frames, torques, distance = [env.renderer.render(env.data, "fixed")], [], []
+    with recorders[name](image_size) as env:
+        state = engine.start(jnp.asarray(text_tokens(env.control_text, d.text_len))[None],
+                             jnp.asarray([emb.id], jnp.int32), jnp.asarray(dim_mask))
+        env.reset_control(rng)
+        frames, applied, metric = [env.frame()], [], []
         # Block 0: the first frame; its action chunk is unknown (absent, as in training).
         key, k0 = jax.random.split(key)
         noise = jax.random.normal(k0, (1, k, d.action_dim)) * dim_mask[:, None]
@@ -438,16 +469,14 @@ def closed_loop_reacher(model, cfg, root: str, source: str, *, blocks: int, num_
         for _ in range(blocks):
             key, kb = jax.random.split(key)
             _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
-            u = norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim]))
-            for step in u:
-                applied = np.clip(step, -1.0, 1.0)
-                env.env.step(applied)
-                torques.append(applied)
-                distance.append(float(np.linalg.norm(env.finger_to_target())))
-            frames.append(env.renderer.render(env.data, "fixed"))
+            for step in norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim])):
+                applied.append(env.apply(step))
+                metric.append(env.metric())
+            frames.append(env.frame())
             state = engine.commit(state, tokens(frames[-1]), chunk, np.zeros(1, np.float32), np.zeros(1, np.float32))
-    return {"frames": np.stack(frames), "torques": np.stack(torques), "distance": np.asarray(distance),
-            "position": int(state.position)}
+        metric_name = env.metric_name
+    return {"embodiment": name, "frames": np.stack(frames), "actions": np.stack(applied),
+            "metric_name": metric_name, "metric": np.asarray(metric), "position": int(state.position)}
 
 
 def main(argv=None) -> int:
@@ -489,18 +518,19 @@ def _run(args) -> int:
     num_steps = args.num_steps or cfg.rollout.num_steps
     shift = cfg.sampling.shift if args.shift is None else args.shift
     if mode == "closed_loop":
-        result = closed_loop_reacher(model, cfg, root, args.source or "reacher", blocks=args.steps,
-                                     num_steps=num_steps, shift=shift,
-                                     guidance_scale=None if guidance == 1.0 else guidance, seed=args.seed)
+        result = closed_loop(model, cfg, root, args.source or "reacher", blocks=args.steps,
+                             num_steps=num_steps, shift=shift,
+                             guidance_scale=None if guidance == 1.0 else guidance, seed=args.seed)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         fps = 25.0 / cfg.data.action_chunk
         write_mp4(args.out, result["frames"], fps, scale=2)
         stem = os.path.splitext(args.out)[0]
+        metric = result["metric_name"]
         with open(stem + "_closed_loop.json", "w") as f:
-            json.dump({"checkpoint": ref.path, "blocks": args.steps, "torques": result["torques"].tolist(),
-                       "distance": result["distance"].tolist()}, f, indent=1)
-        print(f"wrote {args.out}, {stem}_closed_loop.json; fingertip-target distance "
-              f"{result['distance'][0]:.3f} -> {result['distance'][-1]:.3f}")
+            json.dump({"checkpoint": ref.path, "embodiment": result["embodiment"], "blocks": args.steps,
+                       "actions": result["actions"].tolist(), metric: result["metric"].tolist()}, f, indent=1)
+        print(f"wrote {args.out}, {stem}_closed_loop.json; {result['embodiment']} {metric} "
+              f"{result['metric'][0]:.3f} -> {result['metric'][-1]:.3f}")
         return 0
     source = args.source or default_source(cfg, root, needs_actions=mode in ("simulate", "forward_dynamics",
                                                                              "policy"))

@@ -146,24 +146,84 @@ def test_cli_simulate_and_policy_end_to_end(run, capsys):
     assert "at most 12 blocks" in capsys.readouterr().err      # 24 frames, stride k = 2
 
 
+def replay(embodiment, actions, seed):
+    """The metric trace of the same scene driven open-loop by the given actions: the closed loop's
+    log must be what actually drove the simulator."""
+    from kairos_jax.rollout import _control_recorders
+
+    with _control_recorders()[embodiment](64) as env:
+        env.reset_control(np.random.default_rng(seed))
+        trace = []
+        for a in actions:
+            env.apply(a)
+            trace.append(env.metric())
+    return np.asarray(trace)
+
+
 def test_closed_loop_policy_drives_the_reacher(run):
     """observation -> policy action chunk -> k environment steps -> next observation, committed."""
     pytest.importorskip("dm_control")
     cfg = run["cfg"]
     model = random_model(cfg, seed=5, scale=0.2)
-    result = rollout.closed_loop_reacher(model, cfg, str(run["root"] / "data"), "reacher", blocks=2, num_steps=2,
-                                         shift=1.0, guidance_scale=None, seed=0)
+    result = rollout.closed_loop(model, cfg, str(run["root"] / "data"), "reacher", blocks=2, num_steps=2,
+                                 shift=1.0, guidance_scale=None, seed=0)
     k = cfg.data.action_chunk
+    assert result["embodiment"] == "reacher" and result["metric_name"] == "fingertip_target_distance"
     assert result["frames"].shape == (3, 64, 64, 3) and result["frames"].dtype == np.uint8
-    assert result["torques"].shape == (2 * k, 2) and np.all(np.abs(result["torques"]) <= 1.0)
-    assert result["position"] == 3 and np.all(result["distance"] >= 0)
+    assert result["actions"].shape == (2 * k, 2) and np.all(np.abs(result["actions"]) <= 1.0)
+    assert result["position"] == 3 and np.all(result["metric"] >= 0)
     assert np.abs(result["frames"][0].astype(int) - result["frames"][-1]).max() > 0    # the arm moved
+    np.testing.assert_allclose(replay("reacher", result["actions"], 0), result["metric"], rtol=1e-9)
     out = run["root"] / "out" / "loop.mp4"
     assert rollout.main([f"--checkpoint={run['workdir']}", "--mode=closed_loop", "--steps=2", f"--out={out}",
                          f"--data_root={run['root'] / 'data'}", "--num_steps=2"]) == 0
     report = json.loads((run["root"] / "out" / "loop_closed_loop.json").read_text())
-    assert len(report["torques"]) == len(report["distance"]) == 2 * k
+    assert report["embodiment"] == "reacher"
+    assert len(report["actions"]) == len(report["fingertip_target_distance"]) == 2 * k
     import av
 
     with av.open(str(out)) as container:
         assert len(list(container.decode(video=0))) == 3
+
+
+@pytest.mark.parametrize("embodiment, metric", [("pusher", "puck_goal_distance"), ("cheetah", "forward_position")])
+def test_closed_loop_drives_the_pusher_and_the_cheetah(tmp_path, embodiment, metric):
+    """The same loop on the other simulated robots: actions within their actuators' range, the
+    logged actions reproduce the logged task measure when replayed, and a model whose action
+    width is too small for the robot is refused by name."""
+    pytest.importorskip("dm_control")
+    from data_pipelines.embodiments import DEFAULT_REGISTRY
+
+    emb = DEFAULT_REGISTRY.get(embodiment)
+    r = np.random.default_rng(1)
+    episodes = [make_episode(r, T=24, hw=(16, 16), embodiment=embodiment, action_dim=emb.action_dim,
+                             proprio_dim=emb.proprio_dim, episode_id=f"ep{i}") for i in range(3)]
+    write_episodes(str(tmp_path / embodiment), embodiment, episodes)
+    cfg = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
+    cfg.data.update(dict(action_dim=emb.action_dim, num_embodiments=8))   # ids: pusher 4, cheetah 3
+    model = random_model(cfg, seed=5, scale=0.2)
+    result = rollout.closed_loop(model, cfg, str(tmp_path), embodiment, blocks=2, num_steps=2, shift=1.0,
+                                 guidance_scale=None, seed=3)
+    k = cfg.data.action_chunk
+    assert result["embodiment"] == embodiment and result["metric_name"] == metric
+    assert result["frames"].shape == (3, 64, 64, 3) and result["actions"].shape == (2 * k, emb.action_dim)
+    assert np.all(np.isfinite(result["metric"])) and result["metric"].shape == (2 * k,)
+    np.testing.assert_allclose(replay(embodiment, result["actions"], 3), result["metric"], rtol=1e-9)
+    if embodiment == "pusher":
+        from data_pipelines.sim.pusher import PusherRecorder
+
+        with PusherRecorder(16) as env:
+            lo, hi = env.model.actuator_ctrlrange.T.copy()
+        assert np.all(result["actions"] >= lo) and np.all(result["actions"] <= hi)
+    if embodiment == "cheetah":
+        assert np.all(np.abs(result["actions"]) <= 1.0)
+        small = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)   # action_dim 3 < 6
+        with pytest.raises(rollout.RolloutError, match="cheetah has 6 action dims"):
+            rollout.closed_loop(random_model(small, seed=5, scale=0.2), small, str(tmp_path), embodiment,
+                                blocks=1, num_steps=1, shift=1.0, guidance_scale=None, seed=0)
+    else:
+        # the pusher's id (4) is past a 4-row embodiment table: refused, not a NaN policy
+        small = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
+        with pytest.raises(rollout.RolloutError, match="num_embodiments=4"):
+            rollout.closed_loop(random_model(small, seed=5, scale=0.2), small, str(tmp_path), embodiment,
+                                blocks=1, num_steps=1, shift=1.0, guidance_scale=None, seed=0)

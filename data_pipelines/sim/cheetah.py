@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipelines.episode import Episode
-from data_pipelines.sim.rendering import FrameRenderer, Recorder
+from data_pipelines.sim.rendering import FrameRenderer, Recorder, SuiteControl
 
 CONTROL_TIMESTEP = 0.04  # 25 Hz: 4 physics steps of 0.01 s per control step
 # joints: bthigh, bshin, bfoot, fthigh, fshin, ffoot
@@ -24,7 +24,7 @@ GAIT_FREQUENCY = 2.28  # Hz
 PITCH_GAIN = np.array([0.5, 0.0, 0.0, 0.5, 0.0, 0.0])
 
 
-class CheetahRecorder(Recorder):
+class CheetahRecorder(SuiteControl, Recorder):
     source = "cheetah"
     embodiment = "cheetah"
     fps = 1.0 / CONTROL_TIMESTEP
@@ -37,6 +37,13 @@ class CheetahRecorder(Recorder):
         self.physics = self.env.physics
         self.model, self.data = self.physics.model.ptr, self.physics.data.ptr
         self.renderer = FrameRenderer(self.model, image_size)
+
+    camera = "side"
+    control_text = "the cheetah runs forward fast"
+    metric_name = "forward_position"
+
+    def metric(self) -> float:
+        return self.forward_position()
 
     def forward_position(self) -> float:
         return float(self.data.qpos[0])

@@ -91,6 +91,22 @@ class PusherRecorder(Recorder):
         self._puck = self.model.body("puck").id
         self._ctrl_lo, self._ctrl_hi = self.model.actuator_ctrlrange.T
 
+    camera = "top"
+    control_text = TEXTS[0]
+    metric_name = "puck_goal_distance"
+
+    def reset_control(self, rng: np.random.Generator) -> None:
+        self._reset(rng)
+
+    def apply(self, action: np.ndarray) -> np.ndarray:
+        applied = np.clip(action, self._ctrl_lo, self._ctrl_hi)
+        self.data.ctrl[:] = applied
+        mujoco.mj_step(self.model, self.data, nstep=PHYSICS_STEPS)
+        return applied
+
+    def metric(self) -> float:
+        return self.puck_to_goal()
+
     def puck_to_goal(self) -> float:
         return float(np.linalg.norm(self.model.geom_pos[self._goal, :2] - self.data.xpos[self._puck, :2]))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipelines.episode import Episode
-from data_pipelines.sim.rendering import FrameRenderer, Recorder, mujoco
+from data_pipelines.sim.rendering import FrameRenderer, Recorder, SuiteControl, mujoco
 
 CONTROL_TIMESTEP = 0.04  # 25 Hz: 2 physics steps of 0.02 s per control step
 TEXTS = ("reach the red target each time it moves", "move the fingertip to the red target",
@@ -25,7 +25,7 @@ HOLD_STEPS = 4
 MAX_JOINT_STEP = 0.5  # rad
 
 
-class ReacherRecorder(Recorder):
+class ReacherRecorder(SuiteControl, Recorder):
     source = "reacher"
     embodiment = "reacher"
     fps = 1.0 / CONTROL_TIMESTEP
@@ -41,6 +41,13 @@ class ReacherRecorder(Recorder):
         self._finger = self.model.geom("finger").id
         self._target = self.model.geom("target").id
         self.targets_reached = 0   # in the last recorded episode
+
+    camera = "fixed"
+    control_text = TEXTS[0]
+    metric_name = "fingertip_target_distance"
+
+    def metric(self) -> float:
+        return float(np.linalg.norm(self.finger_to_target()))
 
     def finger_to_target(self) -> np.ndarray:
         return (self.data.geom_xpos[self._target] - self.data.geom_xpos[self._finger])[:2].copy()

@@ -51,6 +51,18 @@ class Recorder:
     # position, puck-to-goal distance); diagnostics and tests read it to check the policy's progress.
     task_trace: np.ndarray | None = None
 
+    # Closed-loop control, robots only (`kairos_jax.rollout --mode=closed_loop`): the reacher,
+    # cheetah and pusher recorders also have reset_control(rng) (a new random scene, as `record`
+    # draws it), apply(action) (one control step in the embodiment's units; returns the action as
+    # applied, clipped to the actuators' range) and metric() (the task measure `metric_name`).
+    camera: str = ""
+    control_text: str = ""
+    metric_name: str = ""
+
+    def frame(self) -> np.ndarray:
+        """The current camera image, uint8 [H, W, 3]."""
+        return self.renderer.render(self.data, self.camera)
+
     def __enter__(self):
         return self
 
@@ -61,3 +73,17 @@ class Recorder:
         renderer = getattr(self, "renderer", None)
         if renderer is not None:
             renderer.close()
+
+
+class SuiteControl:
+    """Closed-loop control of a dm_control suite task held as `self.env` (reacher, cheetah): a
+    reset reseeds the task's own scene draw; actions are torques, clipped to [-1, 1]."""
+
+    def reset_control(self, rng: np.random.Generator) -> None:
+        self.env.task.random.seed(int(rng.integers(2**31)))
+        self.env.reset()
+
+    def apply(self, action: np.ndarray) -> np.ndarray:
+        applied = np.clip(action, -1.0, 1.0)
+        self.env.step(applied)
+        return applied

@@ -309,6 +309,9 @@ def test_source_without_shards_and_oversized_embodiment_are_errors(tmp_path, rng
                    [make_episode(rng, T=40, embodiment="cheetah", action_dim=6, proprio_dim=17)])
     with pytest.raises(DataConfigError, match="embodiment cheetah has 6 action dims but data.action_dim=4"):
         build_dataset(_cfg(str(root), action_dim=4), _phase(cheetah=1.0), seed=0, batch_size=2)
+    # cheetah's id is 3: a 3-row embodiment table would index past its end (a NaN adapter)
+    with pytest.raises(DataConfigError, match="embodiment cheetah has id 3 but .*num_embodiments=3 rows"):
+        build_dataset(_cfg(str(root), num_embodiments=3), _phase(cheetah=1.0), seed=0, batch_size=2)
     with pytest.raises(DataConfigError, match="image_size=30 is not a multiple of data.patch_size=8"):
         build_dataset(_cfg(str(root), image_size=30), _phase(cheetah=1.0), seed=0, batch_size=2)
 
