@@ -414,13 +414,15 @@ def _control_recorders() -> dict:
 
 
 def closed_loop(model, cfg, root: str, source: str, *, blocks: int, num_steps: int, shift: float,
-                guidance_scale: float | None, seed: int, image_size: int = 64) -> dict:
+                guidance_scale: float | None, seed: int, image_size: int | None = None) -> dict:
     """Drive the simulated robot of `source` with the model's policy for `blocks` action chunks.
 
     observation -> policy action chunk (k steps) -> k environment steps -> next observation,
     committed to the caches with the chunk that produced it. The source (one simulated embodiment:
     reacher, cheetah or pusher) provides the statistics that denormalise the actions. Returns the
-    rendered frames, the applied actions and the task measure after every control step.
+    rendered frames, the applied actions and the task measure after every control step. The
+    camera renders image_size-square frames (default: the model's frame size, at least 64), which
+    are resized to the model's frames as in the pipeline.
     """
     from data_pipelines.embodiments import DEFAULT_REGISTRY
     from data_pipelines.pipeline import patchify, resize_frames, text_tokens
@@ -444,8 +446,13 @@ def closed_loop(model, cfg, root: str, source: str, *, blocks: int, num_steps: i
     if emb.id >= d.num_embodiments:
         raise RolloutError(f"{name} has embodiment id {emb.id}; the model's embodiment tables have "
                            f"data.num_embodiments={d.num_embodiments} rows")
+    if d.get("channels", 3) != 3:
+        raise RolloutError(f"closed_loop feeds rendered RGB frames; this model takes {d.channels}-channel "
+                           f"inputs (latents?), which would need the encoder in the loop")
     norm = _source_spec(src, source).embodiments[name].action_norm
     k = d.action_chunk
+    if image_size is None:
+        image_size = max(64, d.image_size, d.get("image_width", 0))
     rng = np.random.default_rng(seed)
     dim_mask = np.zeros((1, d.action_dim), np.float32)
     dim_mask[0, :emb.action_dim] = 1.0

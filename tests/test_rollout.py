@@ -227,3 +227,8 @@ def test_closed_loop_drives_the_pusher_and_the_cheetah(tmp_path, embodiment, met
         with pytest.raises(rollout.RolloutError, match="num_embodiments=4"):
             rollout.closed_loop(random_model(small, seed=5, scale=0.2), small, str(tmp_path), embodiment,
                                 blocks=1, num_steps=1, shift=1.0, guidance_scale=None, seed=0)
+        latent = cfg.copy_and_resolve_references()
+        latent.data.channels = 16                     # a model trained on VAE latents, not RGB frames
+        with pytest.raises(rollout.RolloutError, match="16-channel inputs"):
+            rollout.closed_loop(None, latent, str(tmp_path), embodiment, blocks=1, num_steps=1, shift=1.0,
+                                guidance_scale=None, seed=0)
