@@ -147,6 +147,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         clean_block_prob=0.25,    # fraction of blocks given clean (diffusion forcing with clean context)
         text_dropout=0.1,         # drop task text (null token only), for classifier-free guidance
         log_every=10,
+        # Steps with a non-finite loss or gradient are skipped (no update; counted and logged as
+        # skipped_steps); more than this many in one phase stops the run (exit status 3).
+        max_skipped_steps=10,
         checkpoint_every=100,
         keep_checkpoints=3,
         async_checkpointing=True,

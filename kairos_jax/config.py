@@ -88,6 +88,7 @@ def validate(cfg) -> None:
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _positive_int(cfg, "train", name)
     _positive_int(cfg, "train", "warmup_steps", minimum=0)
+    _positive_int(cfg, "train", "max_skipped_steps", minimum=0)
     prof = t.get("profile_steps", ())
     _req(isinstance(prof, (tuple, list)) and (len(prof) == 0 or (
         len(prof) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in prof)

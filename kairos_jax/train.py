@@ -45,6 +45,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0,
 log = logging.getLogger("kairos")
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many steps of a phase had a non-finite loss or gradient (`train.max_skipped_steps`)."""
+
+
 class StopRequested:
     """SIGTERM / SIGINT handler: the loop saves a checkpoint at the next step and exits."""
 
@@ -172,6 +176,7 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
         pbar = tqdm(total=phase.steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
                     file=sys.stdout)
     stopped = False
+    total_skipped, diverged = 0, None
     t_last, steps_since = time.perf_counter(), 0
     acc = None
     compiled = None
@@ -191,23 +196,38 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
         if done % cfg.train.log_every == 0 or done == phase.steps:
             m = jax.device_get(acc)
             dt = (time.perf_counter() - t_last) / steps_since
+            skipped = int(m["skipped"])
+            n_ok = max(steps_since - skipped, 1)   # skipped steps contribute zeros to the sums
             scalars = {
-                "loss": m["loss"] / steps_since, "loss_video": m["loss_video"] / steps_since,
-                "loss_action": m["loss_action"] / steps_since, "grad_norm": m["grad_norm"] / steps_since,
+                "loss": m["loss"] / n_ok, "loss_video": m["loss_video"] / n_ok,
+                "loss_action": m["loss_action"] / n_ok, "grad_norm": m["grad_norm"] / n_ok,
                 "param_norm": float(m["param_norm"]) / steps_since, "lr": float(schedule(done - 1)),
                 "step_time_s": dt, "steps_per_s": 1.0 / dt, "tokens_per_s": tokens_per_step / dt,
+                "skipped_steps": skipped,
             }
             if flops and peak_flops:
                 scalars["mfu"] = flops / dt / peak_flops
             for key in ("loss_proprio", "loss_progress"):
                 if key in m:
-                    scalars[key] = m[key] / steps_since
+                    scalars[key] = m[key] / n_ok
             for i, src in enumerate(sources):
                 if m["src_video_w"][i] > 0:
                     scalars[f"loss_video/{src}"] = m["src_video_err"][i] / m["src_video_w"][i]
                 if m["src_action_w"][i] > 0:
                     scalars[f"loss_action/{src}"] = m["src_action_err"][i] / m["src_action_w"][i]
             writer.write(done, scalars)
+            if skipped:
+                total_skipped += skipped
+                log.warning("%s: %d of the last %d steps (up to step %d) had a non-finite loss or "
+                            "gradient and were skipped (%d in this phase)", name, skipped, steps_since, done,
+                            total_skipped)
+                if total_skipped > cfg.train.max_skipped_steps:
+                    diverged = (
+                        f"{name}: {total_skipped} steps with a non-finite loss or gradient by step {done}, more "
+                        f"than train.max_skipped_steps={cfg.train.max_skipped_steps}. The checkpoints are "
+                        f"intact: skipped steps change no parameter, and none is saved after this. Lower "
+                        f"train.lr, raise train.warmup_steps, or look for bad data in this phase's sources")
+                    break
             if pbar is not None:
                 pbar.set_postfix(loss=f"{scalars['loss']:.4f}", step_s=f"{scalars['steps_per_s']:.2f}",
                                  mfu=f"{scalars.get('mfu', 0.0):.1%}")
@@ -226,6 +246,8 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
         pbar.close()
     writer.close()
     ckpt.close()
+    if diverged:
+        raise TrainingDiverged(diverged)
     trend = metrics.loss_trend(metrics.read_metrics(pdir))
     result = PhaseResult(name, phase.steps, *(trend or (None, None)),
                          resumed_from=start if start else None, stopped_early=stopped)
@@ -321,6 +343,9 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     print(format_summary(results))
     with open(os.path.join(_WORKDIR.value, "summary.json"), "w") as f:
         json.dump([dataclasses.asdict(r) for r in results], f, indent=2)

@@ -205,10 +205,19 @@ def make_train_step(cfg, setup: Setup, tx, phase_cfg, num_sources: int):
             (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
             grads = jax.tree.map(lambda g: g / accum, grads)
             metrics = {k: (v if k.startswith(("src_", "mode_")) else v / accum) for k, v in metrics.items()}
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient (a bad batch, an overflow) skips the update: parameters and
+        # optimizer state stay as they were, the step and the data still advance, and the step is
+        # counted ("skipped") so the loop can report it and stop when there are too many.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
+        metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+        metrics["grad_norm"] = jnp.where(finite, grad_norm, 0.0)
         metrics["param_norm"] = optax.tree.norm(params)
+        metrics["skipped"] = (~finite).astype(jnp.int32)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     # The batch arrives already sharded (global_batch); its layout is taken as given.

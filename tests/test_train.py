@@ -134,3 +134,67 @@ def test_second_phase_starts_from_first_phase_params(uninterrupted):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert any(np.any(np.asarray(x) != np.asarray(y))
                for x, y in zip(jax.tree.leaves(end_of_1), jax.tree.leaves(later_in_2)))
+
+
+def test_a_non_finite_step_is_skipped_counted_and_changes_nothing(tiny_cfg):
+    """A batch that makes the loss NaN: the step leaves parameters and optimizer state bitwise as
+    they were, advances the step, and reports skipped=1; the next good batch trains as usual."""
+    from kairos_jax import trainer
+    from kairos_jax.sharding import create_mesh
+    from tests.conftest import synthetic_batch
+
+    setup = trainer.build_model_setup(tiny_cfg, create_mesh(tiny_cfg.mesh))
+    phase = tiny_cfg.phases.phase3_robot
+    tx = trainer.make_optimizer(tiny_cfg.train, phase.steps)
+    state = trainer.init_train_state(tiny_cfg, setup, tx, trainer.init_params(tiny_cfg, setup, seed=0))
+    step = trainer.make_train_step(tiny_cfg, setup, tx, phase, num_sources=2)
+    before = jax.device_get(state)
+    bad = synthetic_batch(tiny_cfg, 4, seed=1)
+    bad["video"][0, 1, 0, 0] = np.nan
+    state, m = step(state, trainer.global_batch(setup, bad))
+    after = jax.device_get(state)
+    assert int(m["skipped"]) == 1 and float(m["loss"]) == 0.0 and int(after["step"]) == int(before["step"]) + 1
+    jax.tree.map(np.testing.assert_array_equal, after["params"], before["params"])
+    jax.tree.map(np.testing.assert_array_equal, after["opt_state"], before["opt_state"])
+    # two good steps (the warm-up's first learning rate is 0, and the skipped step did not count)
+    for seed in (2, 3):
+        state, m = step(state, trainer.global_batch(setup, synthetic_batch(tiny_cfg, 4, seed=seed)))
+        assert int(m["skipped"]) == 0 and np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(state["params"]), after["params"])
+    assert any(jax.tree.leaves(moved))
+
+
+def test_too_many_non_finite_steps_stop_the_run(tiny_data_dir, tmp_path, monkeypatch):
+    """Batches 2 and 3 of phase 1 poisoned: with max_skipped_steps=2 the run completes and logs
+    them as skipped; with 1 it stops with TrainingDiverged, after the phase's last good checkpoint."""
+    from kairos_jax import trainer
+
+    real, calls = trainer.global_batch, {"n": 0}
+
+    def poisoned(setup, batch):
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            batch = dict(batch, video=np.full_like(batch["video"], np.nan))
+        return real(setup, batch)
+
+    monkeypatch.setattr(trainer, "global_batch", poisoned)
+    cfg = loop_config(tiny_data_dir)
+    cfg.curriculum = ("phase1_video",)
+    cfg.phases.phase1_video.steps = 4
+    cfg.train.max_skipped_steps = 2
+    workdir = str(tmp_path / "ok")
+    train.train_curriculum(cfg, workdir, stop=StopAt(10**9))
+    with open(os.path.join(workdir, "phase1_video", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 0]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+    calls["n"] = 0
+    cfg.train.max_skipped_steps = 1
+    with pytest.raises(train.TrainingDiverged, match="2 steps with a non-finite loss or gradient by step 3"):
+        train.train_curriculum(cfg, str(tmp_path / "stops"), stop=StopAt(10**9))
+    # the step-2 checkpoint (checkpoint_every=2) was written; nothing after the stop
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "stops" / "phase1_video" / "checkpoints"), keep=5,
+                                      async_save=False)
+    assert ckpt.latest_step() == 2
+    ckpt.close()
