@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from kairos_jax.diffusion import MODES, SIGMA_SAMPLERS
 from kairos_jax.model.mixers import MIXERS
@@ -150,9 +151,11 @@ def check_workdir(workdir: str) -> None:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--workdir={workdir!r} cannot be created: {e.strerror}") from None
-    probe = os.path.join(workdir, ".write_test")
+    # A probe file of this process's own: every process of a multi-process run checks the same
+    # (shared) workdir at once, and one shared name raced (one process removed another's probe).
     try:
-        with open(probe, "w") as f:
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=workdir)
+        with os.fdopen(fd, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:

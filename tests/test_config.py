@@ -89,3 +89,14 @@ def test_entry_point_fails_fast_with_the_message(tmp_path):
     cmd[-1] = f"--config.data.root={tmp_path / 'missing'}"
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_workdir_check_is_safe_from_many_processes_at_once(tmp_path):
+    """Every process of a multi-process run checks the shared workdir at the same moment; with one
+    shared probe file name, one process removed another's probe and reported 'not writable'."""
+    import concurrent.futures
+
+    workdir = str(tmp_path / "shared")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: [check_workdir(workdir) for _ in range(200)], range(8)))
+    assert os.listdir(workdir) == []                      # no probe left behind
