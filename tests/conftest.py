@@ -74,6 +74,17 @@ def synthetic_batch(cfg, batch_size, seed=0, *, action_free=()):
     }
 
 
+def setup_on_mesh(cfg, mesh_cfg: dict, devices):
+    """A copy of cfg with its mesh axes set to mesh_cfg, the mesh over `devices`, and the model
+    setup on it: (config, setup)."""
+    from kairos_jax import trainer
+    from kairos_jax.sharding import create_mesh
+
+    c = cfg.copy_and_resolve_references()
+    c.mesh.update(mesh_cfg)
+    return c, trainer.build_model_setup(c, create_mesh(c.mesh, devices))
+
+
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()

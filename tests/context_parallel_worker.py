@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import pallas_kernels
 from kairos_jax import context_parallel, diffusion, trainer
 from kairos_jax.sharding import activation_sharding, create_mesh
-from tests.conftest import synthetic_batch, tiny_config
+from tests.conftest import setup_on_mesh, synthetic_batch, tiny_config
 
 MESHES = {
     "ctx4": dict(data=1, fsdp=1, tensor=2, context=4),
@@ -130,10 +130,7 @@ def model_checks_at(num_blocks):
     results, params_host = {}, None
     for name, mesh_cfg, devices in (("single", dict(data=1, fsdp=1, tensor=1, context=1), jax.devices()[:1]),
                                     *((n, m, jax.devices()) for n, m in MESHES.items())):
-        c = cfg.copy_and_resolve_references()
-        c.mesh.update(mesh_cfg)
-        mesh = create_mesh(c.mesh, devices)
-        setup = trainer.build_model_setup(c, mesh)
+        c, setup = setup_on_mesh(cfg, mesh_cfg, devices)
         if params_host is None:
             params_host = jax.device_get(trainer.init_params(c, setup, seed=0))
             # adaLN-zero: at init every layer's gates are 0, the mixers do not reach the loss at

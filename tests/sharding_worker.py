@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 
 from kairos_jax import trainer
 from kairos_jax.sharding import create_mesh
-from tests.conftest import synthetic_batch, tiny_config
+from tests.conftest import setup_on_mesh, synthetic_batch, tiny_config
 
 
 def main():
@@ -26,10 +26,7 @@ def main():
     params_host = None
     for name, mesh_cfg, devices in (("single", dict(data=1, fsdp=1, tensor=1, context=1), jax.devices()[:1]),
                                     ("sharded", dict(cfg.mesh), jax.devices())):
-        c = cfg.copy_and_resolve_references()
-        c.mesh.update(mesh_cfg)
-        mesh = create_mesh(c.mesh, devices)
-        setup = trainer.build_model_setup(c, mesh)
+        c, setup = setup_on_mesh(cfg, mesh_cfg, devices)
         if params_host is None:
             params_host = jax.device_get(trainer.init_params(c, setup, seed=0))
         params = jax.device_put(params_host, setup.param_shardings)
