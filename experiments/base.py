@@ -93,11 +93,17 @@ def get_base_config() -> ml_collections.ConfigDict:
         head_dim=64,
         mlp_ratio=4.0,
         pattern=("swa", "swa", "dswa", "gdn"),
+        # Rotary embedding of window attention over time and each token's (row, column) in its frame
+        # (True), or over time only (False).
+        spatial_rope=True,
         window=8,                 # window of SWA/DSWA, counted in blocks
         dilation=4,               # dilation of DSWA
         gdn_conv_size=4,          # short causal depthwise conv on GDN q/k/v
         gdn_chunk_size=64,
         mixer_impl="auto",        # auto | reference | chunked | pallas
+        # What the heads predict: "x0" (the clean signal, turned into a velocity for sampling; any
+        # width) or "velocity" (eps - x0; needs video_width >= patch_size^2 * channels).
+        prediction="x0",
         text_width=128,           # understanding expert (byte-level text transformer)
         text_depth=2,
         text_heads=4,
@@ -143,6 +149,8 @@ def get_base_config() -> ml_collections.ConfigDict:
         sigma_sampling="logit_normal",  # logit_normal | uniform
         logit_mean=0.0,
         logit_std=1.0,
+        loss_target="x0",         # x0 | velocity: what the loss compares (see diffusion.per_block_errors)
+        loss_min_sigma=0.05,      # x0 head with a velocity loss: sigma is clamped here in the 1/sigma^2 weight
         sigma_shift=1.0,          # time shift of sampled sigmas (> 1 favours high noise)
         clean_block_prob=0.25,    # fraction of blocks given clean (diffusion forcing with clean context)
         text_dropout=0.1,         # drop task text (null token only), for classifier-free guidance

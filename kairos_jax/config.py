@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-from kairos_jax.diffusion import MODES, SIGMA_SAMPLERS
+from kairos_jax.diffusion import LOSS_TARGETS, MODES, SIGMA_SAMPLERS
 from kairos_jax.model.mixers import MIXERS
-from kairos_jax.model.world_model import REMAT_POLICIES
+from kairos_jax.model.world_model import PREDICTIONS, REMAT_POLICIES
 from kairos_jax.sharding import MESH_AXES
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
@@ -58,6 +58,8 @@ def validate(cfg) -> None:
     _req(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {tuple(REMAT_POLICIES)}")
     _req(m.init_prng in PRNG_IMPLS, "model.init_prng", m.init_prng, f"one of {PRNG_IMPLS}")
     _req(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
+    _req(m.prediction in PREDICTIONS, "model.prediction", m.prediction, f"one of {PREDICTIONS}")
+    _req(isinstance(m.spatial_rope, bool), "model.spatial_rope", m.spatial_rope, "True or False")
 
     # data
     for name in ("image_size", "patch_size", "num_blocks", "action_chunk", "action_dim", "proprio_dim",
@@ -71,6 +73,16 @@ def validate(cfg) -> None:
     _req(d.image_width % d.patch_size == 0, "data.image_width", d.image_width,
          f"must be 0 (square frames) or a multiple of data.patch_size={d.patch_size}")
     _req(isinstance(d.root, str) and d.root != "", "data.root", d.root, "a directory path")
+    if m.prediction == "velocity":
+        # A velocity (eps - x0) carries every dimension of the noise: a token path narrower than the
+        # values it must reproduce cannot learn it (the model then predicts noise; see model.prediction).
+        patch_values = d.patch_size ** 2 * d.channels
+        _req(m.video_width >= patch_values, "model.video_width", m.video_width,
+             f"with model.prediction='velocity' must be >= the values of one patch (data.patch_size^2 * "
+             f"data.channels = {patch_values}); use model.prediction='x0' for a narrower model")
+        _req(m.action_width >= d.action_dim, "model.action_width", m.action_width,
+             f"with model.prediction='velocity' must be >= data.action_dim={d.action_dim}; use "
+             "model.prediction='x0' for a narrower action expert")
 
     # train
     _positive_int(cfg, "train", "batch_size")
@@ -86,6 +98,8 @@ def validate(cfg) -> None:
     _req(t.sigma_sampling in SIGMA_SAMPLERS, "train.sigma_sampling", t.sigma_sampling,
          f"one of {SIGMA_SAMPLERS}")
     _req(t.logit_std > 0, "train.logit_std", t.logit_std, "must be > 0")
+    _req(t.loss_target in LOSS_TARGETS, "train.loss_target", t.loss_target, f"one of {LOSS_TARGETS}")
+    _req(0.0 < t.loss_min_sigma <= 1.0, "train.loss_min_sigma", t.loss_min_sigma, "must be in (0, 1]")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _positive_int(cfg, "train", name)
     _positive_int(cfg, "train", "warmup_steps", minimum=0)

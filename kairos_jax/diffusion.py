@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 MODES = ("joint", "policy", "forward_dynamics", "inverse_dynamics", "video_prediction")
 SIGMA_SAMPLERS = ("logit_normal", "uniform")
+LOSS_TARGETS = ("velocity", "x0")
 
 # What a mode does to a modality of a block (the table above); shared with the samplers.
 CLEAN, ABSENT, NOISY = 0, 1, 2
@@ -119,16 +120,36 @@ def add_noise(x0, eps, sigma):
     return (1.0 - s) * x0 + s * eps
 
 
-def flow_losses(pred_video, pred_action, x0_video, eps_video, x0_action, eps_action, weight_video,
-                weight_action, action_dim_mask):
-    """Masked rectified-flow MSE per modality.
+def per_block_errors(pred, x0, eps, sigma, *, prediction: str, loss_target: str, min_sigma: float):
+    """Squared error per element of one modality, [B, T, ...], for a head that predicts
+    `prediction` ("x0" or "velocity") and a loss on `loss_target`:
 
-    Video: mean over tokens and patch dims per block; actions: mean over the embodiment's real dims
-    and the k tokens per block. Each modality is averaged over the (block) weights > 0.
-    Returns (video_loss, action_loss, per-block errors for metrics).
+    - velocity target: || v_hat - (eps - x0) ||^2. With an x0 head, v_hat = (x_sigma - x0_hat) / sigma,
+      i.e. || x0_hat - x0 ||^2 / sigma^2, with sigma clamped below at `min_sigma` so the nearly
+      clean blocks do not dominate (the x-prediction, v-loss of Li and He 2025).
+    - x0 target: || x0_hat - x0 ||^2 (x0_hat = x_sigma - sigma v_hat for a velocity head).
     """
-    v_err = jnp.mean(jnp.square(pred_video - (eps_video - x0_video)), axis=(2, 3))          # [B, T]
-    a_sq = jnp.square(pred_action - (eps_action - x0_action)) * action_dim_mask[:, None, None]
+    s = sigma.reshape(sigma.shape + (1,) * (x0.ndim - sigma.ndim))
+    if prediction == "x0":
+        err = jnp.square(pred - x0)
+        return err / jnp.square(jnp.maximum(s, min_sigma)) if loss_target == "velocity" else err
+    err = jnp.square(pred - (eps - x0))
+    return err if loss_target == "velocity" else err * jnp.square(s)
+
+
+def flow_losses(pred_video, pred_action, x0_video, eps_video, x0_action, eps_action, sigma_video,
+                sigma_action, weight_video, weight_action, action_dim_mask, *, prediction: str = "velocity",
+                loss_target: str = "velocity", min_sigma: float = 0.05):
+    """Masked rectified-flow MSE per modality (see `per_block_errors` for the parameterisations).
+
+    pred_*: the heads' outputs (x0 or velocity, as `prediction` says). Video: mean over tokens and
+    patch dims per block; actions: mean over the embodiment's real dims and the k tokens per block.
+    Each modality is averaged over the (block) weights > 0.
+    Returns (video_loss, action_loss, per-block errors [B, T] for metrics).
+    """
+    kw = dict(prediction=prediction, loss_target=loss_target, min_sigma=min_sigma)
+    v_err = jnp.mean(per_block_errors(pred_video, x0_video, eps_video, sigma_video, **kw), axis=(2, 3))
+    a_sq = per_block_errors(pred_action, x0_action, eps_action, sigma_action, **kw) * action_dim_mask[:, None, None]
     dims = jnp.maximum(jnp.sum(action_dim_mask, axis=-1), 1.0)[:, None]
     a_err = jnp.mean(jnp.sum(a_sq, axis=-1), axis=-1) / dims                              # [B, T]
     video_loss = jnp.sum(v_err * weight_video) / jnp.maximum(jnp.sum(weight_video), 1.0)

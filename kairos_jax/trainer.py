@@ -152,9 +152,12 @@ def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int):
     keep_text = jax.random.uniform(r_text, (B, 1)) >= cfg.train.text_dropout
     text = drop_text(batch_text(batch, cfg.model.text_encoder), keep_text[:, 0])
     out = model(x_v, x_a, lv["sigma_video"], lv["sigma_action"], batch["embodiment_id"], dim_mask, text)
+    x0_head = cfg.model.prediction == "x0"
     video_loss, action_loss, (v_err, a_err) = diffusion.flow_losses(
-        out.video_velocity, out.action_velocity, video, eps_v, actions, eps_a, lv["weight_video"],
-        lv["weight_action"], dim_mask)
+        out.video_x0 if x0_head else out.video_velocity, out.action_x0 if x0_head else out.action_velocity,
+        video, eps_v, actions, eps_a, lv["sigma_video"], lv["sigma_action"], lv["weight_video"],
+        lv["weight_action"], dim_mask, prediction=cfg.model.prediction, loss_target=cfg.train.loss_target,
+        min_sigma=cfg.train.loss_min_sigma)
     loss = cfg.train.video_loss_weight * video_loss + cfg.train.action_loss_weight * action_loss
     readouts = diffusion.readout_losses(out.proprio, out.progress, batch)
     for name, value in readouts.items():

@@ -45,7 +45,18 @@ BAD = [
     ("curriculum", lambda c: setattr(c, "curriculum", ("phase9",)), "curriculum"),
     ("weights", lambda c: c.phases.phase1_video.mixture.update(dict(passive_video=-1.0)), "mixture"),
     ("modes", lambda c: c.phases.phase1_video.modes.update(dict(joint=0.0, video_prediction=0.0)), "modes"),
+    ("prediction", lambda c: c.model.update(dict(prediction="eps")), "model.prediction"),
+    ("loss_target", lambda c: c.train.update(dict(loss_target="eps")), "train.loss_target"),
+    ("loss_min_sigma", lambda c: c.train.update(dict(loss_min_sigma=0.0)), "train.loss_min_sigma"),
+    # a velocity head narrower than a patch (4 x 4 x 3 = 48 values) cannot carry the noise it must predict
+    ("narrow velocity", lambda c: c.model.update(dict(prediction="velocity", video_width=32)),
+     "must be >= the values of one patch"),
 ]
+
+
+def test_a_narrow_model_is_fine_with_the_x0_head():
+    c = tiny_config(prediction="x0", video_width=32)        # 32 < 48 values per patch
+    validate(c)
 
 
 @pytest.mark.parametrize("name,mutate,field", BAD, ids=[b[0] for b in BAD])

@@ -120,3 +120,44 @@ def test_readout_losses_against_numpy():
     got = diffusion.readout_losses(jnp.asarray(pred_p), jnp.asarray(pred_g), jax.tree.map(jnp.asarray, batch))
     assert set(got) == {"progress"}
     np.testing.assert_allclose(got["progress"], np.mean((pred_g - y_g) ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction,target", [("x0", "x0"), ("x0", "velocity"), ("velocity", "velocity"),
+                                               ("velocity", "x0")])
+def test_flow_losses_match_a_float64_oracle(prediction, target):
+    """diffusion.flow_losses against a direct numpy float64 evaluation of the rectified-flow loss:
+    x_s = (1 - s) x0 + s eps, v = eps - x0; the head's output turned into the loss's quantity
+    (x0_hat = x_s - s v_hat, v_hat = (x_s - x0_hat) / max(s, min_sigma)), squared error averaged over
+    the video patch values / the real action dims, then over the weighted blocks."""
+    r = np.random.default_rng(0)
+    B, T, N, D, k, A = 3, 4, 5, 6, 2, 4
+    x0v, epsv, predv = (r.normal(size=(B, T, N, D)) for _ in range(3))
+    x0a, epsa, preda = (r.normal(size=(B, T, k, A)) for _ in range(3))
+    sv, sa = r.uniform(0.01, 1.0, (B, T)), r.uniform(0.01, 1.0, (B, T))
+    wv, wa = (r.uniform(size=(B, T)) > 0.3).astype(float), (r.uniform(size=(B, T)) > 0.3).astype(float)
+    dim_mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], float)
+    min_sigma = 0.05
+
+    def oracle(pred, x0, eps, s):
+        s = s.reshape(s.shape + (1, 1))
+        xs = (1 - s) * x0 + s * eps
+        if prediction == "x0":
+            x0_hat = pred
+        else:
+            x0_hat = xs - s * pred
+        if target == "x0":
+            return (x0_hat - x0) ** 2
+        v_hat = (xs - x0_hat) / (np.maximum(s, min_sigma) if prediction == "x0" else s)
+        v_true = (xs - x0) / (np.maximum(s, min_sigma) if prediction == "x0" else s)
+        return (v_hat - v_true) ** 2
+
+    ev = oracle(predv, x0v, epsv, sv).mean(axis=(2, 3))
+    ea = (oracle(preda, x0a, epsa, sa) * dim_mask[:, None, None]).sum(-1).mean(-1) / dim_mask.sum(-1)[:, None]
+    want_v, want_a = (ev * wv).sum() / wv.sum(), (ea * wa).sum() / wa.sum()
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    got_v, got_a, _ = diffusion.flow_losses(
+        f32(predv), f32(preda), f32(x0v), f32(epsv), f32(x0a), f32(epsa), f32(sv), f32(sa), f32(wv), f32(wa),
+        f32(dim_mask), prediction=prediction, loss_target=target, min_sigma=min_sigma)
+    # float32 against float64: errors of a few ulps of values of order 1-100
+    np.testing.assert_allclose(float(got_v), want_v, rtol=2e-5)
+    np.testing.assert_allclose(float(got_a), want_a, rtol=2e-5)

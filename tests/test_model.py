@@ -27,7 +27,7 @@ def randomized(model, seed=0, scale=0.3):
 @nnx.jit
 def _forward(model, video, actions, s, embodiment_id, dim_mask, text):
     out = model(video, actions, s, s, embodiment_id, dim_mask, text)
-    return out.video_velocity, out.action_velocity
+    return out.video_x0, out.action_x0     # what the heads predict (model.prediction = "x0")
 
 
 def forward(model, batch, sigma=0.5):
@@ -138,7 +138,7 @@ def forward_traced(model, batch, sigma=0.5):
     s = jnp.full((B, T), sigma)
     out = model(batch["video"], batch["actions"], s, s, batch["embodiment_id"],
                 jnp.ones_like(batch["action_dim_mask"]), batch["text"])
-    return out.video_velocity, out.action_velocity
+    return out.video_x0, out.action_x0
 
 
 def test_every_parameter_has_logical_axes_covered_by_the_rules():
@@ -154,7 +154,7 @@ def test_every_parameter_has_logical_axes_covered_by_the_rules():
     assert n > 50
 
 
-def test_initial_model_predicts_zero_velocity_and_depends_on_sigma_after_training_signal():
+def test_initial_model_predicts_zero_and_depends_on_sigma_after_training_signal():
     # adaLN-zero: at init every residual branch is gated off and the heads are zero.
     cfg = tiny_config()
     model = KairosWorldModel(cfg.model, cfg.data, rngs=nnx.Rngs(0))
@@ -165,6 +165,28 @@ def test_initial_model_predicts_zero_velocity_and_depends_on_sigma_after_trainin
     v1, _ = forward(model, b, sigma=0.1)
     v2, _ = forward(model, b, sigma=0.9)
     assert np.abs(v1 - v2).max() > 1e-4
+
+
+@pytest.mark.parametrize("prediction", ["x0", "velocity"])
+def test_both_parameterisations_are_returned_and_consistent(prediction):
+    """The heads predict one of x0 / velocity; the other is derived from x_sigma = (1 - s) x0 + s eps:
+    v = (x_sigma - x0) / s. Checked against that formula in numpy for both heads."""
+    cfg = tiny_config(prediction=prediction)
+    model = randomized(KairosWorldModel(cfg.model, cfg.data, rngs=nnx.Rngs(0)), seed=3, scale=0.2)
+    b = synthetic_batch(cfg, 2)
+    B, T = b["video"].shape[:2]
+    s = np.random.default_rng(1).uniform(0.1, 1.0, (B, T)).astype(np.float32)
+    dim_mask = jnp.asarray(b["action_dim_mask"])
+    out = model(jnp.asarray(b["video"]), jnp.asarray(b["actions"]), jnp.asarray(s), jnp.asarray(s),
+                jnp.asarray(b["embodiment_id"]), dim_mask, jnp.asarray(b["text"]))
+    x_v = b["video"]
+    x_a = b["actions"] * b["action_dim_mask"][:, None, None]
+    sv = s[:, :, None, None]
+    np.testing.assert_allclose(np.asarray(out.video_velocity), (x_v - np.asarray(out.video_x0)) / sv,
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.action_velocity), (x_a - np.asarray(out.action_x0)) / sv,
+                               rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(out.action_x0)[..., 2:] == 0)   # padded action dims stay zero
 
 
 def test_embodiment_adapter_selects_weights_by_embodiment_and_masks_padded_dims():
@@ -186,3 +208,29 @@ def test_embodiment_adapter_selects_weights_by_embodiment_and_masks_padded_dims(
     y = np.asarray(ad.unembed(jnp.asarray(h), emb, mask))
     assert np.all(y[1, ..., 1:] == 0) and np.all(y[0, ..., 2] == 0)
     assert VIDEO == 1 and ACTION == 0
+
+
+def test_space_time_rope_scores_depend_only_on_relative_time_and_place():
+    """With coords, q . k after RoPE depends on (t_q - t_k, row_q - row_k, col_q - col_k) only: the
+    same pair of vectors placed at two offsets with the same difference scores the same, and a
+    different difference scores differently."""
+    from kairos_jax.model.layers import rope, rope_sections
+
+    assert rope_sections(32) == (12, 10, 10) and rope_sections(128) == (44, 42, 42)
+    D = 32
+    r = np.random.default_rng(0)
+    q, k = (jnp.asarray(r.normal(size=(1, 1, 1, 1, D)), jnp.float32) for _ in range(2))
+
+    def score(tq, pq, tk, pk):
+        a = rope(q, jnp.full((1, 1), tq), coords=(pq,))
+        b = rope(k, jnp.full((1, 1), tk), coords=(pk,))
+        return float(jnp.sum(a * b))
+
+    base = score(5, (2, 3), 3, (1, 1))
+    assert abs(score(9, (4, 6), 7, (3, 4)) - base) < 1e-4            # same offsets (2, 1, 2)
+    assert abs(score(5, (2, 3), 3, (1, 2)) - base) > 1e-3            # column offset changed
+    assert abs(score(5, (3, 3), 3, (1, 1)) - base) > 1e-3            # row offset changed
+    assert abs(score(6, (2, 3), 3, (1, 1)) - base) > 1e-3            # time offset changed
+    # norms are kept: a rotation
+    np.testing.assert_allclose(float(jnp.linalg.norm(rope(q, jnp.full((1, 1), 7), coords=((3, 2),)))),
+                               float(jnp.linalg.norm(q)), rtol=1e-5)

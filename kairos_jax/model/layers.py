@@ -92,18 +92,45 @@ def timestep_embedding(sigma, dim: int, max_period: float = 10_000.0):
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def rope(x, positions, base: float = 10_000.0):
-    """Rotary position embedding over the last dim (rotate-half form).
+def _rotate_half(x, angles):
+    """Rotate-half rotary embedding of x [..., 2h] by angles broadcastable to [..., h] (float32)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    x: [B, T, S, H, D]; positions: [B, T] (the step-block index: every token of a block shares it,
-    so attention sees relative time between blocks, and streaming can use absolute indices).
+
+def _frequencies(dim: int, base: float):
+    half = dim // 2
+    return base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+
+
+def rope_sections(head_dim: int) -> tuple[int, int, int]:
+    """How a head's dims are split between time, row and column in the space-time rotary embedding
+    (each even; time gets the rest): e.g. 32 -> (12, 10, 10), 128 -> (44, 42, 42)."""
+    space = 2 * (head_dim // 6)
+    return head_dim - 2 * space, space, space
+
+
+def rope(x, positions, coords=None, base: float = 10_000.0):
+    """Rotary position embedding (rotate-half form) over the step-block index and, with `coords`,
+    over each token's place in its frame.
+
+    x: [B, T, S, H, D]; positions: [B, T] (the step-block index, shared by every token of a block,
+    so attention sees relative time between blocks and streaming can use absolute indices);
+    coords: None (all D dims encode time) or int [S, 2] (row, column of each of the block's S tokens:
+    the dims split as `rope_sections(D)` into time | row | column, so a query can find the same
+    place in an earlier frame by relative position, as in 3D-RoPE video transformers).
     """
     d = x.shape[-1]
-    half = d // 2
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    ang = positions.astype(jnp.float32)[..., None] * freqs          # [B, T, half]
-    cos = jnp.cos(ang)[:, :, None, None, :]
-    sin = jnp.sin(ang)[:, :, None, None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    t_ang = positions.astype(jnp.float32)[:, :, None, None, None]                  # [B, T, 1, 1, 1]
+    if coords is None:
+        return _rotate_half(x, t_ang * _frequencies(d, base)).astype(x.dtype)
+    dt, ds, _ = rope_sections(d)
+    coords = jnp.asarray(coords, jnp.float32)
+    row = coords[None, None, :, 0, None, None]                                      # [1, 1, S, 1, 1]
+    col = coords[None, None, :, 1, None, None]
+    parts = [_rotate_half(x[..., :dt], t_ang * _frequencies(dt, base)),
+             _rotate_half(x[..., dt:dt + ds], row * _frequencies(ds, base)),
+             _rotate_half(x[..., dt + ds:], col * _frequencies(ds, base))]
+    return jnp.concatenate(parts, axis=-1).astype(x.dtype)

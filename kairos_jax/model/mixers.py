@@ -53,11 +53,12 @@ class WindowAttentionMixer(nnx.Module):
 
     SWA(W): block i sees blocks j with i - W < j <= i.  DSWA(W, d): blocks j <= i with
     (i - j) % d == 0 and (i - j) / d < W.  full: every block j <= i (the baseline).
-    Bidirectional inside a block. RoPE over the block index gives relative time; q/k RMS-norm.
+    Bidirectional inside a block. RoPE over the block index gives relative time and, with
+    `token_coords`, over each token's row and column in its frame; q/k RMS-norm.
     """
 
     def __init__(self, widths, num_heads: int, head_dim: int, *, kind: str, window: int, dilation: int,
-                 impl: str, rngs: nnx.Rngs, dtype, param_dtype):
+                 impl: str, rngs: nnx.Rngs, dtype, param_dtype, token_coords=None):
         if kind not in ("swa", "dswa", "full"):
             raise ValueError(f"WindowAttentionMixer: kind={kind!r}")
         H, D = num_heads, head_dim
@@ -73,11 +74,15 @@ class WindowAttentionMixer(nnx.Module):
         self.dilation = dilation if kind == "dswa" else 1
         self.impl = impl
         self.num_heads, self.head_dim = H, D
+        # Per modality, the (row, column) of each of its tokens in a block (space-time RoPE), as
+        # nested tuples (static); None: RoPE over the block index only.
+        self.token_coords = token_coords
 
     def qkv(self, streams, positions):
         """Per-modality projections, concatenated per block: each [B, T, S, H, D]."""
-        q = _concat_tokens([rope(self.q_norm[m](self.q[m](x)), positions) for m, x in enumerate(streams)])
-        k = _concat_tokens([rope(self.k_norm[m](self.k[m](x)), positions) for m, x in enumerate(streams)])
+        coords = self.token_coords or (None,) * len(streams)
+        q = _concat_tokens([rope(self.q_norm[m](self.q[m](x)), positions, coords[m]) for m, x in enumerate(streams)])
+        k = _concat_tokens([rope(self.k_norm[m](self.k[m](x)), positions, coords[m]) for m, x in enumerate(streams)])
         v = _concat_tokens([self.v[m](x) for m, x in enumerate(streams)])
         return q, k, v
 
@@ -268,7 +273,7 @@ class GatedDeltaMixer(nnx.Module):
         return self.out(o.reshape(B, 1, S, H, D), gate, sizes), {"state": state.astype(jnp.float32), **history}
 
 
-def make_mixer(kind: str, widths, cfg, *, rngs, dtype, param_dtype):
+def make_mixer(kind: str, widths, cfg, *, rngs, dtype, param_dtype, token_coords=None):
     if kind == "gdn":
         return GatedDeltaMixer(widths, cfg.num_heads, cfg.head_dim, conv_size=cfg.gdn_conv_size,
                                chunk_size=cfg.gdn_chunk_size, impl=cfg.mixer_impl, rngs=rngs, dtype=dtype,
@@ -276,5 +281,5 @@ def make_mixer(kind: str, widths, cfg, *, rngs, dtype, param_dtype):
     if kind in ("swa", "dswa", "full"):
         return WindowAttentionMixer(widths, cfg.num_heads, cfg.head_dim, kind=kind, window=cfg.window,
                                     dilation=cfg.dilation, impl=cfg.mixer_impl, rngs=rngs, dtype=dtype,
-                                    param_dtype=param_dtype)
+                                    param_dtype=param_dtype, token_coords=token_coords)
     raise ValueError(f"unknown mixer {kind!r}; allowed: {MIXERS}")

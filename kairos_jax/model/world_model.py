@@ -3,8 +3,9 @@
 A sample is a sequence of T step blocks; block t holds [a_{t-1} (k action tokens) | o_t (N video
 patches)]. Each modality has its own expert (embedding, norms, adaLN, attention projections, FFN);
 the token mixer of layer l (pattern[l % len(pattern)]) runs over all tokens together. Every
-modality of every block carries its own noise level sigma in [0, 1]; the model predicts the
-rectified-flow velocity (eps - x0) of both modalities, and readouts of each block's state
+modality of every block carries its own noise level sigma in [0, 1]; the heads predict the clean
+signal x0 of both modalities (or, with model.prediction="velocity", the rectified-flow velocity
+eps - x0; each output carries both, the other derived from x_sigma and sigma), and readouts of each block's state
 (proprioception and task progress) from its final hidden states.
 
 Training runs `__call__` over whole clips. Streaming rollout (DESIGN section 7) runs the same
@@ -31,6 +32,13 @@ from kairos_jax.sharding import constrain
 MODALITIES = ("action", "video")  # order of the tokens inside every step block
 ACTION, VIDEO = 0, 1
 TEXT_ENCODERS = ("bytes", "precomputed")
+# What the output heads predict. "x0": the clean signal (Li and He 2025, "Back to Basics"), turned
+# into the velocity the sampler integrates; works at any width. "velocity": eps - x0 directly, which
+# carries every dimension of the noise and so needs a token path at least as wide as a patch.
+PREDICTIONS = ("x0", "velocity")
+# Smallest sigma divided by when a clean-signal prediction is turned into a velocity
+# (v = (x_sigma - x0) / sigma); samplers never evaluate below their last non-zero sigma.
+MIN_VELOCITY_SIGMA = 1e-3
 
 REMAT_POLICIES = {
     "none": None,
@@ -51,20 +59,29 @@ class TokenLayout:
     num_embodiments: int
     text_len: int
     proprio_dim: int = 0    # P (padded), size of the proprio readout
+    grid: tuple = (0, 0)    # video tokens per frame as (rows, columns): N = rows * columns
 
     @property
     def block_size(self) -> int:
         return self.action_tokens + self.video_tokens
 
+    def token_coords(self):
+        """(row, column) of every token of a block, per modality, as nested tuples: video patches at
+        their place in the frame (row-major, as data_pipelines.pipeline.patchify lays them out), the
+        action tokens at (-1, -1), just outside it."""
+        rows, cols = self.grid
+        video = tuple((r, c) for r in range(rows) for c in range(cols))
+        return (((-1, -1),) * self.action_tokens, video)
+
     @classmethod
     def from_config(cls, data_cfg):
         width = data_cfg.get("image_width", 0) or data_cfg.image_size
-        n = (data_cfg.image_size // data_cfg.patch_size) * (width // data_cfg.patch_size)
+        rows, cols = data_cfg.image_size // data_cfg.patch_size, width // data_cfg.patch_size
         return cls(num_blocks=data_cfg.num_blocks, action_tokens=data_cfg.action_chunk,
-                   action_dim=data_cfg.action_dim, video_tokens=n,
+                   action_dim=data_cfg.action_dim, video_tokens=rows * cols,
                    patch_dim=data_cfg.patch_size ** 2 * data_cfg.channels,
                    num_embodiments=data_cfg.num_embodiments, text_len=data_cfg.text_len,
-                   proprio_dim=data_cfg.proprio_dim)
+                   proprio_dim=data_cfg.proprio_dim, grid=(rows, cols))
 
 
 def modulate(x, shift, scale):
@@ -151,12 +168,12 @@ class ReadoutHeads(nnx.Module):
 class MoTLayer(nnx.Module):
     """One layer: adaLN -> shared mixer -> text cross-attention -> adaLN -> per-expert FFN."""
 
-    def __init__(self, kind: str, cfg, widths, *, rngs, dtype, param_dtype):
+    def __init__(self, kind: str, cfg, widths, *, rngs, dtype, param_dtype, token_coords=None):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         H, D = cfg.num_heads, cfg.head_dim
         self.kind = kind
         self.norm1 = nnx.List([RMSNorm(w, rngs=rngs, param_dtype=param_dtype, learned=False) for w in widths])
-        self.mixer = make_mixer(kind, widths, cfg, **kw)
+        self.mixer = make_mixer(kind, widths, cfg, token_coords=token_coords, **kw)
         self.cross_norm = nnx.List([RMSNorm(w, rngs=rngs, param_dtype=param_dtype) for w in widths])
         self.cross_q = nnx.List([Linear((w,), (H, D), ("embed", "heads", "kv"), **kw) for w in widths])
         self.cross_kv = Linear((cfg.text_width,), (2, H, D), ("embed", None, "heads", "kv"), **kw)
@@ -207,9 +224,9 @@ class MoTLayer(nnx.Module):
 class PatternUnit(nnx.Module):
     """One repeat of the mixer pattern, e.g. [swa, swa, dswa, gdn]: the unit that is scanned."""
 
-    def __init__(self, cfg, widths, *, rngs, dtype, param_dtype):
-        self.layers = nnx.List([MoTLayer(kind, cfg, widths, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for kind in cfg.pattern])
+    def __init__(self, cfg, widths, *, rngs, dtype, param_dtype, token_coords=None):
+        self.layers = nnx.List([MoTLayer(kind, cfg, widths, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                         token_coords=token_coords) for kind in cfg.pattern])
 
     def __call__(self, streams, mods, positions, text, text_mask):
         for layer in self.layers:
@@ -227,13 +244,30 @@ class PatternUnit(nnx.Module):
         return tuple(layer.text_kv(text) for layer in self.layers)
 
 
+def x0_to_velocity(x_sigma, x0, sigma):
+    """v = eps - x0 = (x_sigma - x0) / sigma for x_sigma = (1 - sigma) x0 + sigma eps; sigma [B, T]."""
+    s = jnp.maximum(sigma, MIN_VELOCITY_SIGMA).reshape(sigma.shape + (1,) * (x0.ndim - sigma.ndim))
+    return (x_sigma - x0) / s
+
+
+def velocity_to_x0(x_sigma, v, sigma):
+    """x0 = x_sigma - sigma v (the inverse of x0_to_velocity)."""
+    s = sigma.reshape(sigma.shape + (1,) * (v.ndim - sigma.ndim))
+    return x_sigma - s * v
+
+
 @struct.dataclass
 class WorldModelOutput:
+    """Both parameterisations of the denoiser's answer: the heads predict one of them
+    (model.prediction) and the other is derived from the input x_sigma and its sigma."""
+
     video_velocity: jax.Array     # [B, T, N, Dp] float32
     action_velocity: jax.Array    # [B, T, k, A] float32
     hidden: tuple                 # final hidden states per modality, [B, T, S_m, W_m]
     proprio: jax.Array = None     # [B, T, P] float32, readout of each block's proprio state
     progress: jax.Array = None    # [B, T] float32 in (0, 1), readout of task progress
+    video_x0: jax.Array = None    # [B, T, N, Dp] float32, the clean-video estimate
+    action_x0: jax.Array = None   # [B, T, k, A] float32, the clean-action estimate
 
 
 class KairosWorldModel(nnx.Module):
@@ -264,6 +298,9 @@ class KairosWorldModel(nnx.Module):
         self.video_out = Linear((cfg.video_width,), (lay.patch_dim,), ("embed", "patch"), scale=0.0,
                                 use_bias=True, **kw)
         self.text_encoder = cfg.text_encoder
+        self.prediction = cfg.get("prediction", "velocity")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"config.model.prediction={self.prediction!r}: one of {PREDICTIONS}")
         if cfg.text_encoder == "precomputed":
             self.text = PrecomputedTextEncoder(cfg.text_embedding_dim, cfg.text_width, **kw)
         elif cfg.text_encoder == "bytes":
@@ -271,6 +308,7 @@ class KairosWorldModel(nnx.Module):
         else:
             raise ValueError(f"config.model.text_encoder={cfg.text_encoder!r}: one of {TEXT_ENCODERS}")
 
+        coords = lay.token_coords() if cfg.get("spatial_rope", False) else None
         n_units = cfg.depth // len(cfg.pattern)
         self.scan_layers = bool(cfg.scan_layers)
         self.remat = cfg.remat
@@ -279,13 +317,14 @@ class KairosWorldModel(nnx.Module):
             @nnx.split_rngs(splits=n_units)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_units(rngs):
-                return PatternUnit(cfg, widths, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                return PatternUnit(cfg, widths, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                   token_coords=coords)
 
             self.units = make_units(rngs)
         else:
             # Unscanned: any depth, layer l uses pattern[l % len(pattern)].
-            self.units = nnx.List([MoTLayer(cfg.pattern[l % len(cfg.pattern)], cfg, widths, **kw)
-                                   for l in range(cfg.depth)])
+            self.units = nnx.List([MoTLayer(cfg.pattern[l % len(cfg.pattern)], cfg, widths, token_coords=coords,
+                                            **kw) for l in range(cfg.depth)])
         # Created last, so that adding the readouts left every other parameter's init unchanged.
         self.readout = ReadoutHeads(widths, cfg.video_width, lay.num_embodiments, lay.proprio_dim, **kw)
 
@@ -301,14 +340,25 @@ class KairosWorldModel(nnx.Module):
         mods = tuple(self.modulation[m](c) for m, c in enumerate(conds))      # [B, T, 6, W]
         return conds, mods
 
-    def head(self, streams, conds, embodiment_id, action_dim_mask):
+    def head(self, streams, conds, embodiment_id, action_dim_mask, inputs, sigmas):
+        """Output heads -> {video, action} x {velocity, x0}. inputs: the noisy (video, actions) the
+        model was given; sigmas: their (sigma_video, sigma_action) [B, T]."""
         outs = []
         for m, x in enumerate(streams):
             shift, scale = jnp.moveaxis(self.final_modulation[m](conds[m]), 2, 0)
             outs.append(modulate(self.final_norm[m](x), shift, scale))
-        video_v = self.video_out(outs[VIDEO]).astype(jnp.float32)
-        action_v = self.adapter.unembed(outs[ACTION], embodiment_id, action_dim_mask)
-        return video_v, action_v
+        video = self.video_out(outs[VIDEO]).astype(jnp.float32)
+        action = self.adapter.unembed(outs[ACTION], embodiment_id, action_dim_mask)
+        (x_video, x_action), (s_video, s_action) = inputs, sigmas
+        x_video = x_video.astype(jnp.float32)
+        x_action = x_action.astype(jnp.float32) * action_dim_mask[:, None, None]
+        if self.prediction == "x0":
+            return dict(video_x0=video, action_x0=action,
+                        video_velocity=x0_to_velocity(x_video, video, s_video),
+                        action_velocity=x0_to_velocity(x_action, action, s_action) * action_dim_mask[:, None, None])
+        return dict(video_velocity=video, action_velocity=action,
+                    video_x0=velocity_to_x0(x_video, video, s_video),
+                    action_x0=velocity_to_x0(x_action, action, s_action) * action_dim_mask[:, None, None])
 
     def run_layers(self, streams, mods, positions, text, text_mask):
         policy = REMAT_POLICIES[self.remat]
@@ -340,10 +390,10 @@ class KairosWorldModel(nnx.Module):
         streams = self.embed(video, actions, embodiment_id, action_dim_mask)
         conds, mods = self.conditioning(sigma_action, sigma_video)
         streams = self.run_layers(streams, mods, positions, text_h, text_mask)
-        video_v, action_v = self.head(streams, conds, embodiment_id, action_dim_mask)
+        heads = self.head(streams, conds, embodiment_id, action_dim_mask, (video, actions),
+                          (sigma_video, sigma_action))
         proprio, progress = self.readout(streams, embodiment_id)
-        return WorldModelOutput(video_velocity=video_v, action_velocity=action_v, hidden=streams,
-                                proprio=proprio, progress=progress)
+        return WorldModelOutput(hidden=streams, proprio=proprio, progress=progress, **heads)
 
     # -- streaming rollout ---------------------------------------------------------------------
     def init_cache(self, text, *, full_capacity: int = 0):
@@ -412,10 +462,10 @@ class KairosWorldModel(nnx.Module):
         streams = self.embed(video, actions, embodiment_id, action_dim_mask)
         conds, mods = self.conditioning(sigma_action, sigma_video)
         streams, caches = self.run_layers_step(streams, mods, position, caches, text_mask)
-        video_v, action_v = self.head(streams, conds, embodiment_id, action_dim_mask)
+        heads = self.head(streams, conds, embodiment_id, action_dim_mask, (video, actions),
+                          (sigma_video, sigma_action))
         proprio, progress = self.readout(streams, embodiment_id)
-        return WorldModelOutput(video_velocity=video_v, action_velocity=action_v, hidden=streams,
-                                proprio=proprio, progress=progress), caches
+        return WorldModelOutput(hidden=streams, proprio=proprio, progress=progress, **heads), caches
 
 
 def count_params(state) -> int:
