@@ -13,8 +13,9 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
-    packages=find_packages(include=["kairos_jax*", "data_pipelines*", "pallas_kernels*"]),
-    package_data={"kairos_jax": ["gpu_targets/*.txtpb"]},
+    # experiments/ ships too: `--config=embedded` names a packaged experiment config.
+    packages=find_packages(include=["kairos_jax*", "data_pipelines*", "pallas_kernels*", "experiments*"]),
+    package_data={"kairos_jax.scaling": ["gpu_targets/*.txtpb"]},
     install_requires=[
         JAX,
         "flax>=0.12",
@@ -32,7 +33,7 @@ setup(
         "flatbuffers",  # jax.export serialisation of the streaming rollout step
     ],
     extras_require={
-        "dev": ["pytest>=8", "chex", "hypothesis", "ruff"],
+        "dev": ["pytest>=8", "hypothesis", "ruff"],
         # dm_control 1.0.50 is built against mujoco 3.17.0 (newer mujoco breaks its bindings);
         # gymnasium 1.4's mujoco environments accept that version too.
         "sim": ["mujoco==3.17.0", "dm_control==1.0.50", "gymnasium[mujoco]==1.4.0"],
@@ -51,8 +52,10 @@ setup(
             "kairos-train=kairos_jax.train:run",
             "kairos-convert=data_pipelines.convert:main",
             "kairos-generate=data_pipelines.generate:main",
-            "kairos-compile=kairos_jax.aot:run",
-            "kairos-rollout=kairos_jax.rollout:main",
+            "kairos-compile=kairos_jax.compile:run",
+            "kairos-rollout=kairos_jax.rollout:run",
+            "kairos-evaluate=kairos_jax.evaluate:run",
+            "kairos-export=kairos_jax.export:run",
         ],
     },
 )

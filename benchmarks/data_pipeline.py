@@ -1,4 +1,4 @@
-"""Data pipeline throughput against what the embedded train step consumes (issue 5).
+"""Data pipeline throughput against what the embedded train step consumes.
 
     PYTHONPATH=. flock /tmp/kairos_bench.lock python benchmarks/data_pipeline.py [--seconds=10] \\
         [--workdir=DIR] [--train_steps_per_s=X] [--config=experiments/embedded.py]
@@ -11,7 +11,7 @@ Measures, side by side in one process on this machine:
   mp4           the same clips decoded from mp4 (data_pipelines.video.decode: seek to the clip start,
                 resample to fps / action_chunk, resize and centre-crop), patchified like the pipeline
   convert       the converter (mp4 folder -> shards), frames per second
-  train         steps/s of the embedded train step (kairos_jax.trainer) on a batch of the documented
+  train         steps/s of the embedded train step (kairos_jax.training.step) on a batch of the documented
                 shapes, when kairos_jax is importable; or --train_steps_per_s
 
 and reports clips/s and tokens/s (tokens per clip = num_blocks * (N + action_chunk)) and each
@@ -103,10 +103,10 @@ def bench_train(cfg, lay: dict, steps: int):
     try:
         import jax
 
-        from kairos_jax import trainer
-        from kairos_jax.sharding import create_mesh
+        from kairos_jax.parallel.sharding import create_mesh
+        from kairos_jax.training import step as trainer
     except ImportError as e:
-        return f"kairos_jax.trainer is not importable ({e})"
+        return f"kairos_jax.training.step is not importable ({e})"
     if cfg is None:
         return "no experiment config"
     mesh = create_mesh(cfg.mesh)

@@ -1,4 +1,4 @@
-"""GPU benchmark of the Pallas kernels (issue 4). Needs a CUDA GPU; writes JSON.
+"""GPU benchmark of the Pallas kernels. Needs a CUDA GPU; writes JSON.
 
     python benchmarks/kernels_gpu.py --out benchmarks/kernels_gpu.json
 

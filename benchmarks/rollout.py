@@ -39,8 +39,8 @@ import numpy as np
 from flax import nnx
 
 from experiments import base, sizes
+from kairos_jax.inference.streaming import StreamingEngine, cache_bytes
 from kairos_jax.model import KairosWorldModel
-from kairos_jax.streaming import StreamingEngine, cache_bytes
 
 MODELS = {"hybrid": ("swa", "swa", "dswa", "gdn"), "full": ("full",)}
 

@@ -1,4 +1,4 @@
-"""The unified episode schema every source is converted to (DESIGN section 5).
+"""The unified episode schema every source is converted to (docs/architecture.md §5).
 
 An episode is one continuous recording:
 

@@ -67,12 +67,63 @@ from data_pipelines.shards import EpisodeDataSource, ShardedSource, ShardError
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("video", "actions", "action_mask", "action_dim_mask", "proprio", "proprio_mask",
-              "proprio_dim_mask", "embodiment_id", "source_id", "text", "progress")
 
 
-class DataConfigError(ValueError):
-    """A data / phase config or data folder that cannot be used; the message names what and where."""
+class ConfigError(ValueError):
+    """A config field (or the data folder it names) that cannot be used; the message names the field,
+    the value and what is allowed. The one error type of config validation: kairos_jax.config
+    raises it too."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchField:
+    """One key of the batch contract: global shape, dtype and the logical axis of every dim."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    logical_axes: tuple
+
+
+def batch_spec(data_cfg, batch_size: int) -> dict[str, BatchField]:
+    """The batch contract (module docstring), written once: every key a batch of `batch_size` clips
+    carries, with its shape, dtype and logical sharding (the batch dim over "act_batch"; the others
+    unsharded: the model constrains its own activations). The pipeline's batches, the AOT compile's
+    abstract batch and the train step's input check all follow it."""
+    spec = clip_spec(data_cfg)
+    B, T, k = batch_size, spec.num_blocks, spec.action_chunk
+    n = (spec.image_size // spec.patch_size) * (spec.width // spec.patch_size)
+    dp = spec.patch_size ** 2 * spec.channels
+    A, P, L = spec.action_dim, spec.proprio_dim, spec.text_len
+    shapes = {
+        "video": ((B, T, n, dp), "float32"),
+        "actions": ((B, T, k, A), "float32"),
+        "action_mask": ((B, T), "float32"),
+        "action_dim_mask": ((B, A), "float32"),
+        "proprio": ((B, T, P), "float32"),
+        "proprio_mask": ((B, T), "float32"),
+        "proprio_dim_mask": ((B, P), "float32"),
+        "embodiment_id": ((B,), "int32"),
+        "source_id": ((B,), "int32"),
+        "text": ((B, L), "int32"),
+        "progress": ((B, T), "float32"),
+    }
+    return {key: BatchField(shape, dtype, ("act_batch",) + (None,) * (len(shape) - 1))
+            for key, (shape, dtype) in shapes.items()}
+
+
+def check_batch(batch: dict, spec: dict[str, BatchField], *, batch_size: int | None = None) -> None:
+    """Raise ValueError naming the first key of `batch` that breaks the contract `spec` (missing or
+    extra key, shape, dtype); the leading dim is checked against `batch_size` when given (a
+    process's share of the global batch), else against the spec's."""
+    missing, extra = sorted(set(spec) - set(batch)), sorted(set(batch) - set(spec))
+    if missing or extra:
+        raise ValueError(f"batch keys differ from the batch contract: missing {missing}, unexpected {extra}")
+    for key, f in spec.items():
+        x = batch[key]
+        want = ((batch_size,) + f.shape[1:]) if batch_size is not None else f.shape
+        if tuple(x.shape) != tuple(want) or str(x.dtype) != f.dtype:
+            raise ValueError(f"batch[{key!r}] is {x.dtype}{list(x.shape)}; the batch contract says "
+                             f"{f.dtype}{list(want)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +163,16 @@ def patchify(x: np.ndarray, patch: int) -> np.ndarray:
     T, H, W, C = x.shape
     x = x.reshape(T, H // patch, patch, W // patch, patch, C).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(T, (H // patch) * (W // patch), patch * patch * C)
+
+
+def unpatchify(video: np.ndarray, image_size: int, patch: int, channels: int, width: int = 0) -> np.ndarray:
+    """The inverse of `patchify` on model tokens: [T, N, p p C] in [-1, 1] -> uint8 [T, H, W, C]
+    (H = image_size, W = width or image_size), rounded and clipped to [0, 255]."""
+    T, width = video.shape[0], width or image_size
+    gh, gw = image_size // patch, width // patch
+    x = np.asarray(video, np.float32).reshape(T, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(T, image_size, width, channels)
+    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def text_tokens(text: str, length: int) -> np.ndarray:
@@ -213,6 +274,68 @@ def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: Sourc
     }
 
 
+class ClipError(ValueError):
+    """An episode or clip that a caller asked for and the source does not have."""
+
+
+@dataclasses.dataclass
+class EpisodeClip:
+    """One clip of one episode as training sees it, with what inference needs to show and score it."""
+
+    source: str
+    episode_id: str
+    embodiment: str
+    fps: float
+    start: int                       # the clip's first frame in the episode
+    clip: dict                       # make_clip's element (no batch axis): exactly a training element
+    frames: np.ndarray | None        # uint8 [T, H, W, C]: block t's frame, resized as the model sees it
+    raw_actions: np.ndarray | None   # [T, k, a]: block t's action chunk in the embodiment's units
+    action_norm: Normalizer | None   # the source's normaliser of those actions
+
+
+def episode_clip(data_cfg, source: str, episode: str | int | None = None, *, start: int = 0,
+                 num_blocks: int | None = None, root: str | None = None,
+                 registry: EmbodimentRegistry = DEFAULT_REGISTRY, stats: dict | None = None) -> EpisodeClip:
+    """The clip of `num_blocks` step blocks (default data.num_blocks) from frame `start` of episode
+    `episode` (an id, an index into the source, or None for the last) of `source` under `root`
+    (default data.root), tokenised exactly as the training pipeline does (`make_clip` with the
+    source's own statistics). Training, rollout and evaluation all cut their clips here."""
+    spec = clip_spec(data_cfg)
+    if num_blocks is not None:
+        spec = dataclasses.replace(spec, num_blocks=int(num_blocks))
+    root = str(root or _get(data_cfg, "root"))
+    sspec, _ = source_spec(root, source, 0, spec, registry, stats)
+    src = ShardedSource(os.path.join(root, source))
+    if episode is None:
+        index = src.num_episodes - 1
+    elif isinstance(episode, (int, np.integer)):
+        if not 0 <= int(episode) < src.num_episodes:
+            raise ClipError(f"episode index {episode} is out of range: {source} has {src.num_episodes}")
+        index = int(episode)
+    elif episode in src.episode_ids:
+        index = src.episode_ids.index(episode)
+    else:
+        raise ClipError(f"episode {episode!r} is not in {src.directory} (it has {src.episode_ids[:3]} ... "
+                        f"{src.episode_ids[-1]})")
+    ep = src.data_source()[index]
+    k, T = spec.action_chunk, spec.num_blocks
+    span = (T - 1) * k + 1
+    if start < 0 or start + span > ep.num_frames:
+        raise ClipError(f"episode {ep.episode_id} has {ep.num_frames} frames: {T} blocks of {k} steps from "
+                        f"frame {start} need {start + span}; at most {(ep.num_frames - start - 1) // k + 1} blocks")
+    clip = make_clip(ep, start, spec, sspec)
+    idx = start + k * np.arange(T)
+    frames = None
+    if ep.frames is not None:
+        frames = np.clip(np.rint(resize_frames(ep.frames[idx], spec.image_size, spec.width)), 0, 255).astype(np.uint8)
+    raw = None
+    if ep.actions is not None:
+        raw = ep.actions[np.clip(idx[:, None] - k + np.arange(k)[None, :], 0, ep.num_frames - 1)]
+    return EpisodeClip(source=source, episode_id=ep.episode_id, embodiment=ep.embodiment, fps=float(ep.fps),
+                       start=start, clip=clip, frames=frames, raw_actions=raw,
+                       action_norm=sspec.embodiments[ep.embodiment].action_norm)
+
+
 # ----------------------------------------------------------------------------------------------
 # Grain transforms (top-level classes: picklable for the prefetch worker processes).
 
@@ -294,84 +417,90 @@ def _get(cfg, name):
     try:
         return cfg[name]
     except (KeyError, AttributeError, TypeError):
-        raise DataConfigError(f"data config: missing field {name!r}") from None
+        raise ConfigError(f"data config: missing field {name!r}") from None
 
 
 def _weights(mixture, where: str) -> dict[str, float]:
     try:
         items = dict(mixture.items()) if hasattr(mixture, "items") else dict(mixture)
     except (TypeError, ValueError):
-        raise DataConfigError(f"{where} must map source name -> weight, got {mixture!r}") from None
+        raise ConfigError(f"{where} must map source name -> weight, got {mixture!r}") from None
     out = {}
     for name, w in items.items():
         try:
             w = float(w)
         except (TypeError, ValueError):
-            raise DataConfigError(f"{where}.{name}: weight {w!r} is not a number") from None
+            raise ConfigError(f"{where}.{name}: weight {w!r} is not a number") from None
         if not math.isfinite(w) or w < 0:
-            raise DataConfigError(f"{where}.{name}: weight {w} must be finite and >= 0")
+            raise ConfigError(f"{where}.{name}: weight {w} must be finite and >= 0")
         out[str(name)] = w
     return out
 
 
-def _check_spec(data_cfg) -> ClipSpec:
+def clip_spec(data_cfg) -> ClipSpec:
+    """The clip geometry of a data config, checked (ConfigError naming the field)."""
     optional = {"image_width", "num_embodiments"}
     spec = ClipSpec(**{f.name: _get(data_cfg, f.name) for f in dataclasses.fields(ClipSpec)
                        if f.name not in optional or f.name in data_cfg})
     for f in dataclasses.fields(ClipSpec):
         v = getattr(spec, f.name)
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f.name in optional else 1):
-            raise DataConfigError(f"data.{f.name} must be a {'non-negative' if f.name in optional else 'positive'} "
-                                  f"integer, got {v!r}")
+            raise ConfigError(f"config.data.{f.name}={v!r} is invalid: must be an integer >= "
+                              f"{0 if f.name in optional else 1}")
     for name, v in (("image_size", spec.image_size), ("image_width", spec.width)):
         if v % spec.patch_size:
-            raise DataConfigError(f"data.{name}={v} is not a multiple of data.patch_size={spec.patch_size}")
+            raise ConfigError(f"config.data.{name}={v} is invalid: must be a multiple of data.patch_size="
+                              f"{spec.patch_size}" + (" (or 0: square frames)" if name == "image_width" else ""))
     return spec
 
 
-def _open_source(root: str, name: str, source_id: int, spec: ClipSpec,
-                 registry: EmbodimentRegistry) -> tuple[SourceSpec, np.ndarray]:
-    """Opens and checks one source folder; returns its spec and the records long enough for a clip."""
+def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
+                registry: EmbodimentRegistry = DEFAULT_REGISTRY,
+                stats: dict | None = None) -> tuple[SourceSpec, np.ndarray]:
+    """Opens and checks one source folder; returns its spec (embodiments, normalisers) and the
+    records long enough for a clip. The normalisers come from the folder's stats.json, or from
+    `stats` ({embodiment: EmbodimentStats}) when given: a trained model's own statistics, so that
+    held-out data is normalised exactly as its training data was."""
     directory = os.path.join(root, name)
     if not os.path.isdir(directory):
         present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        raise DataConfigError(f"source {name!r}: no folder {directory} under data root {root}; the root "
+        raise ConfigError(f"source {name!r}: no folder {directory} under data root {root}; the root "
                               f"holds {present or 'no sub-folders'}")
     try:
         src = ShardedSource(directory)
         src.data_source()
-        stats = src.stats
+        stats = src.stats if stats is None else {**src.stats, **stats}
     except (ShardError, StatsError) as e:
-        raise DataConfigError(f"source {name!r}: {e}") from e
+        raise ConfigError(f"source {name!r}: {e}") from e
     kind = src.manifest.get("video", "frames")
     for shape in src.manifest["frame_shapes"]:
         h, w, c = shape
         if kind == "latents" and (h != spec.image_size or w != spec.width or c != spec.channels):
-            raise DataConfigError(f"source {name!r}: latents are {h}x{w}x{c}; set data.image_size={h}, "
+            raise ConfigError(f"source {name!r}: latents are {h}x{w}x{c}; set data.image_size={h}, "
                                   f"data.image_width={w} and data.channels={c} to train on them")
         if kind == "frames" and c != spec.channels:
-            raise DataConfigError(f"source {name!r}: frames have {c} channels, data.channels={spec.channels}")
+            raise ConfigError(f"source {name!r}: frames have {c} channels, data.channels={spec.channels}")
     embodiments = {}
     for e_name in src.embodiments:
         try:
             emb = registry.get(e_name)
         except UnknownEmbodimentError as e:
-            raise DataConfigError(f"source {name!r}: {e}") from None
+            raise ConfigError(f"source {name!r}: {e}") from None
         if spec.num_embodiments and emb.id >= spec.num_embodiments:
-            raise DataConfigError(f"source {name!r}: embodiment {emb.name} has id {emb.id} but the model's "
+            raise ConfigError(f"source {name!r}: embodiment {emb.name} has id {emb.id} but the model's "
                                   f"embodiment tables have data.num_embodiments={spec.num_embodiments} rows")
         if emb.action_dim > spec.action_dim:
-            raise DataConfigError(f"source {name!r}: embodiment {emb.name} has {emb.action_dim} action dims "
+            raise ConfigError(f"source {name!r}: embodiment {emb.name} has {emb.action_dim} action dims "
                                   f"but data.action_dim={spec.action_dim}")
         if emb.proprio_dim > spec.proprio_dim:
-            raise DataConfigError(f"source {name!r}: embodiment {emb.name} has {emb.proprio_dim} proprio "
+            raise ConfigError(f"source {name!r}: embodiment {emb.name} has {emb.proprio_dim} proprio "
                                   f"dims but data.proprio_dim={spec.proprio_dim}")
         s = stats.get(e_name)
         if s is None:
-            raise DataConfigError(f"source {name!r}: {directory}/stats.json has no entry for {e_name}")
+            raise ConfigError(f"source {name!r}: {directory}/stats.json has no entry for {e_name}")
         for label, st, dim in (("action", s.action, emb.action_dim), ("proprio", s.proprio, emb.proprio_dim)):
             if st is not None and st.dim != dim:
-                raise DataConfigError(f"source {name!r}: {label} statistics of {e_name} have {st.dim} "
+                raise ConfigError(f"source {name!r}: {label} statistics of {e_name} have {st.dim} "
                                       f"dims, the registry says {dim}")
         embodiments[e_name] = EmbodimentSpec(
             id=emb.id, action_dim=emb.action_dim, proprio_dim=emb.proprio_dim,
@@ -399,37 +528,37 @@ def build_dataset(data_cfg, phase_cfg, *, seed: int, batch_size: int, process_in
                   process_count: int = 1,
                   registry: EmbodimentRegistry = DEFAULT_REGISTRY) -> grain.IterDataset:
     """The infinite, batched, resumable dataset of one curriculum phase (see the module docstring)."""
-    spec = _check_spec(data_cfg)
+    spec = clip_spec(data_cfg)
     if not isinstance(batch_size, int) or batch_size <= 0:
-        raise DataConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not (isinstance(process_count, int) and process_count >= 1 and 0 <= process_index < process_count):
-        raise DataConfigError(f"process_index={process_index} must be in [0, process_count={process_count})")
+        raise ConfigError(f"process_index={process_index} must be in [0, process_count={process_count})")
     root = str(_get(data_cfg, "root"))
     if not os.path.isdir(root):
-        raise DataConfigError(f"data.root={root!r} is not a folder (generate local data with "
+        raise ConfigError(f"data.root={root!r} is not a folder (generate local data with "
                               f"`python -m data_pipelines.generate --preset=embedded --output={root}`)")
     start = _weights(_get(phase_cfg, "mixture"), "mixture")
     if not start:
-        raise DataConfigError("mixture is empty: name at least one source")
+        raise ConfigError("mixture is empty: name at least one source")
     end_cfg = phase_cfg.get("mixture_end") if hasattr(phase_cfg, "get") else None
     end = _weights(end_cfg, "mixture_end") if end_cfg else None
     if end is not None and set(end) != set(start):
-        raise DataConfigError(f"mixture_end names {sorted(end)} but mixture names {sorted(start)}: the keys "
+        raise ConfigError(f"mixture_end names {sorted(end)} but mixture names {sorted(start)}: the keys "
                               f"must be the same")
     if sum(start.values()) <= 0:
-        raise DataConfigError(f"mixture weights are all zero: {start}")
+        raise ConfigError(f"mixture weights are all zero: {start}")
     if end is not None and sum(end.values()) <= 0:
-        raise DataConfigError(f"mixture_end weights are all zero: {end}")
+        raise ConfigError(f"mixture_end weights are all zero: {end}")
     steps = int(_get(phase_cfg, "steps"))
 
     names = sorted(start)                     # source_id = position in this list
     sources, streams, w_start, w_end = [], [], [], []
     for source_id, name in enumerate(names):
-        source, usable = _open_source(root, name, source_id, spec, registry)
+        source, usable = source_spec(root, name, source_id, spec, registry)
         mine = usable[process_index::process_count]
         wants = start[name] > 0 or (end is not None and end[name] > 0)
         if wants and mine.size == 0:
-            raise DataConfigError(f"source {name!r}: {usable.size} episodes of at least {spec.min_frames} "
+            raise ConfigError(f"source {name!r}: {usable.size} episodes of at least {spec.min_frames} "
                                   f"frames, none left for process {process_index} of {process_count}")
         sources.append(source)
         if not wants:

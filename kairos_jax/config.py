@@ -1,22 +1,157 @@
-"""Config validation: runs before anything compiles; every error names the field and what is allowed."""
+"""The config schema and its one validation layer.
+
+`default_config()` is every field the library reads, with its default and a comment; experiment
+files (`experiments/`) start from it, add a curriculum and override what they change. `validate`
+checks a whole config before anything compiles and raises `ConfigError` (the one error type of
+config validation, shared with data_pipelines) naming the field, its value and what is allowed;
+every command-line entry point turns it into exit status 2 (kairos_jax.cli).
+`load_saved_config` reads the config.json a training run wrote.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
-from kairos_jax.diffusion import LOSS_TARGETS, MODES, SIGMA_SAMPLERS
+import ml_collections
+
+from data_pipelines.pipeline import ConfigError, clip_spec
+from kairos_jax.model.diffusion import LOSS_TARGETS, MODES, SIGMA_SAMPLERS
 from kairos_jax.model.mixers import MIXERS
-from kairos_jax.model.world_model import PREDICTIONS, REMAT_POLICIES
-from kairos_jax.sharding import MESH_AXES
+from kairos_jax.model.world_model import PREDICTIONS, REMAT_POLICIES, TEXT_ENCODERS
+from kairos_jax.parallel.sharding import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
+
+__all__ = ["ConfigError", "default_config", "validate", "check_data_sources", "check_workdir",
+           "load_saved_config"]
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
 DTYPES = ("float32", "bfloat16")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
-class ConfigError(ValueError):
-    """A bad config value: the message names the field, the value and the allowed values."""
+def default_config() -> ml_collections.ConfigDict:
+    """Every field with its default, and no curriculum (`curriculum` = (), `phases` empty): an
+    experiment adds its phases (experiments/base.py)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        video_width=256,          # width of the video expert
+        action_width=128,         # width of the action expert (MoT: experts may differ in width)
+        depth=8,                  # number of layers; layer l uses pattern[l % len(pattern)]
+        num_heads=4,              # shared attention heads of the mixer
+        head_dim=64,
+        mlp_ratio=4.0,
+        pattern=("swa", "swa", "dswa", "gdn"),
+        # Rotary embedding of window attention over time and each token's (row, column) in its frame
+        # (True), or over time only (False).
+        spatial_rope=True,
+        window=8,                 # window of SWA/DSWA, counted in blocks
+        dilation=4,               # dilation of DSWA
+        gdn_conv_size=4,          # short causal depthwise conv on GDN q/k/v
+        gdn_chunk_size=64,
+        mixer_impl="auto",        # auto | reference | chunked | pallas
+        # What the heads predict: "x0" (the clean signal, turned into a velocity for sampling; any
+        # width) or "velocity" (eps - x0; needs video_width >= patch_size^2 * channels).
+        prediction="x0",
+        text_width=128,           # understanding expert (byte-level text transformer)
+        text_depth=2,
+        text_heads=4,
+        cond_dim=256,             # width of the noise-level embedding
+        dtype="bfloat16",         # compute dtype
+        param_dtype="float32",    # master weights
+        scan_layers=True,         # scan over repeats of the layer pattern
+        remat="none",             # none | full | dots: activation checkpointing policy
+        # PRNG of parameter init: unsafe_rbg / rbg compile fast everywhere (their bits depend on the
+        # sharding); threefry2x32 gives the same init on every mesh but compiles slowly on XLA:CPU.
+        init_prng="unsafe_rbg",
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        root="data/embedded",     # folder holding one sub-folder of ArrayRecord shards per source
+        image_size=32,            # frame height (and width unless image_width is set)
+        image_width=0,            # frame width; 0: square frames (image_size x image_size)
+        patch_size=8,             # video tokens: (image_size / patch_size) (width / patch_size) per frame
+        channels=3,               # 3 for RGB frames; the latent channels for pre-encoded sources
+        num_blocks=8,             # step blocks per clip
+        action_chunk=4,           # k: control steps (action tokens) per block; frame stride in a clip
+        action_dim=32,            # actions are zero-padded to this size (max over embodiments)
+        proprio_dim=32,
+        text_len=64,              # task text, as bytes
+        num_embodiments=16,       # size of the embodiment embedding table
+        worker_count=0,           # Grain multiprocess prefetch workers (0: in-process)
+        prefetch=2,
+        strict=False,             # bad input: skip and count (False) or raise (True)
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=8,             # global batch size
+        grad_accum=1,
+        lr=3e-4,
+        min_lr_ratio=0.1,
+        warmup_steps=50,
+        weight_decay=0.05,
+        b1=0.9,
+        b2=0.95,
+        clip_norm=1.0,
+        video_loss_weight=1.0,
+        action_loss_weight=1.0,
+        sigma_sampling="logit_normal",  # logit_normal | uniform
+        logit_mean=0.0,
+        logit_std=1.0,
+        loss_target="x0",         # x0 | velocity: what the loss compares (see diffusion.per_block_errors)
+        loss_min_sigma=0.05,      # x0 head with a velocity loss: sigma is clamped here in the 1/sigma^2 weight
+        sigma_shift=1.0,          # time shift of sampled sigmas (> 1 favours high noise)
+        clean_block_prob=0.25,    # fraction of blocks given clean (diffusion forcing with clean context)
+        text_dropout=0.1,         # drop task text (null token only), for classifier-free guidance
+        log_every=10,
+        # Steps with a non-finite loss or gradient are skipped (no update; counted and logged as
+        # skipped_steps); more than this many in one phase stops the run (exit status 3).
+        max_skipped_steps=10,
+        checkpoint_every=100,
+        keep_checkpoints=3,
+        async_checkpointing=True,
+        measure_peak_flops=True,
+        # JAX profiler trace of steps (N, M), inclusive, numbered like the metrics (1 = first step) in
+        # every phase: <workdir>/<phase>/profile/process_<i>/ (TensorBoard / XProf). () = off.
+        profile_steps=(),
+    ))
+
+    # Mesh axes (data, fsdp, tensor, context); -1 fills with the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
+    c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+
+    # Understanding expert: "bytes" (built-in byte-level text transformer) or "precomputed"
+    # (batch keys text_embedding [B, L, D_ext] + text_embedding_mask [B, L], projected to text_width).
+    c.model.text_encoder = "bytes"
+    c.model.text_embedding_dim = 0           # D_ext of precomputed embeddings (> 0 when precomputed)
+    # Readout heads on the final hidden states, trained where labels exist.
+    c.train.proprio_loss_weight = 0.1        # masked by proprio_mask * proprio_dim_mask
+    c.train.progress_loss_weight = 0.1       # masked by progress_mask when the batch has one
+    c.sampling = ml_collections.ConfigDict(dict(
+        num_steps=10,                        # Euler steps from sigma = 1 to 0
+        shift=1.0,                           # schedule shift: sigma' = s sigma / (1 + (s - 1) sigma)
+        guidance_scale=1.0,                  # classifier-free guidance on the text (1 = conditional only)
+    ))
+    c.rollout = ml_collections.ConfigDict(dict(
+        num_steps=4,                         # Euler steps per streamed block
+        context_blocks=2,                    # ground-truth blocks committed before the rollout starts
+        full_capacity=64,                    # initial blocks of a "full" layer's cache (doubles when full)
+    ))
+    # Held-out evaluation during training (kairos_jax.inference.evaluate.heldout_metrics): every
+    # `every` steps of every phase, on a fixed batch of clips of the phase's robot sources under `root`.
+    c.eval = ml_collections.ConfigDict(dict(
+        every=0,                             # 0: off
+        root="",                             # held-out data root ("" = off), e.g. data/heldout
+        clips_per_source=8,
+        num_steps=4,                         # Euler steps of the one-block-ahead prediction
+    ))
+    # The curriculum: phase names in order, and per phase its steps, data mixture and mode mixture
+    # (experiments/base.py `phase`).
+    c.curriculum = ()
+    c.phases = ml_collections.ConfigDict()
+    return c
 
 
 def _req(cond: bool, field: str, value, allowed: str):
@@ -61,17 +196,10 @@ def validate(cfg) -> None:
     _req(m.prediction in PREDICTIONS, "model.prediction", m.prediction, f"one of {PREDICTIONS}")
     _req(isinstance(m.spatial_rope, bool), "model.spatial_rope", m.spatial_rope, "True or False")
 
-    # data
-    for name in ("image_size", "patch_size", "num_blocks", "action_chunk", "action_dim", "proprio_dim",
-                 "text_len", "num_embodiments"):
-        _positive_int(cfg, "data", name)
+    # data: the clip geometry is checked by the pipeline that cuts the clips
+    clip_spec(d)
+    _positive_int(cfg, "data", "num_embodiments")
     _positive_int(cfg, "data", "worker_count", minimum=0)
-    _positive_int(cfg, "data", "image_width", minimum=0)
-    _positive_int(cfg, "data", "channels")
-    _req(d.image_size % d.patch_size == 0, "data.image_size", d.image_size,
-         f"must be a multiple of data.patch_size={d.patch_size}")
-    _req(d.image_width % d.patch_size == 0, "data.image_width", d.image_width,
-         f"must be 0 (square frames) or a multiple of data.patch_size={d.patch_size}")
     _req(isinstance(d.root, str) and d.root != "", "data.root", d.root, "a directory path")
     if m.prediction == "velocity":
         # A velocity (eps - x0) carries every dimension of the noise: a token path narrower than the
@@ -137,11 +265,8 @@ def validate(cfg) -> None:
         _req(not unknown, f"{f}.modes", sorted(unknown), f"mode names must be among {MODES}")
         _req(all(w >= 0 for w in p.modes.values()) and sum(p.modes.values()) > 0, f"{f}.modes",
              dict(p.modes), "weights must be >= 0 and not all zero")
-
-
-    from kairos_jax.sampling import validate_world_action_config
-
-    validate_world_action_config(cfg)
+    _validate_world_action(cfg)
+    _validate_eval(cfg)
 
 
 def check_data_sources(cfg) -> None:
@@ -174,3 +299,70 @@ def check_workdir(workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"--workdir={workdir!r} is not writable: {e.strerror}") from None
+
+
+def _validate_world_action(cfg) -> None:
+    """Text encoder, readout, sampling and rollout fields."""
+    def req(cond, field, value, allowed):
+        if not cond:
+            raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+    def integer(v, minimum):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+    m, t = cfg.model, cfg.train
+    req(m.text_encoder in TEXT_ENCODERS, "model.text_encoder", m.text_encoder, f"one of {TEXT_ENCODERS}")
+    if m.text_encoder == "precomputed":
+        req(integer(m.text_embedding_dim, 1), "model.text_embedding_dim", m.text_embedding_dim,
+            "an integer >= 1 (the feature size of the stored text embeddings) with text_encoder='precomputed'")
+    for name in ("proprio_loss_weight", "progress_loss_weight"):
+        req(isinstance(t[name], int | float) and t[name] >= 0, f"train.{name}", t[name], "a number >= 0")
+    s = cfg.sampling
+    req(integer(s.num_steps, 1), "sampling.num_steps", s.num_steps, "an integer >= 1")
+    req(isinstance(s.shift, int | float) and s.shift > 0, "sampling.shift", s.shift, "a number > 0")
+    req(isinstance(s.guidance_scale, int | float) and s.guidance_scale >= 0, "sampling.guidance_scale",
+        s.guidance_scale, "a number >= 0 (1 = conditional only)")
+    r = cfg.rollout
+    req(integer(r.num_steps, 1), "rollout.num_steps", r.num_steps, "an integer >= 1")
+    req(integer(r.context_blocks, 1), "rollout.context_blocks", r.context_blocks, "an integer >= 1")
+    req(integer(r.full_capacity, 1), "rollout.full_capacity", r.full_capacity, "an integer >= 1")
+
+def _validate_eval(cfg) -> None:
+    e = cfg.eval
+    _req(isinstance(e.every, int) and not isinstance(e.every, bool) and e.every >= 0, "eval.every", e.every,
+         "an integer >= 0 (0 = off)")
+    _req(isinstance(e.root, str), "eval.root", e.root, "a directory path, or '' for none")
+    _positive_int(cfg, "eval", "clips_per_source")
+    _positive_int(cfg, "eval", "num_steps")
+    if e.every:
+        _req(e.root != "" and os.path.isdir(e.root), "eval.root", e.root,
+             "with eval.every > 0, a folder of held-out shards (make data writes data/heldout)")
+
+
+def load_saved_config(path: str) -> ml_collections.ConfigDict:
+    """The config.json a training run wrote, over `default_config()`: fields added to the schema
+    since the run keep their defaults, except those whose absence means the older behaviour (a run
+    from before the x0 head and space-time RoPE had velocity heads and time-only RoPE)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable config ({e})") from e
+    if not isinstance(saved, dict) or "model" not in saved or "data" not in saved:
+        raise ConfigError(f"{path}: not a config written by kairos_jax.train (no model / data sections)")
+    saved["model"].setdefault("prediction", "velocity")
+    saved["model"].setdefault("spatial_rope", False)
+    cfg = default_config()
+    _merge(cfg, saved)
+    return cfg
+
+
+def _merge(c: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if isinstance(value, dict) and key in c and isinstance(c[key], ml_collections.ConfigDict) and key != "phases":
+            _merge(c[key], value)
+        elif key in c and isinstance(c[key], tuple) and isinstance(value, list):
+            c[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            with c.unlocked():
+                c[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value

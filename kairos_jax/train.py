@@ -1,12 +1,12 @@
 """Pre-train the world model over a curriculum of phases.
 
-    python -m kairos_jax.train --config=experiments/embedded.py --workdir=runs/embedded \
-        [--config.train.batch_size=16 ...]
+    python -m kairos_jax.train --config=embedded --workdir=runs/embedded [--config.train.batch_size=16 ...]
 
 Each phase of `config.curriculum` trains `phases.<name>.steps` steps on its data mixture in
-`<workdir>/<phase>/`, starting from the previous phase's final parameters. Interrupted runs
-(Ctrl-C, SIGTERM, a crash, kill -9) resume from the latest checkpoint with the data iterator where
-it was; SIGTERM and Ctrl-C save a checkpoint before exiting.
+`<workdir>/<phase>/`, starting from the previous phase's final parameters (kairos_jax.training.loop).
+Interrupted runs (Ctrl-C, SIGTERM, a crash, kill -9) resume from the latest checkpoint with the data
+iterator where it was; SIGTERM and Ctrl-C save a checkpoint before exiting. Exit status: 0 done,
+2 a bad config or workdir, 3 training diverged, 130 stopped early.
 """
 
 from __future__ import annotations
@@ -15,21 +15,15 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
-import time
 
 import jax
-import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
-from kairos_jax import checkpointing, cli, metrics, trainer
-from kairos_jax.config import ConfigError, check_data_sources, check_workdir, validate
-from kairos_jax.model.world_model import count_params
-from kairos_jax.sharding import create_mesh
+from kairos_jax import cli
+from kairos_jax.training.loop import TrainingDiverged, format_summary, train_curriculum
 
-_CONFIG = cli.CONFIG
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Call jax.distributed.initialize(): auto = when a cluster environment "
@@ -43,260 +37,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0,
                                    "$JAX_PROCESS_ID, else the cluster's)", lower_bound=0)
 
 log = logging.getLogger("kairos")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many steps of a phase had a non-finite loss or gradient (`train.max_skipped_steps`)."""
-
-
-class StopRequested:
-    """SIGTERM / SIGINT handler: the loop saves a checkpoint at the next step and exits."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def install(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._previous[s] = signal.signal(s, self._handle)
-
-    def uninstall(self):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signum = signum
-        log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
-                    signal.Signals(signum).name)
-
-    def requested(self) -> bool:
-        flag = self.signum is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-        return flag
-
-
-class StepProfiler:
-    """JAX profiler trace of steps first..last (config.train.profile_steps, numbered like the metrics).
-
-    Every process traces into its own folder, <directory>/process_<i>/ (the trace files are named by
-    host, which simulated processes on one machine share). The trace starts after the step function
-    is compiled, before step `first`, and stops once step `last` has finished on the device (or when
-    the phase ends or stops early)."""
-
-    def __init__(self, steps, directory: str, phase: str):
-        self.first, self.last = tuple(steps) if steps else (None, None)
-        self.directory = os.path.join(directory, f"process_{jax.process_index()}")
-        self.phase = phase
-        self.active = False
-
-    def before(self, step: int) -> None:
-        if self.first is not None and not self.active and self.first <= step <= self.last:
-            jax.profiler.start_trace(self.directory)
-            self.active = True
-            log.info("%s: profiling steps %d..%d into %s", self.phase, step, self.last, self.directory)
-
-    def after(self, step: int, state) -> None:
-        if self.active and step >= self.last:
-            self.close(state)
-
-    def close(self, state) -> None:
-        if self.active:
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-            self.active = False
-            log.info("%s: profiler trace written to %s", self.phase, self.directory)
-
-
-@dataclasses.dataclass
-class PhaseResult:
-    name: str
-    steps: int
-    first_loss: float | None
-    last_loss: float | None
-    resumed_from: int | None
-    stopped_early: bool = False
-
-
-def _phase_seed(cfg, index: int) -> int:
-    return int(cfg.seed) * 1000 + index
-
-
-def _local_batch_size(cfg) -> int:
-    n = jax.process_count()
-    if cfg.train.batch_size % n:
-        raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} must be a multiple of the "
-                          f"number of processes ({n})")
-    return cfg.train.batch_size // n
-
-
-def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop: StopRequested,
-              peak_flops: float | None) -> tuple[PhaseResult, dict]:
-    """Train one phase; returns its result and its final params."""
-    from data_pipelines.pipeline import build_dataset
-
-    phase = cfg.phases[name]
-    pdir = os.path.join(workdir, name)
-    tx = trainer.make_optimizer(cfg.train, phase.steps)
-    schedule = trainer.make_schedule(cfg.train, phase.steps)
-    ckpt = checkpointing.Checkpointer(os.path.join(pdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                      async_save=cfg.train.async_checkpointing)
-    dataset = build_dataset(cfg.data, phase, seed=_phase_seed(cfg, index), batch_size=_local_batch_size(cfg),
-                            process_index=jax.process_index(), process_count=jax.process_count())
-    data_iter = iter(dataset)
-    sources = sorted(phase.mixture)
-
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, trainer.abstract_train_state(tx, setup),
-                             data_iter if latest < phase.steps else None, global_batch_size=cfg.train.batch_size)
-        log.info("%s: resumed from checkpoint at step %d", name, latest)
-    else:
-        params = init_params() if callable(init_params) else init_params
-        state = trainer.init_train_state(cfg, setup, tx, params)
-    start = int(state["step"])
-    writer = metrics.MetricWriter(pdir, resume_step=start)
-    if start >= phase.steps:
-        ckpt.close()
-        trend = metrics.loss_trend(metrics.read_metrics(pdir))
-        writer.close()
-        return PhaseResult(name, phase.steps, *(trend or (None, None)), resumed_from=start), state["params"]
-
-    step_fn = trainer.make_train_step(cfg, setup, tx, phase, num_sources=len(sources))
-    lay = setup.layout
-    tokens_per_step = cfg.train.batch_size * lay.num_blocks * lay.block_size
-    pbar = None
-    if jax.process_index() == 0:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=phase.steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
-                    file=sys.stdout)
-    stopped = False
-    total_skipped, diverged = 0, None
-    t_last, steps_since = time.perf_counter(), 0
-    acc = None
-    compiled = None
-    profiler = StepProfiler(cfg.train.get("profile_steps", ()), os.path.join(pdir, "profile"), name)
-    for step in range(start, phase.steps):
-        batch = trainer.global_batch(setup, next(data_iter))
-        if compiled is None:  # compile once; MFU counts the step's matmul FLOPs per device
-            compiled = step_fn.compile(state, batch)
-            flops = step_fn.flops(state, batch) / setup.mesh.size
-        profiler.before(step + 1)
-        with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-            state, m = compiled(state, batch)
-        profiler.after(step + 1, state)
-        acc = m if acc is None else jax.tree.map(np.add, acc, m)
-        steps_since += 1
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == phase.steps:
-            m = jax.device_get(acc)
-            dt = (time.perf_counter() - t_last) / steps_since
-            skipped = int(m["skipped"])
-            n_ok = max(steps_since - skipped, 1)   # skipped steps contribute zeros to the sums
-            scalars = {
-                "loss": m["loss"] / n_ok, "loss_video": m["loss_video"] / n_ok,
-                "loss_action": m["loss_action"] / n_ok, "grad_norm": m["grad_norm"] / n_ok,
-                "param_norm": float(m["param_norm"]) / steps_since, "lr": float(schedule(done - 1)),
-                "step_time_s": dt, "steps_per_s": 1.0 / dt, "tokens_per_s": tokens_per_step / dt,
-                "skipped_steps": skipped,
-            }
-            if flops and peak_flops:
-                scalars["mfu"] = flops / dt / peak_flops
-            for key in ("loss_proprio", "loss_progress"):
-                if key in m:
-                    scalars[key] = m[key] / n_ok
-            for i, src in enumerate(sources):
-                if m["src_video_w"][i] > 0:
-                    scalars[f"loss_video/{src}"] = m["src_video_err"][i] / m["src_video_w"][i]
-                if m["src_action_w"][i] > 0:
-                    scalars[f"loss_action/{src}"] = m["src_action_err"][i] / m["src_action_w"][i]
-            writer.write(done, scalars)
-            if skipped:
-                total_skipped += skipped
-                log.warning("%s: %d of the last %d steps (up to step %d) had a non-finite loss or "
-                            "gradient and were skipped (%d in this phase)", name, skipped, steps_since, done,
-                            total_skipped)
-                if total_skipped > cfg.train.max_skipped_steps:
-                    diverged = (
-                        f"{name}: {total_skipped} steps with a non-finite loss or gradient by step {done}, more "
-                        f"than train.max_skipped_steps={cfg.train.max_skipped_steps}. The checkpoints are "
-                        f"intact: skipped steps change no parameter, and none is saved after this. Lower "
-                        f"train.lr, raise train.warmup_steps, or look for bad data in this phase's sources")
-                    break
-            if pbar is not None:
-                pbar.set_postfix(loss=f"{scalars['loss']:.4f}", step_s=f"{scalars['steps_per_s']:.2f}",
-                                 mfu=f"{scalars.get('mfu', 0.0):.1%}")
-            acc, steps_since, t_last = None, 0, time.perf_counter()
-        if pbar is not None:
-            pbar.update(1)
-        if done % cfg.train.checkpoint_every == 0 or done == phase.steps:
-            ckpt.save(done, state, data_iter)
-        if done < phase.steps and stop.requested():
-            if done % cfg.train.checkpoint_every:
-                ckpt.save(done, state, data_iter)
-            stopped = True
-            break
-    profiler.close(state)
-    if pbar is not None:
-        pbar.close()
-    writer.close()
-    ckpt.close()
-    if diverged:
-        raise TrainingDiverged(diverged)
-    trend = metrics.loss_trend(metrics.read_metrics(pdir))
-    result = PhaseResult(name, phase.steps, *(trend or (None, None)),
-                         resumed_from=start if start else None, stopped_early=stopped)
-    return result, state["params"]
-
-
-def train_curriculum(cfg, workdir: str, stop: StopRequested | None = None) -> list[PhaseResult]:
-    """Validate, build the mesh and model, run every phase in order; returns per-phase results.
-
-    `stop` decides after every step whether to save and stop (default: on SIGTERM / Ctrl-C)."""
-    validate(cfg)
-    check_workdir(workdir)
-    check_data_sources(cfg)
-    mesh = create_mesh(cfg.mesh)
-    setup = trainer.build_model_setup(cfg, mesh)
-    log.info("mesh %s over %d devices; model %.2fM parameters", dict(mesh.shape), mesh.size,
-             count_params(setup.abstract_params) / 1e6)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
-    peak = metrics.measure_peak_flops(cfg.model.dtype) if cfg.train.measure_peak_flops else None
-    stop = stop or StopRequested()
-    stop.install()
-    results = []
-    try:
-        params = lambda: trainer.init_params(cfg, setup, cfg.seed)
-        for index, name in enumerate(cfg.curriculum):
-            result, params = run_phase(cfg, setup, workdir, index, name, params, stop, peak)
-            results.append(result)
-            if result.stopped_early:
-                return results
-        checkpointing.export_params(os.path.join(workdir, "export"), params, cfg.to_json_best_effort(indent=2))
-    finally:
-        stop.uninstall()
-    return results
-
-
-def format_summary(results: list[PhaseResult]) -> str:
-    lines = ["", "Curriculum summary (mean loss over the first and last 20% of logged steps):"]
-    for r in results:
-        if r.stopped_early:
-            lines.append(f"  {r.name:<16} stopped early; run the same command again to resume")
-        elif r.first_loss is None:
-            lines.append(f"  {r.name:<16} {r.steps} steps (too few logged steps for a trend)")
-        else:
-            arrow = "falls" if r.last_loss < r.first_loss else "DOES NOT FALL"
-            lines.append(f"  {r.name:<16} {r.steps:>6} steps  loss {r.first_loss:.4f} -> {r.last_loss:.4f} "
-                         f"({arrow})")
-    return "\n".join(lines)
 
 
 def _maybe_initialize_distributed(mode: str):
@@ -315,7 +55,7 @@ def _maybe_initialize_distributed(mode: str):
         try:
             return None if value is None else int(value)
         except ValueError:
-            raise app.UsageError(f"${name}={value!r} is not an integer") from None
+            raise cli.UsageError(f"${name}={value!r} is not an integer") from None
 
     coordinator_address = _COORDINATOR_ADDRESS.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
     num_processes = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else env_int("JAX_NUM_PROCESSES")
@@ -335,14 +75,10 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
+    cli.require(config=cli.CONFIG.value, workdir=_WORKDIR.value)
     _maybe_initialize_distributed(_DISTRIBUTED.value)
     try:
-        results = train_curriculum(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        results = train_curriculum(cli.CONFIG.value, _WORKDIR.value)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
@@ -354,7 +90,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

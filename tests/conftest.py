@@ -6,6 +6,9 @@ import os
 # time (numerics are unchanged: it only skips LLVM optimisation passes).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+import collections
+import contextlib
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -71,14 +74,18 @@ def synthetic_batch(cfg, batch_size, seed=0, *, action_free=()):
         "embodiment_id": r.integers(0, d.num_embodiments, (B,)).astype(np.int32),
         "text": text,
         "source_id": (np.arange(B) % 2).astype(np.int32),
+        "proprio": r.uniform(-1, 1, (B, T, d.proprio_dim)).astype(np.float32),
+        "proprio_mask": np.ones((B, T), np.float32),
+        "proprio_dim_mask": (np.arange(d.proprio_dim) < 2).astype(np.float32)[None].repeat(B, 0),
+        "progress": np.linspace(0, 1, T, dtype=np.float32)[None].repeat(B, 0),
     }
 
 
 def setup_on_mesh(cfg, mesh_cfg: dict, devices):
     """A copy of cfg with its mesh axes set to mesh_cfg, the mesh over `devices`, and the model
     setup on it: (config, setup)."""
-    from kairos_jax import trainer
-    from kairos_jax.sharding import create_mesh
+    from kairos_jax.parallel.sharding import create_mesh
+    from kairos_jax.training import step as trainer
 
     c = cfg.copy_and_resolve_references()
     c.mesh.update(mesh_cfg)
@@ -103,3 +110,27 @@ def no_session_wide_x64():
     flips it for the whole session silently changes every later test's numerics."""
     assert not jax.config.jax_enable_x64, "jax_enable_x64 leaked from an earlier test module"
     yield
+
+
+@contextlib.contextmanager
+def count_split_paths():
+    """Counts, by op name, the traces of context parallelism's per-shard bodies (the split path of
+    kairos_jax.parallel.context_parallel) while the block runs."""
+    from kairos_jax.parallel import context_parallel
+
+    counts = collections.Counter()
+    originals = {name: getattr(context_parallel, f"{name}_shard") for name in ("window_attention", "gated_delta_rule")}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    try:
+        for name, fn in originals.items():
+            setattr(context_parallel, f"{name}_shard", counting(name, fn))
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(context_parallel, f"{name}_shard", fn)

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from kairos_jax import trainer
-from kairos_jax.sharding import create_mesh
+from kairos_jax.parallel.sharding import create_mesh
+from kairos_jax.training import step as trainer
 from tests.conftest import setup_on_mesh, synthetic_batch, tiny_config
 
 
@@ -84,7 +84,7 @@ def pallas_under_mesh(cfg):
 def _compare(mesh, cfg, pallas_fn, reference_fn, args):
     import jax.numpy as jnp
 
-    from kairos_jax.sharding import activation_sharding, map_over_batch_and_heads
+    from kairos_jax.parallel.sharding import activation_sharding, map_over_batch_and_heads
 
     argnums = tuple(range(len(args)))
     sharded_fn = lambda *b: map_over_batch_and_heads(pallas_fn, *b)

@@ -1,4 +1,4 @@
-"""kairos_jax.aot compiles the real train step for a TPU slice without a TPU (libtpu's compiler) and
+"""kairos_jax.scaling.aot compiles the real train step for a TPU slice without a TPU (libtpu's compiler) and
 reports memory and FLOPs that agree with independent counts.
 
 Needs `jax[tpu]` (libtpu); skipped without it. Run with
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from experiments import base
-from kairos_jax import aot, trainer
+from kairos_jax.scaling import aot
+from kairos_jax.training import step as trainer
 
 pytestmark = pytest.mark.tpu
 
@@ -93,7 +94,7 @@ def check_report(report, cfg):
     setup = trainer.build_model_setup(cfg, aot.create_mesh(cfg.mesh, devices))
     phase = cfg.phases[report.phase]
     state = trainer.abstract_train_state(trainer.make_optimizer(cfg.train, phase.steps), setup)
-    state_bytes, batch_bytes = shard_bytes(state), shard_bytes(aot.abstract_batch(cfg, setup))
+    state_bytes, batch_bytes = shard_bytes(state), shard_bytes(trainer.abstract_batch(setup))
     assert state_bytes + batch_bytes <= report.argument_bytes <= 2 * (state_bytes + batch_bytes) + 2 ** 20
     # The donated state comes back in the same buffers.
     assert state_bytes <= report.alias_bytes <= report.argument_bytes
@@ -130,7 +131,7 @@ def test_context_parallel_step_compiles_with_pallas_kernels_v5p_2x2x2(libtpu, mo
     collective-permute, GDN state hand-off) and still run as Mosaic kernels inside shard_map."""
     from jax import stages
 
-    from kairos_jax import context_parallel
+    from tests.conftest import count_split_paths
 
     compiled = {}
     compile_ = stages.Lowered.compile
@@ -142,10 +143,9 @@ def test_context_parallel_step_compiles_with_pallas_kernels_v5p_2x2x2(libtpu, mo
     monkeypatch.setattr(stages.Lowered, "compile", keep)
     cfg = small_config()
     cfg.mesh.update(dict(fsdp=2, tensor=2, context=2))
-    before = dict(context_parallel.TRACE_COUNTS)
-    report = aot.compile_for_topology(cfg, "v5p:2x2x2")
+    with count_split_paths() as traced:
+        report = aot.compile_for_topology(cfg, "v5p:2x2x2")
     assert report.mesh == {"data": 1, "fsdp": 2, "tensor": 2, "context": 2}
-    traced = {k: v - before.get(k, 0) for k, v in context_parallel.TRACE_COUNTS.items()}
     assert traced.get("window_attention", 0) > 0 and traced.get("gated_delta_rule", 0) > 0, traced
     hlo = compiled["step"].as_text()
     assert "collective-permute" in hlo
@@ -168,7 +168,7 @@ def test_h100_target_compiles_through_the_cli():
     Marked slow (not tpu): it needs jax-cuda12-plugin instead of libtpu."""
     pytest.importorskip("jax_plugins.xla_cuda12")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "kairos_jax.aot", "--config=experiments/embedded.py",
+    out = subprocess.run([sys.executable, "-m", "kairos_jax.scaling.aot", "--config=experiments/embedded.py",
                           "--topology=h100:1x8", "--config.mesh.data=2", "--config.mesh.fsdp=4"],
                          cwd=root, capture_output=True, text=True, timeout=1800,
                          env=dict(os.environ, PYTHONPATH=root))

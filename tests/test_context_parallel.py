@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from kairos_jax import context_parallel
+from kairos_jax.parallel import context_parallel
+from tests.conftest import count_split_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +117,7 @@ def test_halo_blocks_and_fallback_without_context_axis():
     assert context_parallel.halo_blocks(1, 1, 2, 4) == 0
     assert context_parallel.halo_blocks(None, 1, 2, 4) == 6   # full attention: every earlier block
     # no mesh: the plain ops, nothing traced on the split path
-    before = dict(context_parallel.TRACE_COUNTS)
     x = jnp.ones((1, 8, 2, 4))
-    context_parallel.window_attention(x, x, x, block_size=4, window=2, dilation=1, impl="chunked")
-    assert dict(context_parallel.TRACE_COUNTS) == before
+    with count_split_paths() as counts:
+        context_parallel.window_attention(x, x, x, block_size=4, window=2, dilation=1, impl="chunked")
+    assert not counts

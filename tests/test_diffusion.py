@@ -1,4 +1,4 @@
-"""Training noise levels per mode (DESIGN section 2 table), the samplers' plan against them, and the
+"""Training noise levels per mode (the table of docs/architecture.md §2), the samplers' plan against them, and the
 readout losses against numpy oracles."""
 
 import jax
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from experiments import base
-from kairos_jax import diffusion, sampling
+from kairos_jax.inference import sampling
+from kairos_jax.model import diffusion
 
 T = 6
-# The DESIGN table, written out independently of diffusion.py: (actions, video) per block.
+# The table of docs/architecture.md §2, written out independently of diffusion.py: (actions, video) per block.
 TABLE = {
     "joint": ("noisy", "noisy"),
     "policy": ("noisy", "clean_then_absent"),

@@ -1,4 +1,4 @@
-"""kairos_jax.metrics.matmul_flops counts a shard_map body once per device of its manual axes, so
+"""kairos_jax.training.metrics.matmul_flops counts a shard_map body once per device of its manual axes, so
 the FLOPs behind MFU and the AOT report do not depend on how the mixers are sharded."""
 
 import os
@@ -13,7 +13,7 @@ def test_shard_map_body_counts_once_per_device():
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp
         from jax.sharding import AxisType, PartitionSpec as P
-        from kairos_jax.metrics import matmul_flops
+        from kairos_jax.training.metrics import matmul_flops
         mesh = jax.make_mesh((2, 2), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
         f = lambda x, w: jnp.tanh(x @ w) @ w.T
         x, w = jnp.ones((8, 16)), jnp.ones((16, 32))

@@ -95,7 +95,7 @@ def launch_data(tmp_path_factory):
 
 
 def _checkpoint_steps(workdir):
-    from kairos_jax import checkpointing
+    from kairos_jax.training import checkpointing
 
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, PHASE, "checkpoints"), keep=5, async_save=False)
     try:

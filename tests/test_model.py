@@ -9,7 +9,7 @@ from flax import nnx
 
 from kairos_jax.model import KairosWorldModel
 from kairos_jax.model.world_model import ACTION, VIDEO
-from kairos_jax.sharding import logical_to_mesh_spec
+from kairos_jax.parallel.sharding import logical_to_mesh_spec
 from tests.conftest import synthetic_batch, tiny_config
 
 

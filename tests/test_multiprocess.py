@@ -57,7 +57,8 @@ def _worker():
     from jax.experimental import multihost_utils
 
     from data_pipelines import pipeline
-    from kairos_jax import train, trainer
+    from kairos_jax import train
+    from kairos_jax.training import step as trainer
 
     record_dir, replay_dir = os.environ.get("KAIROS_MP_RECORD"), os.environ.get("KAIROS_MP_REPLAY")
     calls = itertools.count()
@@ -72,7 +73,7 @@ def _worker():
 
     def replaying(setup, local_batch):
         with np.load(os.path.join(replay_dir, f"batch_{next(calls):04d}.npz")) as z:
-            return {k: jax.device_put(z[k], trainer.batch_sharding(setup, z[k].ndim)) for k in z.files}
+            return {k: jax.device_put(z[k], trainer.batch_sharding(setup, k)) for k in z.files}
 
     read, lock = [], threading.Lock()
     random_map = pipeline.ClipTransform.random_map
@@ -150,7 +151,7 @@ def test_both_processes_join_one_mesh_and_finish(runs):
 
 @pytest.mark.multiprocess
 def test_process_zero_writes_metrics_checkpoints_and_export(runs):
-    from kairos_jax import checkpointing
+    from kairos_jax.training import checkpointing
 
     cfg = get_config(runs["data"])
     for phase in PHASES:

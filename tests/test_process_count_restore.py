@@ -58,13 +58,15 @@ def _worker():
 
     import jax
 
-    from kairos_jax import checkpointing, train, trainer
+    from kairos_jax import train
+    from kairos_jax.training import checkpointing, loop
+    from kairos_jax.training import step as trainer
 
     record = os.environ.get("KAIROS_RS_RECORD")
     stop_after = int(os.environ.get("KAIROS_RS_STOP_AFTER", "0"))
     if stop_after:
         count = itertools.count(1)
-        train.StopRequested.requested = lambda self: next(count) >= stop_after
+        loop.StopRequested.requested = lambda self: next(count) >= stop_after
     if record:
         calls = itertools.count()
         global_batch, save, restore = trainer.global_batch, checkpointing.Checkpointer.save, \
@@ -127,7 +129,7 @@ def _case(tmp_path_factory, data, first: int, second: int) -> dict:
     workdir = str(tmp_path_factory.mktemp(f"run_{first}_to_{second}"))
     rec1, rec2 = (str(tmp_path_factory.mktemp(f"rec_{first}_to_{second}_{i}")) for i in (1, 2))
     _run(first, data, workdir, rec1, stop_after=STOP)
-    from kairos_jax import checkpointing
+    from kairos_jax.training import checkpointing
 
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, PHASE, "checkpoints"), keep=5, async_save=False)
     steps_after_first = ckpt.all_steps()
@@ -158,7 +160,7 @@ def _metrics(workdir):
 
 @pytest.mark.multiprocess
 def test_resume_continues_the_step_from_the_checkpoint(case):
-    from kairos_jax import checkpointing
+    from kairos_jax.training import checkpointing
 
     assert case["steps_after_first"] == [STOP]
     assert f"{PHASE}: resumed from checkpoint at step {STOP}" in case["logs"]
@@ -195,7 +197,7 @@ def test_resumed_processes_draw_the_batches_of_a_fresh_run_with_the_new_process_
                     f"process {i} starts its own stream at element {STOP * local} = step {STOP} x local batch "
                     f"{local} (each saved state was at element {STOP * cfg.train.batch_size // first}")
         assert expected in case["logs"], case["logs"][-4000:]
-        # A fresh iterator of process i of n (the seed of phase 0: kairos_jax.train._phase_seed).
+        # A fresh iterator of process i of n (the seed of phase 0: kairos_jax.training.loop._phase_seed).
         it = iter(build_dataset(cfg.data, cfg.phases[PHASE], seed=cfg.seed * 1000, batch_size=local,
                                 process_index=i, process_count=n))
         fresh = [next(it) for _ in range(STEPS)]

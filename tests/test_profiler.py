@@ -4,7 +4,7 @@ import glob
 import json
 import os
 
-from kairos_jax.train import train_curriculum
+from kairos_jax.training.loop import train_curriculum
 from tests.test_train import loop_config
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kairos_jax import diffusion, trainer
-from kairos_jax.config import ConfigError
+from kairos_jax.config import ConfigError, validate
+from kairos_jax.model import diffusion
 from kairos_jax.model.text import PrecomputedTextEncoder, batch_text, drop_text, null_text
 from kairos_jax.model.world_model import ReadoutHeads
-from kairos_jax.sampling import validate_world_action_config
+from kairos_jax.training import step as trainer
 from tests.conftest import synthetic_batch, tiny_config
 from tests.test_streaming import random_model
 
@@ -133,13 +133,13 @@ def test_model_with_precomputed_text_reads_only_unmasked_embeddings():
 ])
 def test_validate_world_action_config_names_the_field(field, value, match):
     cfg = tiny_config()
-    validate_world_action_config(cfg)
+    validate(cfg)
     if field == "model.text_embedding_dim":
         cfg.model.text_encoder = "precomputed"
     section, name = field.split(".")
     cfg[section][name] = value
     with pytest.raises(ConfigError, match=match):
-        validate_world_action_config(cfg)
+        validate(cfg)
 
 
 def test_readout_losses_are_absent_without_labels():

@@ -1,5 +1,6 @@
-"""Rollout CLI: image metrics against hand-derived values and a brute-force oracle, checkpoint
-discovery and restore for every layout `make train` writes, and an end-to-end run on shards."""
+"""Rollout: image metrics against hand-derived values and a brute-force oracle, checkpoint discovery
+and restore for every layout `make train` writes, the CLI end to end on shards, and the closed loop
+on every simulated robot."""
 
 import json
 import os
@@ -11,28 +12,40 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipelines.pipeline import patchify
+from data_pipelines.pipeline import episode_clip, patchify, unpatchify
 from data_pipelines.shards import write_episodes
-from kairos_jax import checkpointing, rollout
+from kairos_jax import cli
+from kairos_jax import rollout as rollout_cli
+from kairos_jax.inference import quality
+from kairos_jax.inference.checkpoints import CheckpointError, find_checkpoint, load_config, load_model
+from kairos_jax.inference.rollout import RolloutError, closed_loop, control_recorders, make_engine
+from kairos_jax.training import checkpointing
 from tests.conftest import tiny_config
 from tests.data.synthetic import make_episode
 from tests.test_streaming import random_model
 
 
+def run_cli(argv):
+    """`python -m kairos_jax.rollout ARGV` in this process; returns the exit status."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(rollout_cli.main, ["rollout"] + argv)
+    return e.value.code or 0
+
+
 def test_psnr_by_hand():
     a = np.full((4, 4, 3), 100, np.uint8)
-    assert rollout.psnr(a, a) == float("inf")
-    np.testing.assert_allclose(rollout.psnr(a, a + 5), 20 * np.log10(255 / 5))
+    assert quality.psnr(a, a) == float("inf")
+    np.testing.assert_allclose(quality.psnr(a, a + 5), 20 * np.log10(255 / 5))
 
 
 def test_ssim_of_constant_images_by_hand():
     """Constant images: variances and covariance vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1)."""
     c1 = (0.01 * 255) ** 2
     a, b = 60.0, 200.0
-    got = rollout.ssim(np.full((16, 16), a), np.full((16, 16), b))
+    got = quality.ssim(np.full((16, 16), a), np.full((16, 16), b))
     np.testing.assert_allclose(got, (2 * a * b + c1) / (a * a + b * b + c1), rtol=1e-9)
     x = np.random.default_rng(0).integers(0, 256, (16, 16, 3))
-    np.testing.assert_allclose(rollout.ssim(x, x), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(quality.ssim(x, x), 1.0, rtol=1e-12)
 
 
 def test_ssim_against_brute_force_windows():
@@ -50,13 +63,13 @@ def test_ssim_against_brute_force_windows():
             vx, vy = np.sum(w * (px - mx) ** 2), np.sum(w * (py - my) ** 2)
             cxy = np.sum(w * (px - mx) * (py - my))
             vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
-    np.testing.assert_allclose(rollout.ssim(x, y), np.mean(vals), rtol=1e-9)
+    np.testing.assert_allclose(quality.ssim(x, y), np.mean(vals), rtol=1e-9)
 
 
 def test_unpatchify_inverts_the_pipeline():
     frames = np.random.default_rng(2).integers(0, 256, (3, 8, 8, 3)).astype(np.float32)
     video = patchify(frames, 4) / 127.5 - 1.0
-    np.testing.assert_array_equal(rollout.unpatchify(video, 8, 4, 3), frames.astype(np.uint8))
+    np.testing.assert_array_equal(unpatchify(video, 8, 4, 3), frames.astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -86,53 +99,63 @@ def run(tmp_path_factory):
 def test_checkpoint_layouts_resolve_and_restore_the_saved_parameters(run):
     workdir = run["workdir"]
     for path in (workdir, workdir / "phase3_robot", workdir / "phase3_robot" / "checkpoints"):
-        ref = rollout.find_checkpoint(str(path))
+        ref = find_checkpoint(str(path))
         assert ref.kind == "phase" and ref.step == 7 and ref.config_path == str(workdir / "config.json")
-    ref = rollout.find_checkpoint(str(workdir))
-    cfg = rollout.load_config(ref.config_path)
+    ref = find_checkpoint(str(workdir))
+    cfg = load_config(ref)
     assert tuple(cfg.model.pattern) == ("swa", "gdn") and cfg.model.depth == 2
-    restored = nnx.to_pure_dict(nnx.state(rollout.load_model(ref, cfg), nnx.Param))
+    restored = nnx.to_pure_dict(nnx.state(load_model(ref, cfg), nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, restored, run["params"])
     # The export is preferred once it exists; the export folder resolves by itself too.
     checkpointing.export_params(str(workdir / "export"), run["params"], run["cfg"].to_json_best_effort())
     for path in (workdir, workdir / "export"):
-        ref = rollout.find_checkpoint(str(path))
+        ref = find_checkpoint(str(path))
         assert ref.kind == "export" and ref.path == str(workdir / "export")
-    restored = nnx.to_pure_dict(nnx.state(rollout.load_model(ref, cfg), nnx.Param))
+    restored = nnx.to_pure_dict(nnx.state(load_model(ref, cfg), nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, restored, run["params"])
-    with pytest.raises(rollout.RolloutError, match="neither an export folder"):
-        rollout.find_checkpoint(str(run["root"] / "data"))
+    with pytest.raises(CheckpointError, match="neither an export folder"):
+        find_checkpoint(str(run["root"] / "data"))
     os.makedirs(workdir / "phase2_human" / "checkpoints")
-    with pytest.raises(rollout.RolloutError, match="no export and no finished checkpoint"):
-        rollout.find_checkpoint(str(workdir / "phase2_human"))
+    with pytest.raises(CheckpointError, match="no export and no finished checkpoint"):
+        find_checkpoint(str(workdir / "phase2_human"))
+
+
+def test_a_config_saved_before_the_x0_head_loads_the_velocity_model(tmp_path, run):
+    saved = json.loads(run["cfg"].to_json_best_effort())
+    del saved["model"]["prediction"], saved["model"]["spatial_rope"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    from kairos_jax.config import load_saved_config
+
+    old = load_saved_config(str(tmp_path / "config.json"))
+    assert old.model.prediction == "velocity" and old.model.spatial_rope is False
+    assert load_saved_config(str(run["workdir"] / "config.json")).model.prediction == "x0"
 
 
 def test_cli_simulate_and_policy_end_to_end(run, capsys):
-    pytest.importorskip("PIL")
     import av
     from PIL import Image
 
     out = run["root"] / "out"
-    code = rollout.main([f"--checkpoint={run['workdir']}", "--mode=simulate", "--steps=3", "--context=2",
-                         f"--out={out / 'sim.mp4'}", f"--data_root={run['root'] / 'data'}"])
-    assert code == 0
+    assert run_cli([f"--checkpoint={run['workdir']}", "--mode=simulate", "--steps=3", "--context=2",
+                    f"--out={out / 'sim.mp4'}", f"--data_root={run['root'] / 'data'}"]) == 0
     with av.open(str(out / "sim.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (8 * 4, (8 + 2 + 8) * 4, 3)
     # Left: the ground truth, i.e. the last episode's frames at the block stride, as the model sees them.
     ep = run["episodes"][-1]
-    truth = rollout.load_episode_clip(run["cfg"], str(run["root"] / "data"), "reacher", None, 5).frames
+    truth = episode_clip(run["cfg"].data, "reacher", None, num_blocks=5, root=str(run["root"] / "data")).frames
     np.testing.assert_array_equal(truth[0], ep.frames[0].reshape(8, 2, 8, 2, 3).mean((1, 3)).round())
     for f, t in zip(frames, truth):
         assert np.abs(f[:, :32].astype(float) - t.repeat(4, 0).repeat(4, 1)).mean() < 6
     metrics = json.loads((out / "sim_metrics.json").read_text())
     assert metrics["episode"] == "ep2" and [r["block"] for r in metrics["per_step"]] == [2, 3, 4]
     assert all(-1 <= r["ssim"] <= 1 and r["psnr"] > 0 for r in metrics["per_step"])
+    np.testing.assert_allclose([r["copy_last_psnr"] for r in metrics["per_step"]],
+                               [quality.psnr(t, truth[1]) for t in truth[2:]])
     assert Image.open(out / "sim_metrics.png").size[0] == 640
 
-    code = rollout.main([f"--checkpoint={run['workdir']}", "--mode=policy", "--steps=2", "--context=2",
-                         "--episode=ep1", f"--out={out / 'policy'}", f"--data_root={run['root'] / 'data'}"])
-    assert code == 0
+    assert run_cli([f"--checkpoint={run['workdir']}", "--mode=policy", "--steps=2", "--context=2",
+                    "--episode=ep1", f"--out={out / 'policy'}", f"--data_root={run['root'] / 'data'}"]) == 0
     report = json.loads((out / "policy_actions.json").read_text())
     true = np.asarray(report["true"])
     # block t holds a_{t-1} = actions[f_t - k : f_t], f_t = k t (k = 2)
@@ -140,18 +163,22 @@ def test_cli_simulate_and_policy_end_to_end(run, capsys):
     pred = np.asarray(report["predicted"])
     assert pred.shape == (2, 2, 2) and np.all(np.isfinite(pred))
     np.testing.assert_allclose(report["mse"], np.mean((pred - true) ** 2), rtol=1e-5)
-    assert "block 3: predicted" in capsys.readouterr().out
-    assert rollout.main([f"--checkpoint={run['workdir']}", "--steps=50", f"--out={out / 'x.mp4'}",
-                         f"--data_root={run['root'] / 'data'}"]) == 2
+    capsys.readouterr()
+    assert run_cli([f"--checkpoint={run['workdir']}", "--steps=50", f"--out={out / 'x.mp4'}",
+                    f"--data_root={run['root'] / 'data'}"]) == 2
     assert "at most 12 blocks" in capsys.readouterr().err      # 24 frames, stride k = 2
+    assert run_cli([f"--checkpoint={run['workdir']}", "--steps=2", "--mode=dream", f"--out={out / 'x.mp4'}"]) == 2
+    assert "--mode=dream" in capsys.readouterr().err
+    assert run_cli(["--steps=2", f"--out={out / 'x.mp4'}"]) == 2
+    assert "--checkpoint is required" in capsys.readouterr().err
+    assert run_cli([f"--checkpoint={run['workdir']}", "--steps=two"]) == 2        # absl's own parse error
+    assert "--steps" in capsys.readouterr().err
 
 
 def replay(embodiment, actions, seed):
     """The metric trace of the same scene driven open-loop by the given actions: the closed loop's
     log must be what actually drove the simulator."""
-    from kairos_jax.rollout import _control_recorders
-
-    with _control_recorders()[embodiment](64) as env:
+    with control_recorders()[embodiment](64) as env:
         env.reset_control(np.random.default_rng(seed))
         trace = []
         for a in actions:
@@ -160,13 +187,16 @@ def replay(embodiment, actions, seed):
     return np.asarray(trace)
 
 
+def engine_of(model, cfg):
+    return make_engine(model, cfg, num_steps=2, shift=1.0, guidance_scale=1.0)
+
+
 def test_closed_loop_policy_drives_the_reacher(run):
     """observation -> policy action chunk -> k environment steps -> next observation, committed."""
     pytest.importorskip("dm_control")
     cfg = run["cfg"]
     model = random_model(cfg, seed=5, scale=0.2)
-    result = rollout.closed_loop(model, cfg, str(run["root"] / "data"), "reacher", blocks=2, num_steps=2,
-                                 shift=1.0, guidance_scale=None, seed=0)
+    result = closed_loop(engine_of(model, cfg), cfg, str(run["root"] / "data"), "reacher", blocks=2, seed=0)
     k = cfg.data.action_chunk
     assert result["embodiment"] == "reacher" and result["metric_name"] == "fingertip_target_distance"
     assert result["frames"].shape == (3, 64, 64, 3) and result["frames"].dtype == np.uint8
@@ -175,8 +205,8 @@ def test_closed_loop_policy_drives_the_reacher(run):
     assert np.abs(result["frames"][0].astype(int) - result["frames"][-1]).max() > 0    # the arm moved
     np.testing.assert_allclose(replay("reacher", result["actions"], 0), result["metric"], rtol=1e-9)
     out = run["root"] / "out" / "loop.mp4"
-    assert rollout.main([f"--checkpoint={run['workdir']}", "--mode=closed_loop", "--steps=2", f"--out={out}",
-                         f"--data_root={run['root'] / 'data'}", "--num_steps=2"]) == 0
+    assert run_cli([f"--checkpoint={run['workdir']}", "--mode=closed_loop", "--steps=2", f"--out={out}",
+                    f"--data_root={run['root'] / 'data'}", "--num_steps=2"]) == 0
     report = json.loads((run["root"] / "out" / "loop_closed_loop.json").read_text())
     assert report["embodiment"] == "reacher"
     assert len(report["actions"]) == len(report["fingertip_target_distance"]) == 2 * k
@@ -193,6 +223,7 @@ def test_closed_loop_drives_the_pusher_and_the_cheetah(tmp_path, embodiment, met
     width is too small for the robot is refused by name."""
     pytest.importorskip("dm_control")
     from data_pipelines.embodiments import DEFAULT_REGISTRY
+    from data_pipelines.pipeline import ConfigError
 
     emb = DEFAULT_REGISTRY.get(embodiment)
     r = np.random.default_rng(1)
@@ -200,35 +231,30 @@ def test_closed_loop_drives_the_pusher_and_the_cheetah(tmp_path, embodiment, met
                              proprio_dim=emb.proprio_dim, episode_id=f"ep{i}") for i in range(3)]
     write_episodes(str(tmp_path / embodiment), embodiment, episodes)
     cfg = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
-    cfg.data.update(dict(action_dim=emb.action_dim, num_embodiments=8))   # ids: pusher 4, cheetah 3
+    cfg.data.update(dict(action_dim=emb.action_dim, proprio_dim=emb.proprio_dim, num_embodiments=8))  # ids 4, 3
     model = random_model(cfg, seed=5, scale=0.2)
-    result = rollout.closed_loop(model, cfg, str(tmp_path), embodiment, blocks=2, num_steps=2, shift=1.0,
-                                 guidance_scale=None, seed=3)
+    result = closed_loop(engine_of(model, cfg), cfg, str(tmp_path), embodiment, blocks=2, seed=3)
     k = cfg.data.action_chunk
     assert result["embodiment"] == embodiment and result["metric_name"] == metric
     assert result["frames"].shape == (3, 64, 64, 3) and result["actions"].shape == (2 * k, emb.action_dim)
     assert np.all(np.isfinite(result["metric"])) and result["metric"].shape == (2 * k,)
     np.testing.assert_allclose(replay(embodiment, result["actions"], 3), result["metric"], rtol=1e-9)
+    small = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
+    small_engine = engine_of(random_model(small, seed=5, scale=0.2), small)
     if embodiment == "pusher":
         from data_pipelines.sim.pusher import PusherRecorder
 
         with PusherRecorder(16) as env:
             lo, hi = env.model.actuator_ctrlrange.T.copy()
         assert np.all(result["actions"] >= lo) and np.all(result["actions"] <= hi)
-    if embodiment == "cheetah":
-        assert np.all(np.abs(result["actions"]) <= 1.0)
-        small = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)   # action_dim 3 < 6
-        with pytest.raises(rollout.RolloutError, match="cheetah has 6 action dims"):
-            rollout.closed_loop(random_model(small, seed=5, scale=0.2), small, str(tmp_path), embodiment,
-                                blocks=1, num_steps=1, shift=1.0, guidance_scale=None, seed=0)
-    else:
         # the pusher's id (4) is past a 4-row embodiment table: refused, not a NaN policy
-        small = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
-        with pytest.raises(rollout.RolloutError, match="num_embodiments=4"):
-            rollout.closed_loop(random_model(small, seed=5, scale=0.2), small, str(tmp_path), embodiment,
-                                blocks=1, num_steps=1, shift=1.0, guidance_scale=None, seed=0)
+        with pytest.raises(ConfigError, match="num_embodiments=4"):
+            closed_loop(small_engine, small, str(tmp_path), embodiment, blocks=1, seed=0)
         latent = cfg.copy_and_resolve_references()
         latent.data.channels = 16                     # a model trained on VAE latents, not RGB frames
-        with pytest.raises(rollout.RolloutError, match="16-channel inputs"):
-            rollout.closed_loop(None, latent, str(tmp_path), embodiment, blocks=1, num_steps=1, shift=1.0,
-                                guidance_scale=None, seed=0)
+        with pytest.raises(RolloutError, match="16-channel inputs"):
+            closed_loop(None, latent, str(tmp_path), embodiment, blocks=1, seed=0)
+    else:
+        assert np.all(np.abs(result["actions"]) <= 1.0)
+        with pytest.raises(ConfigError, match="cheetah has 6 action dims"):     # action_dim 3 < 6
+            closed_loop(small_engine, small, str(tmp_path), embodiment, blocks=1, seed=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kairos_jax import sampling
+from kairos_jax.inference import sampling
 from kairos_jax.model.world_model import WorldModelOutput
 from tests.conftest import synthetic_batch, tiny_config
 from tests.test_streaming import random_model
@@ -112,7 +112,7 @@ def test_guidance_extrapolates_the_conditional_target_and_scale_one_is_condition
     np.testing.assert_allclose(one, cond, atol=1e-5)
 
 
-# Expected noise levels per block of a (num_context = 2, T = 4) clip, from the DESIGN table; "s" is
+# Expected noise levels per block of a (num_context = 2, T = 4) clip, from the table of docs/architecture.md §2; "s" is
 # the sampler's current sigma. Block 0 of the actions is unknown in the context below.
 PLANS = {
     "policy": (["x", 0, "s", "s"], [0, 0, 1, 1]),

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from kairos_jax.sharding import logical_to_mesh_spec, mesh_shape
+from kairos_jax.parallel.sharding import logical_to_mesh_spec, mesh_shape
 from tests.conftest import tiny_config
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kairos_jax import sampling, streaming
+from kairos_jax.inference import sampling, streaming
+from kairos_jax.inference.streaming import StreamingEngine, cache_bytes
 from kairos_jax.model import KairosWorldModel
 from kairos_jax.model.text import null_text
-from kairos_jax.streaming import StreamingEngine, cache_bytes
 from tests.conftest import synthetic_batch, tiny_config
 
 RTOL = 1e-4
@@ -212,10 +212,10 @@ def test_full_attention_cache_doubles_and_keeps_its_blocks():
 
 @pytest.mark.slow
 def test_exported_step_gives_the_engine_outputs(tmp_path):
-    """jax.export of start and step (kairos_jax.serving): serialised, loaded, called with the same
+    """jax.export of start and step (kairos_jax.inference.export): serialised, loaded, called with the same
     inputs, equal to the engine (and the state it returns keeps the engine's layout)."""
     pytest.importorskip("flatbuffers")
-    from kairos_jax.serving import ExportedRollout, param_leaves
+    from kairos_jax.inference.export import ExportedRollout, param_leaves
 
     cfg = tiny_config(pattern=("swa", "swa", "dswa", "gdn"), depth=4, scan_layers=True, window=3, dilation=2)
     model = random_model(cfg, seed=4)

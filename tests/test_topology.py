@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from kairos_jax import aot
+from kairos_jax.scaling import aot
 
 
 @pytest.mark.parametrize("name, want", [

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from kairos_jax import checkpointing, train
+from kairos_jax.training import checkpointing
+from kairos_jax.training import loop as train
 from tests.conftest import tiny_config
 
 
@@ -51,8 +52,8 @@ def losses(workdir, phase):
 
 
 def final_params(cfg, workdir):
-    from kairos_jax.sharding import create_mesh
-    from kairos_jax.trainer import build_model_setup
+    from kairos_jax.parallel.sharding import create_mesh
+    from kairos_jax.training.step import build_model_setup
 
     setup = build_model_setup(cfg, create_mesh(cfg.mesh))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -114,8 +115,8 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_pat
 def test_second_phase_starts_from_first_phase_params(uninterrupted):
     """Phase 2 continues from phase 1's final weights: its first update has learning rate 0 (warm-up
     starts at 0), so its step-1 checkpoint holds exactly phase 1's final parameters."""
-    from kairos_jax.sharding import create_mesh
-    from kairos_jax.trainer import abstract_train_state, build_model_setup, make_optimizer
+    from kairos_jax.parallel.sharding import create_mesh
+    from kairos_jax.training.step import abstract_train_state, build_model_setup, make_optimizer
 
     cfg, workdir = uninterrupted
     setup = build_model_setup(cfg, create_mesh(cfg.mesh))
@@ -139,8 +140,8 @@ def test_second_phase_starts_from_first_phase_params(uninterrupted):
 def test_a_non_finite_step_is_skipped_counted_and_changes_nothing(tiny_cfg):
     """A batch that makes the loss NaN: the step leaves parameters and optimizer state bitwise as
     they were, advances the step, and reports skipped=1; the next good batch trains as usual."""
-    from kairos_jax import trainer
-    from kairos_jax.sharding import create_mesh
+    from kairos_jax.parallel.sharding import create_mesh
+    from kairos_jax.training import step as trainer
     from tests.conftest import synthetic_batch
 
     setup = trainer.build_model_setup(tiny_cfg, create_mesh(tiny_cfg.mesh))
@@ -167,7 +168,7 @@ def test_a_non_finite_step_is_skipped_counted_and_changes_nothing(tiny_cfg):
 def test_too_many_non_finite_steps_stop_the_run(tiny_data_dir, tmp_path, monkeypatch):
     """Batches 2 and 3 of phase 1 poisoned: with max_skipped_steps=2 the run completes and logs
     them as skipped; with 1 it stops with TrainingDiverged, after the phase's last good checkpoint."""
-    from kairos_jax import trainer
+    from kairos_jax.training import step as trainer
 
     real, calls = trainer.global_batch, {"n": 0}
 

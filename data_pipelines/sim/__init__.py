@@ -1,4 +1,4 @@
-"""Real local data: MuJoCo / dm_control scenes recorded as episodes (DESIGN section 5).
+"""Real local data: MuJoCo / dm_control scenes recorded as episodes (docs/architecture.md §5).
 
 One module per source, each with a `Recorder` that owns a simulator and an offscreen renderer and
 records one `Episode` per call from a numpy Generator (so a run is reproducible from its seed):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kairos_jax.sharding import constrain
+from kairos_jax.parallel.sharding import constrain
 
 
 def _param(rngs: nnx.Rngs, shape, axes, param_dtype, *, std: float | None = None, value=None):

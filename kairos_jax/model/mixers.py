@@ -1,4 +1,4 @@
-"""Token mixers of Hybrid Linear Temporal Attention (DESIGN section 3), in Mixture-of-Transformers
+"""Token mixers of Hybrid Linear Temporal Attention (docs/architecture.md §3), in Mixture-of-Transformers
 form: every modality has its own q/k/v/o projections and norms; the mixer runs over all tokens of
 the sequence together, laid out block by block as [action tokens | video tokens].
 
@@ -6,7 +6,7 @@ Streams are tuples with one array per modality, each [B, T, S_m, W_m] (T step bl
 modality m per block, W_m that expert's width). The fast ops come from `pallas_kernels`.
 
 Every mixer also has a streaming form, `step(streams, position, cache)`, for one new block (T = 1)
-against a fixed-size cache of the committed blocks (DESIGN section 7): it returns the block's output
+against a fixed-size cache of the committed blocks (docs/architecture.md §7): it returns the block's output
 and the cache with the block committed (the caller keeps or drops that second result). Caches:
 
     swa / dswa  ring buffers k, v [B, C, S, H, D] of the last C = (W - 1) * d committed blocks
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from kairos_jax import context_parallel
 from kairos_jax.model.attention import masked_attention
 from kairos_jax.model.layers import Linear, RMSNorm, _param, rope
-from kairos_jax.sharding import constrain
+from kairos_jax.parallel import context_parallel
+from kairos_jax.parallel.sharding import constrain
 
 MIXERS = ("swa", "dswa", "gdn", "full")
 

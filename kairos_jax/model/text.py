@@ -28,7 +28,7 @@ from flax import nnx
 
 from kairos_jax.model.attention import masked_attention
 from kairos_jax.model.layers import MLP, Linear, RMSNorm, _param
-from kairos_jax.sharding import constrain
+from kairos_jax.parallel.sharding import constrain
 
 BYTE_VOCAB = 257  # 0 = padding, 1..256 = byte value + 1
 

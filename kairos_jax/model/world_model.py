@@ -1,4 +1,4 @@
-"""The Kairos world model: a Mixture-of-Transformers over step blocks (DESIGN section 2).
+"""The Kairos world model: a Mixture-of-Transformers over step blocks (docs/architecture.md §2).
 
 A sample is a sequence of T step blocks; block t holds [a_{t-1} (k action tokens) | o_t (N video
 patches)]. Each modality has its own expert (embedding, norms, adaLN, attention projections, FFN);
@@ -8,7 +8,7 @@ signal x0 of both modalities (or, with model.prediction="velocity", the rectifie
 eps - x0; each output carries both, the other derived from x_sigma and sigma), and readouts of each block's state
 (proprioception and task progress) from its final hidden states.
 
-Training runs `__call__` over whole clips. Streaming rollout (DESIGN section 7) runs the same
+Training runs `__call__` over whole clips. Streaming rollout (docs/architecture.md §7) runs the same
 layers one block at a time: `init_cache` builds fixed-size per-layer caches (window K/V ring
 buffers, GDN state and conv history, the text keys/values of every layer's cross-attention) and
 `step_block` runs one block against them, returning the cache with that block committed.
@@ -27,7 +27,7 @@ from kairos_jax.model.attention import masked_attention
 from kairos_jax.model.layers import MLP, Linear, RMSNorm, _param, timestep_embedding
 from kairos_jax.model.mixers import GatedDeltaMixer, make_mixer
 from kairos_jax.model.text import PrecomputedTextEncoder, UnderstandingExpert
-from kairos_jax.sharding import constrain
+from kairos_jax.parallel.sharding import constrain
 
 MODALITIES = ("action", "video")  # order of the tokens inside every step block
 ACTION, VIDEO = 0, 1

@@ -108,7 +108,7 @@ def _banded_forward(q, k, v, valid, tile, block_size, window, scale):
         else:
             # a band: the span tiles before it, a static trip count (tiles before the first are
             # masked out). A loop of known length lowers to a scan, which FLOP counters
-            # (kairos_jax.metrics.matmul_flops) and XLA's scheduler see whole.
+            # (kairos_jax.training.metrics.matmul_flops) and XLA's scheduler see whole.
             m, l, acc = jax.lax.fori_loop(
                 0, span, lambda t, c: visit(jnp.maximum(I - 1 - t, 0), c, I - 1 - t >= 0), (m, l, acc))
         return acc / l[..., None], m + jnp.log(l)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.embodiments import DEFAULT_REGISTRY
-from data_pipelines.pipeline import BATCH_KEYS, DataConfigError, build_dataset
+from data_pipelines.pipeline import ConfigError, batch_spec, build_dataset
 from data_pipelines.shards import open_source, write_episodes
 from experiments import base
 from tests.data.synthetic import make_episode
@@ -146,7 +146,8 @@ def test_batch_contract_shapes_dtypes_and_values(tiny_data_dir, raw):
             "proprio": ((8, T, 32), np.float32), "proprio_mask": ((8, T), np.float32),
             "proprio_dim_mask": ((8, 32), np.float32), "embodiment_id": ((8,), np.int32),
             "source_id": ((8,), np.int32), "text": ((8, 64), np.int32), "progress": ((8, T), np.float32)}
-    assert set(BATCH_KEYS) == set(want)
+    contract = batch_spec(cfg, 8)        # the written contract says the same, key by key
+    assert {k: (f.shape, np.dtype(f.dtype)) for k, f in contract.items()} == want
     seen = set()
     for batch in batches:
         assert set(batch) == set(want)
@@ -266,7 +267,7 @@ def test_short_episodes_are_skipped_with_one_log_line(tmp_path, rng, caplog):
     assert len(lines) == 1 and "skipping 1 of 3 episodes" in lines[0] and "e5" in lines[0]
     assert batch["video"].shape == (4, 4, 4, 192)
     cfg.num_blocks = 20
-    with pytest.raises(DataConfigError, match="source 'reacher': 0 episodes of at least 60 frames"):
+    with pytest.raises(ConfigError, match="source 'reacher': 0 episodes of at least 60 frames"):
         build_dataset(cfg, _phase(reacher=1.0), seed=0, batch_size=4)
 
 
@@ -296,23 +297,23 @@ def test_build_time_errors_are_clear(tmp_path, rng, setup, phase, message):
     write_episodes(os.path.join(root, "reacher"), "reacher", [make_episode(rng, T=40, hw=(16, 16))])
     setup(root)
     end = phase.pop("end", None)
-    with pytest.raises(DataConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         build_dataset(_cfg(root, image_size=16), _phase(end=end, **phase), seed=0, batch_size=2)
 
 
 def test_source_without_shards_and_oversized_embodiment_are_errors(tmp_path, rng):
     root = tmp_path / "root"
     write_episodes(str(root / "reacher"), "reacher", [make_episode(rng, action_dim=5)])   # all skipped
-    with pytest.raises(DataConfigError, match="source 'reacher': .*no shards"):
+    with pytest.raises(ConfigError, match="source 'reacher': .*no shards"):
         build_dataset(_cfg(str(root)), _phase(reacher=1.0), seed=0, batch_size=2)
     write_episodes(str(root / "cheetah"), "cheetah",
                    [make_episode(rng, T=40, embodiment="cheetah", action_dim=6, proprio_dim=17)])
-    with pytest.raises(DataConfigError, match="embodiment cheetah has 6 action dims but data.action_dim=4"):
+    with pytest.raises(ConfigError, match="embodiment cheetah has 6 action dims but data.action_dim=4"):
         build_dataset(_cfg(str(root), action_dim=4), _phase(cheetah=1.0), seed=0, batch_size=2)
     # cheetah's id is 3: a 3-row embodiment table would index past its end (a NaN adapter)
-    with pytest.raises(DataConfigError, match="embodiment cheetah has id 3 but .*num_embodiments=3 rows"):
+    with pytest.raises(ConfigError, match="embodiment cheetah has id 3 but .*num_embodiments=3 rows"):
         build_dataset(_cfg(str(root), num_embodiments=3), _phase(cheetah=1.0), seed=0, batch_size=2)
-    with pytest.raises(DataConfigError, match="image_size=30 is not a multiple of data.patch_size=8"):
+    with pytest.raises(ConfigError, match="data.image_size=30 is invalid: must be a multiple of data.patch_size=8"):
         build_dataset(_cfg(str(root), image_size=30), _phase(cheetah=1.0), seed=0, batch_size=2)
 
 
@@ -335,7 +336,7 @@ def test_latent_episodes_are_patchified_as_stored(tmp_path, rng):
                     want = frame[4 * r:4 * r + 4, 4 * c:4 * c + 4].reshape(-1)
                     np.testing.assert_array_equal(batch["video"][b, t, 2 * r + c], want)
     bad = _cfg(str(tmp_path), image_size=16, patch_size=4, channels=4)
-    with pytest.raises(DataConfigError, match="latents are 8x8x4; set data.image_size=8"):
+    with pytest.raises(ConfigError, match="latents are 8x8x4; set data.image_size=8"):
         build_dataset(bad, _phase(lat=1.0), seed=0, batch_size=2)
 
 
@@ -372,7 +373,7 @@ def test_rectangular_latents_need_image_width_and_are_patchified_row_major(tmp_p
                  embodiment="passive_camera", fps=10.0, source="lat", episode_id="w0")
     write_episodes(str(tmp_path / "lat"), "lat", [ep])
     square = _cfg(str(tmp_path), image_size=4, patch_size=2, channels=2, num_blocks=2, action_chunk=2)
-    with pytest.raises(DataConfigError, match="latents are 4x8x2; set data.image_size=4, data.image_width=8"):
+    with pytest.raises(ConfigError, match="latents are 4x8x2; set data.image_size=4, data.image_width=8"):
         build_dataset(square, _phase(lat=1.0), seed=0, batch_size=1)
     cfg = _cfg(str(tmp_path), image_size=4, image_width=8, patch_size=2, channels=2, num_blocks=2, action_chunk=2)
     batch = next(iter(build_dataset(cfg, _phase(lat=1.0), seed=0, batch_size=1)))

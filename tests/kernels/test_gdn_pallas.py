@@ -1,7 +1,7 @@
 """Pallas gated delta rule kernels (interpret mode on CPU) against the reference recurrence.
 
 Both backends' kernels run here: "tpu" (Mosaic kernels) and "gpu" (Triton kernels), interpreted.
-Tolerances (issue 3): ||out - ref|| / ||ref|| <= 1e-5 forward in float32, <= 1e-4 for every
+Tolerances: ||out - ref|| / ||ref|| <= 1e-5 forward in float32, <= 1e-4 for every
 gradient against the float64 reference.
 """
 

@@ -1,6 +1,6 @@
 """Pallas gated linear attention kernels (interpret mode on CPU) against the reference recurrence.
 
-Tolerances (issue 3): forward <= 1e-5 in float32, every gradient <= 1e-4 against float64.
+Tolerances: forward <= 1e-5 in float32, every gradient <= 1e-4 against float64.
 """
 
 import jax.numpy as jnp

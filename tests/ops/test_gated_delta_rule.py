@@ -1,5 +1,5 @@
 """Gated delta rule: chunked and auto paths against float64 oracles, the WY inverse, decoding, and the
-error-accumulation bound of DESIGN section 3 as property tests."""
+error-accumulation bound of docs/architecture.md §3 as property tests."""
 
 import importlib
 
@@ -46,7 +46,7 @@ def reference64(x, **kw):
 
 
 def numpy_oracle(q, k, v, g, beta, initial_state, scale):
-    """The recurrence of DESIGN section 3 written out token by token in float64 numpy."""
+    """The recurrence of docs/architecture.md §3 written out token by token in float64 numpy."""
     S = initial_state.copy()
     o = np.zeros(v.shape)
     for t in range(q.shape[1]):
@@ -187,7 +187,7 @@ def test_bad_inputs_are_rejected_with_the_argument_name():
         gated_delta_rule(**x, impl="fast")
 
 
-# --- DESIGN section 3: with ||k_t|| = 1 and beta_t in (0, 1], each transition
+# --- docs/architecture.md §3: with ||k_t|| = 1 and beta_t in (0, 1], each transition
 # S -> alpha_t (I - beta_t k_t k_t^T) S has spectral norm <= alpha_t.
 
 _property = hypothesis.settings(max_examples=30, deadline=None, derandomize=True)

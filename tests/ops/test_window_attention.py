@@ -1,5 +1,5 @@
 """Block-causal SWA / DSWA / full attention: the banded chunked path against float64 oracles, the window
-semantics of DESIGN section 3, and streaming one block at a time through a ring-buffer cache."""
+semantics of docs/architecture.md §3, and streaming one block at a time through a ring-buffer cache."""
 
 import importlib
 
@@ -94,7 +94,7 @@ def test_window_semantics():
     for impl in ("chunked", "reference"):
         wide = window_attention(*xf, block_size=BS, window=7, impl=impl)
         assert rel(wide, full) <= 1e-5, impl
-    # dilation 1 is SWA as defined in DESIGN section 3: i - W < j <= i
+    # dilation 1 is SWA as defined in docs/architecture.md §3: i - W < j <= i
     sw = window_attention(*xf, block_size=BS, window=3, dilation=1, impl="chunked")
     assert rel(sw, numpy_oracle(*x, swa(3))) <= 1e-5
     # window 1: each block attends only to itself (bidirectionally)
@@ -173,10 +173,10 @@ def test_chunked_memory_grows_linearly_in_sequence_length():
 
 
 def test_flop_count_sees_every_window_tile_forward_and_backward():
-    """The band loops have static trip counts, so kairos_jax.metrics.matmul_flops (the MFU and AOT
+    """The band loops have static trip counts, so kairos_jax.training.metrics.matmul_flops (the MFU and AOT
     FLOP count) counts every visited tile: forward n (span + 1) tile pairs of QK^T and PV; the
     backward recomputes QK^T (P from the saved log-sum-exp) and adds dP = dO V^T, dQ, dK, dV."""
-    from kairos_jax.metrics import matmul_flops
+    from kairos_jax.training.metrics import matmul_flops
     from pallas_kernels.window_attention.chunked import window_attention_chunked
 
     B, T, H, D, bs, tile, window = 1, 512, 2, 16, 32, 64, 4

@@ -1,8 +1,6 @@
-"""The streaming rollout exported for serving with `jax.export` (DESIGN sections 6 and 7).
-
-    python -m kairos_jax.serving --checkpoint=runs/embedded --out=runs/embedded/served --modes=policy,simulate
-
-writes into --out
+"""The streaming rollout exported for serving with `jax.export` (docs/architecture.md, "Running the
+world"). The command line is `python -m kairos_jax.export` (kairos_jax/export.py); an export folder
+holds
 
     start.jax_export         (params, text, embodiment_id, action_dim_mask) -> state
     step_<mode>.jax_export   (params, state, key, video, actions) -> (state, video, actions)
@@ -19,17 +17,15 @@ any length.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from kairos_jax.sampling import resolve_mode
-from kairos_jax.streaming import StreamingEngine
+from kairos_jax.inference.sampling import resolve_mode
+from kairos_jax.inference.streaming import StreamingEngine
 
 MANIFEST = "manifest.json"
 
@@ -132,30 +128,3 @@ class ExportedRollout:
 def param_leaves(model) -> list:
     """The model's parameters in the exported functions' argument order."""
     return jax.tree.leaves(nnx.split(model)[1])
-
-
-def main(argv=None) -> None:
-    from kairos_jax.rollout import find_checkpoint, load_config, load_model
-
-    parser = argparse.ArgumentParser(prog="python -m kairos_jax.serving", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="workdir, phase folder or export folder")
-    parser.add_argument("--out", required=True, help="folder for the exported functions")
-    parser.add_argument("--modes", default="policy,simulate")
-    parser.add_argument("--batch_size", type=int, default=1)
-    args = parser.parse_args(argv)
-    ref = find_checkpoint(args.checkpoint)
-    cfg = load_config(ref.config_path)
-    model = load_model(ref, cfg)
-    guidance = cfg.sampling.guidance_scale
-    engine = StreamingEngine(model, num_steps=cfg.rollout.num_steps, shift=cfg.sampling.shift,
-                             guidance_scale=None if guidance == 1.0 else guidance,
-                             full_capacity=cfg.rollout.full_capacity)
-    exported = ExportedRollout.export(engine, modes=args.modes.split(","), batch_size=args.batch_size,
-                                      text_len=cfg.data.text_len)
-    exported.save(args.out)
-    n = sum(int(np.prod(s["shape"])) for s in exported.manifest["state"])
-    print(f"exported start and {exported.manifest['modes']} to {args.out} (state: {n} values)")
-
-
-if __name__ == "__main__":
-    main()

@@ -19,16 +19,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kairos_jax import diffusion
-from kairos_jax.metrics import matmul_flops
-from kairos_jax.model import KairosWorldModel, TokenLayout
+from data_pipelines.pipeline import batch_spec, check_batch
+from kairos_jax.model import KairosWorldModel, TokenLayout, diffusion
 from kairos_jax.model.text import batch_text, drop_text
-from kairos_jax.sharding import activation_sharding, logical_to_mesh_spec, state_shardings
-
-BATCH_KEYS = ("video", "actions", "action_mask", "action_dim_mask", "embodiment_id", "text", "source_id")
-# Labels of the readout heads and precomputed text: used when the batch has them.
-OPTIONAL_BATCH_KEYS = ("proprio", "proprio_mask", "proprio_dim_mask", "progress", "text_embedding",
-                       "text_embedding_mask")
+from kairos_jax.parallel.sharding import activation_sharding, logical_to_mesh_spec, state_shardings
+from kairos_jax.training.metrics import matmul_flops
 
 
 def make_schedule(train_cfg, total_steps: int):
@@ -62,6 +57,7 @@ class Setup:
     layout: TokenLayout
     mesh: Mesh
     rules: tuple
+    batch_spec: dict               # the batch contract (data_pipelines.pipeline.batch_spec), global batch
 
 
 def build_model_setup(cfg, mesh: Mesh) -> Setup:
@@ -70,7 +66,8 @@ def build_model_setup(cfg, mesh: Mesh) -> Setup:
     graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
     shardings = nnx.to_pure_dict(state_shardings(abstract_state, mesh, rules))
     abstract = nnx.to_pure_dict(abstract_state)
-    return Setup(graphdef, abstract, shardings, abstract_model.layout, mesh, rules)
+    return Setup(graphdef, abstract, shardings, abstract_model.layout, mesh, rules,
+                 batch_spec(cfg.data, cfg.train.batch_size))
 
 
 def init_params(cfg, setup: Setup, seed: int):
@@ -116,21 +113,26 @@ def abstract_train_state(tx, setup: Setup):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
 
 
-def batch_sharding(setup: Setup, ndim: int) -> NamedSharding:
-    spec = logical_to_mesh_spec(("act_batch",) + (None,) * (ndim - 1), setup.rules, setup.mesh)
+def batch_sharding(setup: Setup, key: str) -> NamedSharding:
+    """How the global batch's `key` is laid out: its contract's logical axes through the rules."""
+    spec = logical_to_mesh_spec(setup.batch_spec[key].logical_axes, setup.rules, setup.mesh)
     return NamedSharding(setup.mesh, spec)
 
 
+def abstract_batch(setup: Setup) -> dict:
+    """ShapeDtypeStructs of one global batch, sharded as `global_batch` shards real ones: what an
+    AOT compile of the train step takes."""
+    return {k: jax.ShapeDtypeStruct(f.shape, jnp.dtype(f.dtype), sharding=batch_sharding(setup, k))
+            for k, f in setup.batch_spec.items()}
+
+
 def global_batch(setup: Setup, local_batch: dict) -> dict:
-    """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
-    out = {}
-    missing = [k for k in BATCH_KEYS if k not in local_batch]
-    if missing:
-        raise KeyError(f"batch lacks {missing}; it has {sorted(local_batch)}")
-    for key in BATCH_KEYS + tuple(k for k in OPTIONAL_BATCH_KEYS if k in local_batch):
-        x = np.asarray(local_batch[key])
-        out[key] = jax.make_array_from_process_local_data(batch_sharding(setup, x.ndim), x)
-    return out
+    """This process's numpy batch -> global jax arrays sharded over the batch axes. The batch must
+    follow the contract (every key, shape and dtype; ValueError naming the first that does not)."""
+    local = setup.batch_spec["video"].shape[0] // jax.process_count()
+    check_batch(local_batch, setup.batch_spec, batch_size=local)
+    return {k: jax.make_array_from_process_local_data(batch_sharding(setup, k), np.asarray(x))
+            for k, x in local_batch.items()}
 
 
 def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int):

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kairos_jax import diffusion
-from kairos_jax.diffusion import ABSENT, CLEAN, MODES, NOISY
+from kairos_jax.model import diffusion
+from kairos_jax.model.diffusion import ABSENT, CLEAN, MODES, NOISY
 from kairos_jax.model.text import concat_text, null_text
 
 SIMULATE = "forward_dynamics"   # the simulator is forward dynamics; `sample` accepts either name
@@ -173,34 +173,3 @@ def _sample(model, inputs, rng, guidance_scale, *, mode, num_context, schedule):
     return {"video": x["video"], "actions": x["actions"] * dim_mask[:, None, None],
             "sigma_video": diffusion.sigma_from_rule(v_rule, 0.0),
             "sigma_action": diffusion.sigma_from_rule(a_rule, 0.0)}
-
-
-def validate_world_action_config(cfg) -> None:
-    """Checks the world-action fields (experiments/base.py `add_world_action_fields`); raises
-    kairos_jax.config.ConfigError naming the field."""
-    from kairos_jax.config import ConfigError
-    from kairos_jax.model.world_model import TEXT_ENCODERS
-
-    def req(cond, field, value, allowed):
-        if not cond:
-            raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
-
-    def integer(v, minimum):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-
-    m, t = cfg.model, cfg.train
-    req(m.text_encoder in TEXT_ENCODERS, "model.text_encoder", m.text_encoder, f"one of {TEXT_ENCODERS}")
-    if m.text_encoder == "precomputed":
-        req(integer(m.text_embedding_dim, 1), "model.text_embedding_dim", m.text_embedding_dim,
-            "an integer >= 1 (the feature size of the stored text embeddings) with text_encoder='precomputed'")
-    for name in ("proprio_loss_weight", "progress_loss_weight"):
-        req(isinstance(t[name], int | float) and t[name] >= 0, f"train.{name}", t[name], "a number >= 0")
-    s = cfg.sampling
-    req(integer(s.num_steps, 1), "sampling.num_steps", s.num_steps, "an integer >= 1")
-    req(isinstance(s.shift, int | float) and s.shift > 0, "sampling.shift", s.shift, "a number > 0")
-    req(isinstance(s.guidance_scale, int | float) and s.guidance_scale >= 0, "sampling.guidance_scale",
-        s.guidance_scale, "a number >= 0 (1 = conditional only)")
-    r = cfg.rollout
-    req(integer(r.num_steps, 1), "rollout.num_steps", r.num_steps, "an integer >= 1")
-    req(integer(r.context_blocks, 1), "rollout.context_blocks", r.context_blocks, "an integer >= 1")
-    req(integer(r.full_capacity, 1), "rollout.full_capacity", r.full_capacity, "an integer >= 1")

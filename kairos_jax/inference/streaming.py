@@ -1,4 +1,4 @@
-"""Streaming rollout engine: one step block at a time against fixed-size caches (DESIGN section 7).
+"""Streaming rollout engine: one step block at a time against fixed-size caches (docs/architecture.md §7).
 
 For every new block the engine
 
@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from kairos_jax.diffusion import ABSENT, CLEAN, NOISY
+from kairos_jax.inference.sampling import euler_integrate, generation_plan, resolve_mode, sigma_schedule
+from kairos_jax.model.diffusion import ABSENT, CLEAN, NOISY
 from kairos_jax.model.text import concat_text, null_text
-from kairos_jax.sampling import euler_integrate, generation_plan, resolve_mode, sigma_schedule
 
 
 @struct.dataclass

@@ -1,4 +1,4 @@
-"""Rectified flow over step blocks with a noise level per modality per block (DESIGN section 2).
+"""Rectified flow over step blocks with a noise level per modality per block (docs/architecture.md §2).
 
     x_sigma = (1 - sigma) x0 + sigma eps,   target velocity v = eps - x0
     sigma = 0: given / clean;  sigma = 1: absent / marginalised.

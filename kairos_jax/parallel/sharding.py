@@ -1,7 +1,7 @@
 """Mesh construction and logical-axis sharding.
 
 Parameters and activations carry *logical* axis names (`embed`, `mlp`, `heads`, `act_batch`, ...);
-one rules table (experiments/base.py `LOGICAL_AXIS_RULES`) maps them to the mesh axes
+one rules table (`DEFAULT_LOGICAL_AXIS_RULES`, the default of config.logical_axis_rules) maps them to the mesh axes
 ("data", "fsdp", "tensor", "context"). No module names a mesh axis directly.
 """
 
@@ -19,6 +19,29 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+# Logical axis -> mesh axes (MaxText-style rules): the default of config.logical_axis_rules, the only
+# place where model dimensions meet mesh axes. Parameters and activations carry logical names.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", "context"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("qkv", None),
+    ("vocab", None),
+    ("patch", None),
+    ("action", None),
+    ("embodiment", None),
+    ("cond", None),
+    ("conv", None),
+    ("layers", None),
+    ("norm", None),
+)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
@@ -158,7 +181,7 @@ def map_over_batch_and_heads(fn, *xs):
 
     Under `activation_sharding` with a multi-device mesh, `fn` runs inside `jax.shard_map` with the
     batch split over the mesh axes of `act_batch` and the heads over those of `act_heads`; the
-    sequence is whole on every device (see `kairos_jax.context_parallel` for the mixers' form
+    sequence is whole on every device (see `kairos_jax.parallel.context_parallel` for the mixers' form
     that splits the sequence over the `context` axis). Temporal mixers are independent across batch and heads,
     so this is exact, and it is what lets a Pallas kernel (a custom call XLA cannot partition)
     run on sharded activations without gathering them. Outputs have the same layout.

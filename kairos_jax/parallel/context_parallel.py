@@ -42,12 +42,11 @@ state-dependent work for V = K; the chunk-local WY transform is shared). A seque
 (shard c waits for c - 1) would do no extra work but serialise the n shards.
 
 Autodiff goes through all of it (ppermute transposes to the reverse permutation, all_gather to a
-reduce-scatter). `TRACE_COUNTS` counts how often each split path was traced (tests check it).
+reduce-scatter).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 
 import jax
@@ -55,12 +54,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 import pallas_kernels
-from kairos_jax.sharding import active_mesh, logical_to_mesh_spec, map_over_batch_and_heads
+from kairos_jax.parallel.sharding import active_mesh, logical_to_mesh_spec, map_over_batch_and_heads
 
 CONTEXT_AXIS = "context"
 
 # Times each context-parallel path was traced (the fallbacks are not counted).
-TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 def _plan(x, multiple: int):
@@ -141,7 +139,6 @@ def window_attention(q, k, v, *, block_size: int, window: int | None, dilation: 
         op = lambda q, k, v: pallas_kernels.window_attention(
             q, k, v, block_size=block_size, window=window, dilation=dilation, scale=scale, impl=impl)
         return map_over_batch_and_heads(op, q, k, v)
-    TRACE_COUNTS["window_attention"] += 1
     fn = functools.partial(window_attention_shard, block_size=block_size, window=window, dilation=dilation,
                            axis_name=CONTEXT_AXIS, axis_size=plan[3], scale=scale, impl=impl)
     return _shard_map(fn, plan, q, k, v)
@@ -182,7 +179,6 @@ def gated_delta_rule(q, k, v, g, beta, *, chunk_size: int, impl: str, scale=None
         op = lambda q, k, v, g, beta: pallas_kernels.gated_delta_rule(
             q, k, v, g, beta, scale=scale, chunk_size=chunk_size, output_final_state=False, impl=impl)[0]
         return map_over_batch_and_heads(op, q, k, v, g, beta)
-    TRACE_COUNTS["gated_delta_rule"] += 1
     fn = functools.partial(gated_delta_rule_shard, axis_name=CONTEXT_AXIS, axis_size=plan[3],
                            chunk_size=chunk_size, scale=scale, impl=impl)
     return _shard_map(fn, plan, q, k, v, g, beta)

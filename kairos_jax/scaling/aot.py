@@ -1,10 +1,10 @@
 """Compile the real train step for a TPU slice or GPU cluster without the hardware: memory and FLOPs first.
 
-    python -m kairos_jax.compile --config=experiments/kairos_4b.py --topology=v5p-128 \
+    python -m kairos_jax.compile --config=kairos_4b --topology=v5p-128 \
         [--phase=phase1_video] [--config.train.batch_size=128 ...]
-    python -m kairos_jax.compile --config=experiments/kairos_4b.py --topology=8xh100
+    python -m kairos_jax.compile --config=kairos_4b --topology=8xh100
 
-(`python -m kairos_jax.aot` is the same CLI.) Topologies: Cloud TPU slice names (v5p-64: 64
+(the command line is kairos_jax/compile.py). Topologies: Cloud TPU slice names (v5p-64: 64
 TensorCores = 32 chips, 2x4x4; v6e-8: 8 chips, 2x4), explicit shapes (v5p:2x4x4, v6e:2x4), GPU
 counts (8xh100 = one host of 8) or hosts x GPUs (h100:2x8). The last stdout line is one JSON
 object (topology, devices, peak_bytes_per_device, hbm_bytes_per_device, model_flops_per_step,
@@ -35,21 +35,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
-from absl import app, flags
 
-from kairos_jax import cli, trainer
 from kairos_jax.config import ConfigError, validate
-from kairos_jax.metrics import compiled_flops, matmul_flops
 from kairos_jax.model.world_model import count_params
-from kairos_jax.sharding import activation_sharding, create_mesh
+from kairos_jax.parallel.sharding import activation_sharding, create_mesh
+from kairos_jax.training import step as trainer
+from kairos_jax.training.metrics import compiled_flops, matmul_flops
 from pallas_kernels._dispatch import target_platform
 
 
@@ -206,23 +203,6 @@ def topology_devices(topology: str) -> list:
     return list(topo.devices)
 
 
-def abstract_batch(cfg, setup: trainer.Setup) -> dict:
-    """ShapeDtypeStructs of one global batch (the pipeline's batch contract), sharded like the
-    trainer shards real batches."""
-    lay, B = setup.layout, cfg.train.batch_size
-    shapes = {
-        "video": ((B, lay.num_blocks, lay.video_tokens, lay.patch_dim), jnp.float32),
-        "actions": ((B, lay.num_blocks, lay.action_tokens, lay.action_dim), jnp.float32),
-        "action_mask": ((B, lay.num_blocks), jnp.float32),
-        "action_dim_mask": ((B, lay.action_dim), jnp.float32),
-        "embodiment_id": ((B,), jnp.int32),
-        "text": ((B, lay.text_len), jnp.int32),
-        "source_id": ((B,), jnp.int32),
-    }
-    return {k: jax.ShapeDtypeStruct(s, dt, sharding=trainer.batch_sharding(setup, len(s)))
-            for k, (s, dt) in shapes.items()}
-
-
 # FLOP counting ----------------------------------------------------------------------------------
 
 def step_flops(cfg, mesh, phase_name: str) -> tuple[float, list[str]]:
@@ -232,7 +212,7 @@ def step_flops(cfg, mesh, phase_name: str) -> tuple[float, list[str]]:
     tx = trainer.make_optimizer(cfg.train, phase.steps)
     step = trainer.make_train_step(cfg, setup, tx, phase, num_sources=len(phase.mixture))
     with activation_sharding(setup.mesh, setup.rules):
-        closed = jax.make_jaxpr(step.jitted)(trainer.abstract_train_state(tx, setup), abstract_batch(cfg, setup))
+        closed = jax.make_jaxpr(step.jitted)(trainer.abstract_train_state(tx, setup), trainer.abstract_batch(setup))
     return matmul_flops(closed.jaxpr)
 
 
@@ -350,7 +330,7 @@ def compile_for_topology(cfg, topology: str, phase: str | None = None) -> Report
     phase_cfg = cfg.phases[phase]
     tx = trainer.make_optimizer(cfg.train, phase_cfg.steps)
     step = trainer.make_train_step(cfg, setup, tx, phase_cfg, num_sources=len(phase_cfg.mixture))
-    state, batch = trainer.abstract_train_state(tx, setup), abstract_batch(cfg, setup)
+    state, batch = trainer.abstract_train_state(tx, setup), trainer.abstract_batch(setup)
     # The mixers dispatch for the target (Pallas kernels lowered for it), not for this host's CPU.
     with activation_sharding(setup.mesh, setup.rules), target_platform("gpu" if chip.platform == "cuda" else "tpu"):
         t0 = time.perf_counter()
@@ -378,46 +358,3 @@ def compile_for_topology(cfg, topology: str, phase: str | None = None) -> Report
         hbm_bytes=chip.hbm_bytes, hbm_stated=chip.hbm_stated, hbm_source=chip.source,
         peak_bf16_flops=chip.peak_bf16_flops, xla_flops_per_chip=compiled_flops(compiled),
         step_flops=flops, model_flops=model_flops, uncounted_loops=unknown)
-
-
-_CONFIG = cli.CONFIG
-_TOPOLOGY = flags.DEFINE_string("topology", None, f"Target: <accelerator>:<shape>, accelerator one of {sorted(CHIPS)}; "
-                                "e.g. v5p:4x4x4 (TPU chips per torus axis), v6e:4x4, h100:2x8 (hosts x GPUs).")
-_PHASE = flags.DEFINE_string("phase", None, "Curriculum phase whose step to compile (default: the first).")
-
-
-def main(argv):
-    del argv
-    if _CONFIG.value is None or _TOPOLOGY.value is None:
-        raise app.UsageError("--config and --topology are required")
-    # Compile only: nothing runs on an attached accelerator, and the CUDA plugin registers without one.
-    jax.config.update("jax_platforms", "cpu")
-    try:
-        report = compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _PHASE.value)
-    except (ConfigError, AotError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        print(f"error: the train step does not fit in HBM on {_TOPOLOGY.value} (XLA's compiler):\n{e}",
-              file=sys.stderr)
-        gen, _ = parse_topology(_TOPOLOGY.value)
-        print(json.dumps({"topology": _TOPOLOGY.value, "target": canonical_topology(_TOPOLOGY.value),
-                          "fits": False, "hbm_bytes_per_device": CHIPS[gen].hbm_bytes,
-                          "error": "RESOURCE_EXHAUSTED from XLA's compiler"}), flush=True)
-        sys.exit(3)
-    print(report.format())
-    if not report.fits:
-        print(f"error: the train step does not fit: {report.peak_bytes / GIB:.2f} GiB peak per device > "
-              f"{report.hbm_bytes / GIB:.2f} GiB HBM on {report.topology}", file=sys.stderr)
-    print(json.dumps(report.summary()), flush=True)
-    sys.exit(0 if report.fits else 3)
-
-
-def run():
-    app.run(main)
-
-
-if __name__ == "__main__":
-    run()

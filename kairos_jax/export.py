@@ -1,0 +1,41 @@
+"""Export the streaming rollout of a trained model for serving (jax.export; no model code needed).
+
+    python -m kairos_jax.export --checkpoint=runs/embedded --out=runs/embedded/served --modes=policy,simulate
+
+writes start.jax_export, step_<mode>.jax_export and manifest.json into --out
+(kairos_jax/inference/export.py says what each holds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import flags
+
+from kairos_jax import cli
+from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model
+from kairos_jax.inference.export import ExportedRollout
+from kairos_jax.inference.rollout import make_engine
+
+_MODES = flags.DEFINE_list("modes", ["policy", "simulate"], "Modes to export.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Batch size of the exported functions.", lower_bound=1)
+
+
+def main(argv) -> None:
+    del argv
+    cli.require(checkpoint=cli.CHECKPOINT.value, out=cli.OUT.value)
+    ref = find_checkpoint(cli.CHECKPOINT.value)
+    cfg = load_config(ref)
+    engine = make_engine(load_model(ref, cfg), cfg)
+    exported = ExportedRollout.export(engine, modes=_MODES.value, batch_size=_BATCH_SIZE.value,
+                                      text_len=cfg.data.text_len)
+    exported.save(cli.OUT.value)
+    n = sum(int(np.prod(s["shape"])) for s in exported.manifest["state"])
+    print(f"exported start and {exported.manifest['modes']} to {cli.OUT.value} (state: {n} values)")
+
+
+def run() -> None:
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

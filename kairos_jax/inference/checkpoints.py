@@ -1,0 +1,111 @@
+"""Find a trained model on disk and load it: a workdir of `python -m kairos_jax.train`, one of its
+phase folders (or their checkpoints/), or an export folder (params/ + config.json).
+
+    ref = find_checkpoint("runs/embedded")     # the export when the curriculum finished, else the
+    cfg = load_config(ref)                     # latest checkpoint of the last phase that has one
+    model = load_model(ref, cfg)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kairos_jax.config import load_saved_config
+from kairos_jax.model import KairosWorldModel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that holds no usable model; the message says what was looked for where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    kind: str            # "export" | "phase"
+    path: str            # export: folder with params/; phase: <step>/state folder
+    config_path: str
+    step: int | None = None
+
+
+def _steps(ckpt_dir: str) -> list[int]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(ckpt_dir)
+                  if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state")))
+
+
+def find_checkpoint(path: str) -> CheckpointRef:
+    """Resolve --checkpoint (workdir, phase folder, its checkpoints/ folder, or export folder)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path}: not a folder")
+    if os.path.isdir(os.path.join(path, "params")) and os.path.isfile(os.path.join(path, "config.json")):
+        return CheckpointRef("export", path, os.path.join(path, "config.json"))
+    export = os.path.join(path, "export")
+    if os.path.isdir(os.path.join(export, "params")) and os.path.isfile(os.path.join(export, "config.json")):
+        return CheckpointRef("export", export, os.path.join(export, "config.json"))
+    if os.path.basename(path) == "checkpoints":
+        candidates, config_path = [path], os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")
+    elif os.path.isdir(os.path.join(path, "checkpoints")):
+        candidates, config_path = [os.path.join(path, "checkpoints")], os.path.join(os.path.dirname(path),
+                                                                                    "config.json")
+    else:  # a workdir: the last phase (in curriculum order) that has a checkpoint
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise CheckpointError(f"checkpoint {path}: neither an export folder (params/ + config.json), a "
+                               f"phase folder (checkpoints/) nor a workdir (config.json)")
+        cfg = load_saved_config(config_path)
+        candidates = [os.path.join(path, name, "checkpoints") for name in reversed(tuple(cfg.curriculum))]
+    for ckpt_dir in candidates:
+        steps = _steps(ckpt_dir)
+        if steps:
+            if not os.path.isfile(config_path):
+                raise CheckpointError(f"{ckpt_dir}: no config.json at {config_path} (written by kairos_jax.train)")
+            return CheckpointRef("phase", os.path.join(ckpt_dir, str(steps[-1]), "state"), config_path, steps[-1])
+    raise CheckpointError(f"checkpoint {path}: no export and no finished checkpoint under {candidates}")
+
+
+def load_training_stats(ref: CheckpointRef) -> dict:
+    """{source: {embodiment: EmbodimentStats}}: the statistics the model was trained with
+    (kairos_jax.training.loop.save_training_stats), to normalise new data exactly as training did.
+    Empty for a run that predates them (callers then fall back on their data's own statistics)."""
+    from data_pipelines.normalization import load_stats
+
+    directory = os.path.join(os.path.dirname(ref.config_path), "stats")
+    if not os.path.isdir(directory):
+        return {}
+    return {source: load_stats(os.path.join(directory, source)) for source in sorted(os.listdir(directory))
+            if os.path.isfile(os.path.join(directory, source, "stats.json"))}
+
+
+def load_config(ref: CheckpointRef):
+    """The run's config (kairos_jax.config.load_saved_config of its config.json)."""
+    return load_saved_config(ref.config_path)
+
+
+def load_model(ref: CheckpointRef, cfg) -> KairosWorldModel:
+    """The model with the checkpoint's parameters (restored as host arrays, any mesh it was saved on)."""
+    import orbax.checkpoint as ocp
+
+    abstract = nnx.eval_shape(lambda: KairosWorldModel(cfg.model, cfg.data, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    target = nnx.to_pure_dict(abstract_state)
+    args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
+    if ref.kind == "export":
+        item, restore_args, path = target, args, os.path.join(ref.path, "params")
+    else:
+        item, restore_args, path = {"params": target}, {"params": args}, ref.path
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                       partial_restore=True))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path}: cannot restore the model's parameters for this config ({e})") from e
+    params = restored if ref.kind == "export" else restored["params"]
+    nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, abstract_state)

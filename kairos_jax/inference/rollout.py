@@ -1,0 +1,159 @@
+"""Roll a trained world model out, open loop on a recorded episode or closed loop on a simulator.
+
+- `rollout(model, cfg, clip, mode=...)`: commit the clip's first `context` blocks to the streaming
+  engine (kairos_jax.inference.streaming), then generate the next `steps` blocks in `mode`:
+  simulate (forward dynamics: frames from the clip's actions), video_prediction (frames without
+  them), or policy (each step predicts a_{t-1} from the true frames before it, then the true block
+  is committed: a teacher-forced history).
+- `closed_loop(model, cfg, ...)`: the policy drives a simulated robot of data_pipelines.sim
+  (observation -> action chunk -> k environment steps -> next observation, committed to the
+  caches with the chunk that produced it).
+
+The command line is `python -m kairos_jax.rollout` (kairos_jax/rollout.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines.pipeline import EpisodeClip
+from kairos_jax.inference.sampling import resolve_mode
+from kairos_jax.inference.streaming import StreamingEngine
+
+
+class RolloutError(ValueError):
+    """A model, source or argument the rollout cannot use; the message says which."""
+
+
+def make_engine(model, cfg, *, num_steps: int | None = None, shift: float | None = None,
+                guidance_scale: float | None = None) -> StreamingEngine:
+    """The streaming engine with the config's rollout settings (each overridable); guidance 1 = none."""
+    guidance = cfg.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    return StreamingEngine(model, num_steps=num_steps or cfg.rollout.num_steps,
+                           shift=cfg.sampling.shift if shift is None else shift,
+                           guidance_scale=None if guidance == 1.0 else guidance,
+                           full_capacity=cfg.rollout.full_capacity)
+
+
+def rollout(engine: StreamingEngine, cfg, ep: EpisodeClip, *, mode: str, context: int, steps: int,
+            seed: int) -> dict:
+    """Stream the clip through the model; returns the predicted blocks (numpy): "video" [steps, N, Dp]
+    (simulate, video_prediction) or "actions" [steps, k, A] (policy, normalised), and "position"."""
+    if context + steps > ep.clip["video"].shape[0]:
+        raise RolloutError(f"the clip has {ep.clip['video'].shape[0]} blocks; {context} context + {steps} "
+                           f"generated need more")
+    c = {k: jnp.asarray(v)[None] for k, v in ep.clip.items()}
+    if cfg.model.text_encoder != "bytes":
+        raise RolloutError("episodes carry byte text; a model with model.text_encoder='precomputed' needs "
+                           "the embeddings, which episodes do not store")
+    state = engine.start(c["text"], c["embodiment_id"], c["action_dim_mask"])
+    rng = jax.random.key(seed)
+    mode = resolve_mode(mode)
+    known = np.asarray(ep.clip["action_mask"]) > 0
+
+    def context_actions(t, key):
+        """The block's true actions, or noise at sigma 1 where the chunk is unknown (as in training)."""
+        if known[t] and mode != "video_prediction":
+            return c["actions"][:, t], np.zeros(1, np.float32)
+        noise = jax.random.normal(key, c["actions"][:, t].shape) * c["action_dim_mask"][:, None]
+        return noise, np.ones(1, np.float32)
+
+    for t in range(context):
+        rng, key = jax.random.split(rng)
+        a, s_a = context_actions(t, key)
+        state = engine.commit(state, c["video"][:, t], a, np.zeros(1, np.float32), s_a)
+    pred_video, pred_actions = [], []
+    for t in range(context, context + steps):
+        rng, key, key_a = jax.random.split(rng, 3)
+        if mode == "policy":
+            _, actions, _, _ = engine.denoise(state, key, mode="policy")
+            pred_actions.append(np.asarray(actions[0]))
+            a, s_a = context_actions(t, key_a)
+            state = engine.commit(state, c["video"][:, t], a, np.zeros(1, np.float32), s_a)
+        else:
+            state, video, _ = engine.step(state, key, mode=mode, actions=c["actions"][:, t])
+            pred_video.append(np.asarray(video[0]))
+    out = {"position": int(state.position)}
+    if pred_video:
+        out["video"] = np.stack(pred_video)
+    if pred_actions:
+        out["actions"] = np.stack(pred_actions)
+    return out
+
+
+def control_recorders() -> dict:
+    """Embodiment name -> the recorder class that simulates it under an outside controller."""
+    from data_pipelines.sim.cheetah import CheetahRecorder
+    from data_pipelines.sim.pusher import PusherRecorder
+    from data_pipelines.sim.reacher import ReacherRecorder
+
+    return {r.embodiment: r for r in (ReacherRecorder, CheetahRecorder, PusherRecorder)}
+
+
+def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks: int, seed: int,
+                image_size: int | None = None) -> dict:
+    """Drive the simulated robot of `source` with the model's policy for `blocks` action chunks.
+
+    observation -> policy action chunk (k steps) -> k environment steps -> next observation,
+    committed to the caches with the chunk that produced it. The source (one simulated embodiment:
+    reacher, cheetah or pusher) provides the statistics that denormalise the actions. Returns the
+    rendered frames, the applied actions and the task measure after every control step. The
+    camera renders image_size-square frames (default: the model's frame size, at least 64), which
+    are resized to the model's frames as in the pipeline.
+    """
+    from data_pipelines.embodiments import DEFAULT_REGISTRY
+    from data_pipelines.pipeline import clip_spec, patchify, resize_frames, source_spec, text_tokens
+    from data_pipelines.shards import ShardedSource
+
+    src = ShardedSource(os.path.join(root, source))
+    recorders = control_recorders()
+    simulated = [e for e in src.embodiments if e in recorders]
+    if len(simulated) != 1:
+        raise RolloutError(f"source {source}: closed_loop needs a source of one simulated embodiment "
+                           f"({', '.join(sorted(recorders))}); it has {sorted(src.embodiments)}")
+    name = simulated[0]
+    emb = DEFAULT_REGISTRY.get(name)
+    d = cfg.data
+    if d.get("channels", 3) != 3:
+        raise RolloutError(f"closed_loop feeds rendered RGB frames; this model takes {d.channels}-channel "
+                           f"inputs (latents?), which would need the encoder in the loop")
+    norm = source_spec(root, source, 0, clip_spec(d))[0].embodiments[name].action_norm
+    if norm is None:
+        raise RolloutError(f"source {source}: no action statistics for {name}, closed_loop cannot "
+                           f"denormalise the policy's actions")
+    k = d.action_chunk
+    if image_size is None:
+        image_size = max(64, d.image_size, d.get("image_width", 0))
+    rng = np.random.default_rng(seed)
+    dim_mask = np.zeros((1, d.action_dim), np.float32)
+    dim_mask[0, :emb.action_dim] = 1.0
+    key = jax.random.key(seed)
+
+    def tokens(frame):
+        x = resize_frames(frame[None], d.image_size, d.get("image_width", 0))
+        return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)        # [1, N, Dp]
+
+    with recorders[name](image_size) as env:
+        state = engine.start(jnp.asarray(text_tokens(env.control_text, d.text_len))[None],
+                             jnp.asarray([emb.id], jnp.int32), jnp.asarray(dim_mask))
+        env.reset_control(rng)
+        frames, applied, metric = [env.frame()], [], []
+        # Block 0: the first frame; its action chunk is unknown (absent, as in training).
+        key, k0 = jax.random.split(key)
+        noise = jax.random.normal(k0, (1, k, d.action_dim)) * dim_mask[:, None]
+        state = engine.commit(state, tokens(frames[0]), noise, np.zeros(1, np.float32), np.ones(1, np.float32))
+        for _ in range(blocks):
+            key, kb = jax.random.split(key)
+            _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
+            for step in norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim])):
+                applied.append(env.apply(step))
+                metric.append(env.metric())
+            frames.append(env.frame())
+            state = engine.commit(state, tokens(frames[-1]), chunk, np.zeros(1, np.float32), np.zeros(1, np.float32))
+        metric_name = env.metric_name
+    return {"embodiment": name, "frames": np.stack(frames), "actions": np.stack(applied),
+            "metric_name": metric_name, "metric": np.asarray(metric), "position": int(state.position)}
