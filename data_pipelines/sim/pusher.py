@@ -10,6 +10,11 @@ state machine on the fingertip position e, puck p and goal g (u = unit vector fr
 
 and turns the wanted fingertip step into joint targets by damped least-squares inverse kinematics:
 q_target = q + J^T (J J^T + lambda I)^-1 step (+ noise). The actions are those joint targets.
+
+Task (closed-loop evaluation, `data_pipelines.sim.tasks`): success is the puck's centre on the goal
+disc (puck-goal distance < SUCCESS_TOLERANCE = the goal's radius, 0.045 m) for SUCCESS_HOLD_STEPS
+consecutive control steps at any time within TASK_STEPS. The expert's own stopping tolerance
+(GOAL_TOLERANCE, 0.015 m) is stricter than the task asks.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ CONTROL_TIMESTEP = 0.04          # 25 Hz: 8 physics steps of 0.005 s
 PHYSICS_STEPS = 8
 CONTACT = 0.053                  # puck radius + fingertip radius
 GOAL_TOLERANCE = 0.015
+SUCCESS_TOLERANCE = 0.045        # the goal disc's radius
+SUCCESS_HOLD_STEPS = 10          # 0.4 s: the puck rests on the disc, it does not just slide across it
+TASK_STEPS = 150                 # 6 s; the expert succeeds after about 60 steps, 90% of the time within 90
 TEXTS = ("push the blue puck onto the green goal", "slide the blue puck to the green disc",
          "push the puck to the goal")
 
@@ -90,19 +98,43 @@ class PusherRecorder(Recorder):
         self._goal = self.model.geom("goal").id
         self._puck = self.model.body("puck").id
         self._ctrl_lo, self._ctrl_hi = self.model.actuator_ctrlrange.T
+        self.on_goal = 0        # consecutive control steps that ended with the puck on the goal disc
+        self._held = False      # on_goal has reached SUCCESS_HOLD_STEPS since the last reset
 
     camera = "top"
     control_text = TEXTS[0]
     metric_name = "puck_goal_distance"
-
-    def reset_control(self, rng: np.random.Generator) -> None:
-        self._reset(rng)
+    task_steps = TASK_STEPS
 
     def apply(self, action: np.ndarray) -> np.ndarray:
         applied = np.clip(action, self._ctrl_lo, self._ctrl_hi)
         self.data.ctrl[:] = applied
         mujoco.mj_step(self.model, self.data, nstep=PHYSICS_STEPS)
+        self.on_goal = self.on_goal + 1 if self.puck_to_goal() < SUCCESS_TOLERANCE else 0
+        self._held = self._held or self.on_goal >= SUCCESS_HOLD_STEPS
         return applied
+
+    def reset_task(self, rng: np.random.Generator) -> None:
+        """A new random scene (arm pose, puck, goal) and the expert's noise level, from rng; the
+        expert's noise is drawn from rng as well."""
+        self.reset_control(rng)
+        self._noise = rng.uniform(0.005, 0.02)
+        self._rng = rng
+
+    def expert_action(self) -> np.ndarray:
+        """The expert's joint targets for the current state (module docstring), in the control range."""
+        m, d = self.model, self.data
+        jacp = np.zeros((3, m.nv))
+        mujoco.mj_jacGeom(m, d, jacp, None, self._tip)
+        J = jacp[:2, :3]
+        dq = J.T @ np.linalg.solve(J @ J.T + 1e-3 * np.eye(2), self._fingertip_step())
+        q_target = d.qpos[:3] + 1.5 * dq + self._rng.normal(0.0, self._noise, 3)
+        return np.clip(q_target, self._ctrl_lo, self._ctrl_hi)
+
+    def success(self) -> bool:
+        """Whether the puck has been on the goal disc (distance < SUCCESS_TOLERANCE) for
+        SUCCESS_HOLD_STEPS consecutive control steps since the last reset."""
+        return self._held
 
     def metric(self) -> float:
         return self.puck_to_goal()
@@ -110,7 +142,7 @@ class PusherRecorder(Recorder):
     def puck_to_goal(self) -> float:
         return float(np.linalg.norm(self.model.geom_pos[self._goal, :2] - self.data.xpos[self._puck, :2]))
 
-    def _reset(self, rng: np.random.Generator) -> None:
+    def reset_control(self, rng: np.random.Generator) -> None:
         m, d = self.model, self.data
         mujoco.mj_resetData(m, d)
         a_puck, r_puck = rng.uniform(-1.0, 1.0), rng.uniform(0.22, 0.34)
@@ -123,6 +155,7 @@ class PusherRecorder(Recorder):
                       side * rng.uniform(0, 0.8)]
         d.ctrl[:] = d.qpos[:3]
         mujoco.mj_forward(m, d)
+        self.on_goal, self._held = 0, False
 
     def _fingertip_step(self) -> np.ndarray:
         """The expert's wanted fingertip displacement for this control step (metres, [2])."""
@@ -145,23 +178,14 @@ class PusherRecorder(Recorder):
         return step * min(1.0, 0.02 / (np.linalg.norm(step) + 1e-9))
 
     def record(self, rng: np.random.Generator, num_frames: int, episode_id: str) -> Episode:
-        m, d = self.model, self.data
-        self._reset(rng)
-        noise = rng.uniform(0.005, 0.02)
-        jacp = np.zeros((3, m.nv))
+        d = self.data
+        self.reset_task(rng)
         frames, actions, proprio, trace = [], [], [], []
         for _ in range(num_frames):
             trace.append(self.puck_to_goal())
             frames.append(self.renderer.render(d, "top"))
             proprio.append(np.concatenate([d.qpos[:3], d.qvel[:3]]))
-            mujoco.mj_jacGeom(m, d, jacp, None, self._tip)
-            J = jacp[:2, :3]
-            dq = J.T @ np.linalg.solve(J @ J.T + 1e-3 * np.eye(2), self._fingertip_step())
-            q_target = d.qpos[:3] + 1.5 * dq + rng.normal(0.0, noise, 3)
-            q_target = np.clip(q_target, self._ctrl_lo, self._ctrl_hi)
-            actions.append(q_target)
-            d.ctrl[:] = q_target
-            mujoco.mj_step(m, d, nstep=PHYSICS_STEPS)
+            actions.append(self.apply(self.expert_action()))
         self.task_trace = np.asarray(trace)
         return Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),
                        proprio=np.asarray(proprio, np.float32), text=str(rng.choice(TEXTS)),

@@ -9,6 +9,10 @@ torques by a joint-space PD law with per-episode gain and noise (so speed and sm
 Once the fingertip has stayed on the target for a few steps the target moves to a new random place
 (as the task's own initialisation draws it), so an episode is a sequence of reaches, not a reach
 followed by a still arm.
+
+Task (closed-loop evaluation, `data_pipelines.sim.tasks`): one fixed target per episode; success is
+the fingertip inside the target (distance < target radius, 0.05 m) for HOLD_STEPS consecutive control
+steps at any time within TASK_STEPS.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ TEXTS = ("reach the red target each time it moves", "move the fingertip to the r
          "touch the red ball with the arm, again and again")
 HOLD_STEPS = 4
 MAX_JOINT_STEP = 0.5  # rad
+TASK_STEPS = 50      # 2 s; the expert succeeds after 16 steps (median), 90% of the time within 32
 
 
 class ReacherRecorder(SuiteControl, Recorder):
@@ -41,10 +46,46 @@ class ReacherRecorder(SuiteControl, Recorder):
         self._finger = self.model.geom("finger").id
         self._target = self.model.geom("target").id
         self.targets_reached = 0   # in the last recorded episode
+        self.on_target = 0         # consecutive control steps that ended with the fingertip on the target
+        self._held = False         # on_target has reached HOLD_STEPS since the last reset
 
     camera = "fixed"
     control_text = TEXTS[0]
     metric_name = "fingertip_target_distance"
+    task_steps = TASK_STEPS
+
+    def reset_control(self, rng: np.random.Generator) -> None:
+        super().reset_control(rng)
+        self.on_target, self._held = 0, False
+
+    def apply(self, action: np.ndarray) -> np.ndarray:
+        applied = super().apply(action)
+        reached = self.metric() < self.model.geom_size[self._target, 0]
+        self.on_target = self.on_target + 1 if reached else 0
+        self._held = self._held or self.on_target >= HOLD_STEPS
+        return applied
+
+    def reset_task(self, rng: np.random.Generator) -> None:
+        """A new random scene (arm pose and target) and the expert's gains and noise level, from rng;
+        the expert's noise is drawn from rng as well."""
+        self.reset_control(rng)
+        self._gains = rng.uniform(1.5, 4.0), rng.uniform(0.05, 0.2), rng.uniform(0.05, 0.2)  # kp, kd, noise
+        self._rng = rng
+
+    def expert_action(self) -> np.ndarray:
+        """The expert's torques for the current state (module docstring), in [-1, 1]."""
+        kp, kd, noise = self._gains
+        jacp = np.zeros((3, self.model.nv))
+        mujoco.mj_jacGeom(self.model, self.data, jacp, None, self._finger)
+        J = jacp[:2]
+        dq = J.T @ np.linalg.solve(J @ J.T + 1e-3 * np.eye(2), self.finger_to_target())
+        dq *= min(1.0, MAX_JOINT_STEP / (np.linalg.norm(dq) + 1e-9))  # folded arm: J is ill-conditioned
+        return np.clip(kp * dq - kd * self.data.qvel + self._rng.normal(0.0, noise, 2), -1.0, 1.0)
+
+    def success(self) -> bool:
+        """Whether the fingertip has been inside the target for HOLD_STEPS consecutive control steps
+        since the last reset (the task runs TASK_STEPS steps)."""
+        return self._held
 
     def metric(self) -> float:
         return float(np.linalg.norm(self.finger_to_target()))
@@ -59,29 +100,18 @@ class ReacherRecorder(SuiteControl, Recorder):
         mujoco.mj_forward(self.model, self.data)
 
     def record(self, rng: np.random.Generator, num_frames: int, episode_id: str) -> Episode:
-        self.env.task.random.seed(int(rng.integers(2**31)))
-        self.env.reset()
-        kp, kd, noise = rng.uniform(1.5, 4.0), rng.uniform(0.05, 0.2), rng.uniform(0.05, 0.2)
-        on_target, self.targets_reached, trace = 0, 0, []
+        self.reset_task(rng)
+        self.targets_reached, trace = 0, []
         frames, actions, proprio = [], [], []
-        jacp = np.zeros((3, self.model.nv))
         for _ in range(num_frames):
-            if on_target >= HOLD_STEPS:
+            if self.on_target >= HOLD_STEPS:
                 self.move_target(rng)
-                on_target = 0
+                self.on_target = 0
                 self.targets_reached += 1
-            trace.append(np.linalg.norm(self.finger_to_target()))
+            trace.append(self.metric())
             frames.append(self.renderer.render(self.data, "fixed"))
             proprio.append(np.concatenate([self.data.qpos, self.data.qvel]))
-            mujoco.mj_jacGeom(self.model, self.data, jacp, None, self._finger)
-            J = jacp[:2]
-            dq = J.T @ np.linalg.solve(J @ J.T + 1e-3 * np.eye(2), self.finger_to_target())
-            dq *= min(1.0, MAX_JOINT_STEP / (np.linalg.norm(dq) + 1e-9))  # folded arm: J is ill-conditioned
-            u = np.clip(kp * dq - kd * self.data.qvel + rng.normal(0.0, noise, 2), -1.0, 1.0)
-            actions.append(u)
-            self.env.step(u)
-            reached = np.linalg.norm(self.finger_to_target()) < self.model.geom_size[self._target, 0]
-            on_target = on_target + 1 if reached else 0
+            actions.append(self.apply(self.expert_action()))
         self.task_trace = np.asarray(trace)
         return Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),
                        proprio=np.asarray(proprio, np.float32), text=str(rng.choice(TEXTS)),
