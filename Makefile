@@ -52,3 +52,24 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Reference side for the video tokenizer's parity test (tests/tokenizer, marker `diffusers`):
+# a separate Python 3.11 virtualenv with CPU torch + diffusers, kept out of the main .venv.
+# `make diffusers-venv`, then `.venv/bin/python -m pytest -m diffusers tests/tokenizer`.
+DIFFUSERS_VENV := .venv-diffusers
+PYTHON311 ?= $(shell command -v python3.11 || command -v python3)
+TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for torch, e.g. a CPU-only wheel index; empty takes what pip finds.
+TORCH_PIP_ARGS ?=
+
+.PHONY: diffusers-venv
+$(DIFFUSERS_VENV)/.installed:
+	@if ! $(PYTHON311) -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1; then \
+	  echo "error: no Python 3.11 found (pass PYTHON311=/path/to/python3.11)"; exit 1; fi
+	$(PYTHON311) -m venv $(DIFFUSERS_VENV)
+	$(DIFFUSERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DIFFUSERS_VENV)/bin/python -m pip install -q $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
+	$(DIFFUSERS_VENV)/bin/python -m pip install -q diffusers safetensors numpy
+	@touch $@
+
+diffusers-venv: $(DIFFUSERS_VENV)/.installed

@@ -31,6 +31,7 @@ setup(
         "pyarrow>=15",
         "pillow",
         "flatbuffers",  # jax.export serialisation of the streaming rollout step
+        "safetensors>=0.4",  # video tokenizer weights (ours and the diffusers checkpoints we convert)
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis", "ruff"],
