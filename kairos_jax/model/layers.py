@@ -84,6 +84,17 @@ class MLP(nnx.Module):
         return self.down(h)
 
 
+def sincos_2d(rows: int, cols: int, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
+    """Fixed 2D sine-cosine position embedding of a rows x cols grid (MAE / DiT): half the dims encode
+    the row, half the column, each as sinusoids of geometrically spaced frequencies. [rows * cols, dim]."""
+    quarter = dim // 4
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(quarter, dtype=jnp.float32) / max(quarter, 1))
+    r, c = jnp.meshgrid(jnp.arange(rows, dtype=jnp.float32), jnp.arange(cols, dtype=jnp.float32), indexing="ij")
+    parts = [f(x.reshape(-1)[:, None] * freqs) for x in (r, c) for f in (jnp.sin, jnp.cos)]
+    out = jnp.concatenate(parts, axis=-1)
+    return jnp.pad(out, ((0, 0), (0, dim - out.shape[-1])))
+
+
 def timestep_embedding(sigma, dim: int, max_period: float = 10_000.0):
     """Sinusoidal embedding of a noise level sigma in [0, 1] (scaled by 1000), [...] -> [..., dim]."""
     half = dim // 2

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from kairos_jax.model.attention import masked_attention
-from kairos_jax.model.layers import MLP, Linear, RMSNorm, _param, timestep_embedding
+from kairos_jax.model.layers import MLP, Linear, RMSNorm, _param, sincos_2d, timestep_embedding
 from kairos_jax.model.mixers import GatedDeltaMixer, make_mixer
 from kairos_jax.model.text import PrecomputedTextEncoder, UnderstandingExpert
 from kairos_jax.parallel.sharding import constrain
@@ -282,8 +282,10 @@ class KairosWorldModel(nnx.Module):
         self.dtype = dtype
 
         self.video_in = Linear((lay.patch_dim,), (cfg.video_width,), ("patch", "embed"), use_bias=True, **kw)
+        # Each patch's place in the frame: a 2D sine-cosine embedding to start from (learned from there),
+        # so position-dependent content (a static background) is there to learn from the first step.
         self.video_pos = _param(rngs, (lay.video_tokens, cfg.video_width), (None, "embed"), param_dtype,
-                                std=0.02)
+                                value=sincos_2d(*lay.grid, cfg.video_width))
         self.adapter = EmbodimentAdapter(lay.num_embodiments, lay.action_dim, lay.action_tokens,
                                          cfg.action_width, **kw)
         self.noise_cond = nnx.List([NoiseConditioner(cfg.cond_dim, **kw) for _ in widths])
