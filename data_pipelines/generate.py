@@ -11,6 +11,8 @@ writes
     OUTPUT/pusher/          3-link arm pushing a puck, 3 joint position targets
     OUTPUT/.complete        written last (atomically): JSON summary; `make train` uses it as a stamp
 
+(the presets `heldout` and `heldout_long` record the three robots only, for evaluation).
+
 each source folder holding ArrayRecord shards, manifest.json and stats.json (data_pipelines.shards).
 Frames are 64x64 RGB at the control rate (25 Hz). The output depends only on the preset and the
 seed: episode i of source s is recorded from np.random.default_rng([seed, crc32(s), i]), whatever the
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE_FILE = ".complete"
 SOURCES = ("passive_video", "human", "reacher", "cheetah", "pusher")
+ROBOTS = ("reacher", "cheetah", "pusher")
 _RECORDERS = {
     "passive_video": ("data_pipelines.sim.passive", "PassiveVideoRecorder"),
     "human": ("data_pipelines.sim.human", "HumanRecorder"),
@@ -55,6 +58,7 @@ class Preset:
     max_frames: int
     image_size: int = 64
     workers: int = 1     # default number of recording processes
+    sources: tuple = SOURCES
 
 
 PRESETS = {
@@ -63,6 +67,11 @@ PRESETS = {
     "embedded": Preset(episodes=48, min_frames=64, max_frames=96, workers=2),
     # for tests: a handful of short episodes per source, same sources and layout
     "tiny": Preset(episodes=4, min_frames=36, max_frames=44, workers=1),
+    # held-out robot episodes for evaluation (`make data` records them with another seed than
+    # training's, so no episode is shared): as long as the training episodes ...
+    "heldout": Preset(episodes=24, min_frames=64, max_frames=96, workers=2, sources=ROBOTS),
+    # ... and long ones, for horizons of 8x the training clip (64 blocks of 4 steps = 253 frames+)
+    "heldout_long": Preset(episodes=6, min_frames=512, max_frames=600, workers=2, sources=ROBOTS),
 }
 
 
@@ -105,7 +114,7 @@ def _worker_init():
 
 
 def generate(preset: str | Preset, output: str, seed: int = 0, workers: int | None = None,
-             sources=SOURCES) -> dict:
+             sources=None) -> dict:
     """Records every source of `preset` into `output` (see the module docstring); returns the summary.
 
     The `.complete` stamp is removed first and written last, so an interrupted run is never mistaken
@@ -117,6 +126,7 @@ def generate(preset: str | Preset, output: str, seed: int = 0, workers: int | No
         name, preset = preset, PRESETS[preset]
     else:
         name = "custom"
+    sources = preset.sources if sources is None else sources
     unknown = [s for s in sources if s not in _RECORDERS]
     if unknown:
         raise ValueError(f"unknown sources {unknown}; available: {list(_RECORDERS)}")

@@ -16,4 +16,7 @@ def get_config(arg: str = ""):
     c.phases.phase3_robot.steps = 400
     c.train.log_every = 10
     c.train.checkpoint_every = 50
+    # held-out one-block-ahead PSNR (vs copy-last-frame) and loss in the metrics every 100 steps
+    c.eval.every = 100
+    c.eval.root = "data/heldout"
     return c

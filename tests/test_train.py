@@ -21,6 +21,8 @@ def loop_config(data_dir):
     c.phases.phase1_video.steps = 2
     c.phases.phase3_robot.steps = 4
     c.train.update(dict(checkpoint_every=2, keep_checkpoints=5, log_every=1, warmup_steps=2))
+    # held-out metrics every 2 steps (the training root stands in for a held-out one here)
+    c.eval.update(dict(every=2, root=data_dir, clips_per_source=2, num_steps=1))
     return c
 
 
@@ -83,6 +85,26 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_export(uninterrupted):
     assert os.path.isdir(os.path.join(workdir, "export", "params"))
     saved = checkpointing.read_exported_config(os.path.join(workdir, "export"))
     assert saved["curriculum"] == list(cfg.curriculum)
+
+
+def test_training_logs_held_out_metrics_and_keeps_its_statistics(uninterrupted):
+    cfg, workdir = uninterrupted
+    with open(os.path.join(workdir, "phase3_robot", "metrics.jsonl")) as f:
+        rows = {r["step"]: r for r in map(json.loads, f)}
+    robots = [s for s in cfg.phases.phase3_robot.mixture if s in ("reacher", "cheetah", "pusher")]
+    for step in (2, 4):
+        for source in robots:
+            for key in ("heldout_psnr", "heldout_copy_last_psnr", "heldout_loss"):
+                assert np.isfinite(rows[step][f"{key}/{source}"]), (step, key, source)
+    assert not any(k.startswith("heldout") for k in rows[1])
+    # the phase without robot sources logs none
+    with open(os.path.join(workdir, "phase1_video", "metrics.jsonl")) as f:
+        assert not any(k.startswith("heldout") for r in map(json.loads, f) for k in r)
+    for where in (workdir, os.path.join(workdir, "export")):
+        for source in cfg.phases.phase3_robot.mixture:
+            with open(os.path.join(where, "stats", source, "stats.json")) as f, \
+                    open(os.path.join(cfg.data.root, source, "stats.json")) as g:
+                assert json.load(f) == json.load(g)
 
 
 @pytest.mark.parametrize("crash", [True, False], ids=["kill", "sigterm"])

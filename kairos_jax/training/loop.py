@@ -11,6 +11,7 @@ it was; SIGTERM and Ctrl-C save a checkpoint before exiting.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ import numpy as np
 
 from data_pipelines.normalization import load_stats, write_stats
 from kairos_jax.config import ConfigError, check_data_sources, check_workdir, validate
+from kairos_jax.model import diffusion
 from kairos_jax.model.world_model import count_params
 from kairos_jax.parallel.sharding import create_mesh
 from kairos_jax.training import checkpointing, metrics
@@ -120,6 +122,37 @@ def _local_batch_size(cfg) -> int:
     return cfg.train.batch_size // n
 
 
+class Heldout:
+    """Held-out metrics every `eval.every` steps (logged with the training metrics): per robot source
+    of the phase, the training loss on a fixed held-out batch (fixed noise) and the one-block-ahead
+    simulate PSNR beside copy-last-frame's (kairos_jax.inference.evaluate.HeldoutProbe)."""
+
+    def __init__(self, cfg, setup, phase):
+        from kairos_jax.inference.evaluate import HeldoutProbe
+
+        self.every, self.setup = int(cfg.eval.every), setup
+        self.probe = HeldoutProbe(cfg, phase)
+        num_sources = len(phase.mixture)
+        loss = functools.partial(trainer.loss_fn, cfg=cfg, mode_probs=diffusion.mode_weights(phase.modes),
+                                 num_sources=num_sources)
+        self._loss = jax.jit(lambda params, batch: loss(params, setup.graphdef, batch, jax.random.key(1234))[1])
+
+    def due(self, step: int) -> bool:
+        return bool(self.every and self.probe.batches and step % self.every == 0)
+
+    def __call__(self, params) -> dict:
+        from flax import nnx
+
+        out = self.probe(nnx.merge(self.setup.graphdef, params))
+        for source, batch in self.probe.batches.items():
+            b = {k: v for k, v in batch.items() if k in self.setup.batch_spec}
+            b["source_id"] = np.zeros_like(b["source_id"])
+            m = jax.device_get(self._loss(params, b))
+            out[f"heldout_loss/{source}"] = float(m["loss"])
+            out[f"heldout_loss_video/{source}"] = float(m["loss_video"])
+        return out
+
+
 def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop: StopRequested,
               peak_flops: float | None) -> tuple[PhaseResult, dict]:
     """Train one phase; returns its result and its final params."""
@@ -153,6 +186,7 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
         return PhaseResult(name, phase.steps, *(trend or (None, None)), resumed_from=start), state["params"]
 
     step_fn = trainer.make_train_step(cfg, setup, tx, phase, num_sources=len(sources))
+    heldout = Heldout(cfg, setup, phase)
     lay = setup.layout
     tokens_per_step = cfg.train.batch_size * lay.num_blocks * lay.block_size
     pbar = None
@@ -201,6 +235,8 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
                     scalars[f"loss_video/{src}"] = m["src_video_err"][i] / m["src_video_w"][i]
                 if m["src_action_w"][i] > 0:
                     scalars[f"loss_action/{src}"] = m["src_action_err"][i] / m["src_action_w"][i]
+            if heldout.due(done):
+                scalars.update(heldout(state["params"]))
             writer.write(done, scalars)
             if skipped:
                 total_skipped += skipped

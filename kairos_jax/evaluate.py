@@ -1,0 +1,132 @@
+"""Evaluate a trained world model against baselines on held-out episodes (kairos_jax/inference/evaluate.py).
+
+    python -m kairos_jax.evaluate --checkpoint=runs/embedded --data_root=data/heldout \
+        [--bc_checkpoint=runs/bc] [--out=runs/embedded/eval] [--horizon=8 --context=2 --clips=16]
+        [--closed_loop_episodes=50]
+
+Writes into --out (default <checkpoint>/eval): eval.json (every figure), report.md (the tables),
+psnr_<source>.png (PSNR per horizon step: the model's simulate and video prediction against
+copy-last-frame and linear extrapolation) and frames_<source>.png (true frames over predicted ones).
+The last stdout line is one JSON object:
+{"sources": {NAME: {"simulate_psnr_by_step": [...], "copy_last_psnr_by_step": [...], "policy_action_mse": x,
+"bc_action_mse": x, "zero_action_mse": x, ...}}, "closed_loop": {EMBODIMENT: {"success_rate": x,
+"expert_success_rate": x, "bc_success_rate": x, "random_success_rate": x, "episodes": n}}}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+from absl import flags
+
+from kairos_jax import cli
+from kairos_jax.inference import evaluate as ev
+from kairos_jax.inference import media
+from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model, load_training_stats
+from kairos_jax.inference.rollout import make_engine
+
+_BC = flags.DEFINE_string("bc_checkpoint", None, "A behaviour-cloning run (experiments/bc.py) to compare with.")
+_HORIZON = flags.DEFINE_integer("horizon", 8, "Generated blocks per clip.", lower_bound=1)
+_CONTEXT = flags.DEFINE_integer("context", 2, "True blocks before the first generated one.", lower_bound=1)
+_CLIPS = flags.DEFINE_integer("clips", 16, "Held-out clips per source.", lower_bound=1)
+_EPISODES = flags.DEFINE_integer("closed_loop_episodes", 50, "Task episodes per simulated robot (0: none).",
+                                 lower_bound=0)
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Euler steps per block (default: config rollout.num_steps).")
+_SOURCES = flags.DEFINE_list("sources", None, "Sources to evaluate (default: the last phase's robot sources).")
+
+log = logging.getLogger("kairos.evaluate")
+
+
+def load_engine(path: str, num_steps: int | None):
+    ref = find_checkpoint(path)
+    cfg = load_config(ref)
+    return make_engine(load_model(ref, cfg), cfg, num_steps=num_steps), cfg, ref
+
+
+def write_report(result: dict, out: str, title: str) -> None:
+    """report.md, psnr_<source>.png and frames_<source>.png from an evaluate() result."""
+    lines = [f"# {title}", "", "## Open loop (held-out episodes)", "",
+             "| source | step | simulate PSNR | video pred. PSNR | copy-last PSNR | linear PSNR | simulate SSIM |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    colors = {"simulate": (200, 30, 30), "video_prediction": (230, 140, 20), "copy_last": (110, 110, 110),
+              "linear": (30, 30, 200)}
+    for source, r in result["sources"].items():
+        get = lambda key, s, r=r: f"{r[key][s]:.2f}" if key in r else "-"
+        for s in range(r["horizon"]):
+            lines.append(f"| {source} | {s + 1} | {get('simulate_psnr_by_step', s)} | "
+                         f"{get('video_prediction_psnr_by_step', s)} | {get('copy_last_psnr_by_step', s)} | "
+                         f"{get('linear_psnr_by_step', s)} | {get('simulate_ssim_by_step', s)} |")
+        media.plot_series(os.path.join(out, f"psnr_{source}.png"), [
+            {"label": "PSNR (dB) per horizon step",
+             "series": [(name, r[f"{name}_psnr_by_step"], c) for name, c in colors.items()
+                        if f"{name}_psnr_by_step" in r]}], title=f"{source}: held-out, {r['clips']} clips")
+        if "sample_frames" in r:
+            sample = r.pop("sample_frames")
+            strip = np.concatenate([np.concatenate(list(sample["truth"]), axis=1),
+                                    np.concatenate(list(sample["simulate"]), axis=1)], axis=0)
+            from PIL import Image
+
+            Image.fromarray(strip).resize((strip.shape[1] * 4, strip.shape[0] * 4), Image.NEAREST).save(
+                os.path.join(out, f"frames_{source}.png"))
+    lines += ["", "| source | policy MSE | inverse dyn. MSE | BC MSE | zero MSE | mean-action MSE |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for source, r in result["sources"].items():
+        cell = lambda key, r=r: f"{r[key]:.4f}" if key in r else "-"
+        lines.append(f"| {source} | {cell('policy_action_mse')} | {cell('inverse_dynamics_action_mse')} | "
+                     f"{cell('bc_action_mse')} | {cell('zero_action_mse')} | {cell('mean_action_mse')} |")
+    if result["closed_loop"]:
+        lines += ["", "## Closed loop (task success)", "",
+                  "| robot | episodes | model | BC | scripted expert | random |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, r in result["closed_loop"].items():
+            cell = lambda key, r=r: f"{r[key]:.2f}" if key in r else "-"
+            lines.append(f"| {name} | {r['episodes']} | {cell('success_rate')} | {cell('bc_success_rate')} | "
+                         f"{cell('expert_success_rate')} | {cell('random_success_rate')} |")
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv) -> None:
+    del argv
+    logging.getLogger("kairos").setLevel(logging.INFO)
+    cli.require(checkpoint=cli.CHECKPOINT.value)
+    if _CONTEXT.value < 2:
+        raise cli.UsageError("--context must be >= 2 (linear extrapolation needs two frames)")
+    engine, cfg, ref = load_engine(cli.CHECKPOINT.value, _NUM_STEPS.value)
+    bc_engine = load_engine(_BC.value, _NUM_STEPS.value)[0] if _BC.value else None
+    train_stats = load_training_stats(ref)
+    if not train_stats:
+        log.warning("%s has no training statistics (an older run): normalising with the held-out data's own",
+                    ref.path)
+    root = cli.DATA_ROOT.value or cfg.data.root
+    settings = ev.Settings(context=_CONTEXT.value, horizon=_HORIZON.value, clips_per_source=_CLIPS.value,
+                           closed_loop_episodes=_EPISODES.value, seed=cli.SEED.value)
+    t0 = time.time()
+    result = ev.evaluate(engine, cfg, root, settings, train_stats=train_stats, sources=_SOURCES.value,
+                         bc_engine=bc_engine)
+    result["checkpoint"], result["bc_checkpoint"], result["data_root"] = ref.path, _BC.value, root
+    result["seconds"] = round(time.time() - t0, 1)
+    out = cli.OUT.value or os.path.join(os.path.dirname(ref.config_path), "eval")
+    os.makedirs(out, exist_ok=True)
+    write_report(result, out, f"Evaluation of {ref.path} on {root}")
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    for source, r in result["sources"].items():
+        if "simulate_psnr_by_step" in r:
+            print(f"{source}: simulate PSNR {np.mean(r['simulate_psnr_by_step']):.2f} dB over {r['horizon']} steps, "
+                  f"copy-last {np.mean(r['copy_last_psnr_by_step']):.2f} dB (gain {ev.mean_gain_db(r):+.2f} dB); "
+                  f"policy action MSE {r.get('policy_action_mse', float('nan')):.4f}")
+    print(f"wrote {out}/eval.json, report.md and plots in {result['seconds']} s")
+    print(json.dumps(ev.summary(result)), flush=True)
+
+
+def run() -> None:
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()
