@@ -6,9 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,sim,video,tfds
-CONFIG ?= experiments/embedded.py
+CONFIG ?= embedded
 WORKDIR ?= runs/embedded
 DATA_DIR ?= data/embedded
+HELDOUT_DIR ?= data/heldout
+LONG_DIR ?= data/heldout_long
+BC_WORKDIR ?= runs/bc
+EVAL_ARGS ?=
 PYTEST_ARGS ?=
 export MUJOCO_GL ?= egl
 export PYTHONUNBUFFERED := 1
@@ -22,7 +26,7 @@ PYTHON312 ?= $(shell \
   elif ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 >/dev/null 2>&1; then ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 | sort -V | tail -1; \
   fi)
 
-.PHONY: train test lint data install clean-venv
+.PHONY: train test test-all lint data install clean-venv eval bc
 
 $(STAMP): setup.py
 	@if [ -z "$(PYTHON312)" ]; then echo "error: no Python 3.12 found (put python3.12 on PATH, install it with pyenv, or pass PYTHON312=/path/to/python3.12)"; exit 1; fi
@@ -34,14 +38,35 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# Real local data: MuJoCo / dm_control episodes, generated once.
+# Real local data: MuJoCo / dm_control episodes, generated once: the training sources, held-out
+# robot episodes recorded from other seeds (no episode shared with training), and long held-out
+# episodes (>= 512 frames) for horizons of 8x the training clip.
 $(DATA_DIR)/.complete: $(STAMP)
 	$(PY) -m data_pipelines.generate --preset=embedded --output=$(DATA_DIR)
 
-data: $(DATA_DIR)/.complete
+$(HELDOUT_DIR)/.complete: $(STAMP)
+	$(PY) -m data_pipelines.generate --preset=heldout --seed=1 --output=$(HELDOUT_DIR)
 
-train: $(STAMP) $(DATA_DIR)/.complete
-	$(PY) -m kairos_jax.train --config=$(CONFIG) --workdir=$(WORKDIR) --config.data.root=$(DATA_DIR)
+$(LONG_DIR)/.complete: $(STAMP)
+	$(PY) -m data_pipelines.generate --preset=heldout_long --seed=2 --output=$(LONG_DIR)
+
+data: $(DATA_DIR)/.complete $(HELDOUT_DIR)/.complete $(LONG_DIR)/.complete
+
+train: $(STAMP) $(DATA_DIR)/.complete $(HELDOUT_DIR)/.complete
+	$(PY) -m kairos_jax.train --config=$(CONFIG) --workdir=$(WORKDIR) --config.data.root=$(DATA_DIR) \
+	    --config.eval.root=$(HELDOUT_DIR)
+
+# The behaviour-cloning baseline of `make eval`: the same network and trainer, policy only, robot data.
+$(BC_WORKDIR)/export/config.json: $(STAMP) $(DATA_DIR)/.complete
+	$(PY) -m kairos_jax.train --config=bc --workdir=$(BC_WORKDIR) --config.data.root=$(DATA_DIR)
+
+bc: $(BC_WORKDIR)/export/config.json
+
+# Evaluate what `make train` wrote against copy-last-frame, linear extrapolation, zero / mean actions,
+# the BC policy, the scripted expert and random actions (report in $(WORKDIR)/eval/).
+eval: $(STAMP) $(HELDOUT_DIR)/.complete $(BC_WORKDIR)/export/config.json
+	$(PY) -m kairos_jax.evaluate --checkpoint=$(WORKDIR) --data_root=$(HELDOUT_DIR) \
+	    --bc_checkpoint=$(BC_WORKDIR) $(EVAL_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -73,3 +98,52 @@ $(DIFFUSERS_VENV)/.installed:
 	@touch $@
 
 diffusers-venv: $(DIFFUSERS_VENV)/.installed
+
+# Client side of the serving protocol tests (tests/test_serve.py, marker `openpi`): the real
+# openpi-client from PyPI (it pins numpy < 2) in its own virtualenv, kept out of the main .venv;
+# its websocket client imports typing_extensions, which the release does not declare.
+# `make openpi-venv`, then `.venv/bin/python -m pytest -m openpi tests/test_serve.py`.
+OPENPI_VENV := .venv-openpi
+OPENPI_PYTHON ?= $(PYTHON311)
+OPENPI_CLIENT_VERSION ?= 0.1.2
+
+.PHONY: openpi-venv
+$(OPENPI_VENV)/.installed:
+	@if ! $(OPENPI_PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 8)' >/dev/null 2>&1; then \
+	  echo "error: no Python >= 3.8 found for $(OPENPI_VENV) (pass OPENPI_PYTHON=/path/to/python3)"; exit 1; fi
+	$(OPENPI_PYTHON) -m venv $(OPENPI_VENV)
+	$(OPENPI_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPENPI_VENV)/bin/python -m pip install -q "openpi-client==$(OPENPI_CLIENT_VERSION)" typing_extensions
+	@touch $@
+
+openpi-venv: $(OPENPI_VENV)/.installed
+
+# LeRobot v3.0 interop tests (tests/data/test_lerobot_interop.py, marker `lerobot`): the real `lerobot`
+# package in its own Python 3.11 virtualenv, kept out of .venv (it brings torch).
+# `make lerobot-venv`, then `.venv/bin/python -m pytest -m lerobot tests/data`. lerobot 0.4.4 pins
+# torch<2.11; it is installed without its pins beside LEROBOT_TORCH (what this machine has on disk;
+# torchcodec must match torch) and the packages its dataset code imports. torchcodec loads the
+# system FFmpeg libraries (Debian: apt-get install libavcodec59 libavformat59 libavutil57 libswscale6
+# libswresample4 libavfilter8 libavdevice59).
+LEROBOT_VENV := .venv-lerobot
+LEROBOT_VERSION ?= 0.4.4
+LEROBOT_TORCH ?= torch==2.14.1 torchvision==0.29.1 torchcodec==0.14.0
+LEROBOT_DEPS ?= "datasets>=4,<5" "huggingface-hub>=0.34.2,<0.36" "av>=15,<16" jsonlines "packaging>=24.2,<26" \
+  draccus==0.10.0 "deepdiff>=7,<9" termcolor pandas pyarrow einops "accelerate>=1.10,<2" \
+  "imageio[ffmpeg]>=2.34,<3" "opencv-python-headless>=4.9,<4.13"
+
+.PHONY: lerobot-venv
+$(LEROBOT_VENV)/.installed:
+	@if ! $(PYTHON311) -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1; then \
+	  echo "error: no Python 3.11 found (pass PYTHON311=/path/to/python3.11)"; exit 1; fi
+	$(PYTHON311) -m venv $(LEROBOT_VENV)
+	$(LEROBOT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LEROBOT_VENV)/bin/python -m pip install -q $(TORCH_PIP_ARGS) $(LEROBOT_TORCH)
+	$(LEROBOT_VENV)/bin/python -m pip install -q --no-deps "lerobot==$(LEROBOT_VERSION)"
+	$(LEROBOT_VENV)/bin/python -m pip install -q $(LEROBOT_DEPS)
+	@$(LEROBOT_VENV)/bin/python -c 'from torchcodec.decoders import VideoDecoder' >/dev/null 2>&1 || { \
+	  echo "error: torchcodec cannot load FFmpeg: install its shared libraries (Debian: apt-get install libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavfilter8 libavdevice59)"; exit 1; }
+	$(LEROBOT_VENV)/bin/python -c 'import lerobot.datasets.lerobot_dataset'
+	@touch $@
+
+lerobot-venv: $(LEROBOT_VENV)/.installed

@@ -32,6 +32,8 @@ setup(
         "pillow",
         "flatbuffers",  # jax.export serialisation of the streaming rollout step
         "safetensors>=0.4",  # video tokenizer weights (ours and the diffusers checkpoints we convert)
+        "websockets>=13",  # python -m kairos_jax.serve (openpi's websocket protocol)
+        "msgpack>=1.0",  # its wire format (also a dependency of flax)
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis", "ruff"],
@@ -57,6 +59,7 @@ setup(
             "kairos-rollout=kairos_jax.rollout:run",
             "kairos-evaluate=kairos_jax.evaluate:run",
             "kairos-export=kairos_jax.export:run",
+            "kairos-serve=kairos_jax.serve:run",
         ],
     },
 )

@@ -1,0 +1,559 @@
+"""Serving a trained world model over openpi's websocket protocol: as a policy, or as a simulator.
+
+The command line is `python -m kairos_jax.serve` (kairos_jax/serve.py); this module is the server.
+
+Protocol (openpi's `WebsocketPolicyServer` / `openpi_client.WebsocketClientPolicy`)
+----------------------------------------------------------------------------------
+A websocket server (no compression); every message is binary msgpack with numpy arrays in
+openpi's `msgpack_numpy` encoding (kairos_jax/inference/wire.py).
+
+- On connect the server sends its metadata map: "model", "checkpoint", "step", "mode" (the one this
+  server runs) and "modes" (those it can run), "embodiments" (name -> {"id", "action_dim",
+  "proprio_dim", "action_semantics", "source"}), "action_horizon" (k), "action_dim" (the padded
+  width the model works in), "image_size" ([H, W] of the model's frames), "text_len",
+  "max_message_bytes", "seed", "protocol".
+- Then each request is one map and each answer one map, in order.
+- `GET /healthz` answers 200 "OK" (as openpi's server).
+
+Each connection is one episode: the server keeps that connection's streaming state (the
+StreamingEngine caches, docs/architecture.md §7) and its random key, so per-request cost and
+memory are constant however long the episode runs (for the hybrid model; a model with "full"
+attention layers keeps every block and grows its cache by doubling). `{"reset": true}` starts a
+new episode on the same connection (answer `{"reset": true}`); so does a new connection.
+
+Policy mode (`--mode=policy`), request keys:
+
+    "observation/image"  uint8 [H, W, 3], any size: centre-cropped and area-resized to the model's
+                         frames exactly as in training (data_pipelines.pipeline.resize_frames)
+    "observation/state"  float [P] raw units, optional, P = the embodiment's proprio dims. The model
+                         takes no proprio input today: the state is checked (shape, float dtype,
+                         finite) and normalised with the checkpoint's statistics, then ignored.
+    "prompt"             str, the task text (UTF-8 bytes, truncated to the model's text_len)
+    "embodiment"         str, a registry name among the metadata's "embodiments"
+
+"prompt" and "embodiment" are required on the first request of an episode; later requests may
+repeat them (they must not change: reset first). Answer:
+
+    {"actions": float32 [k, A_embodiment] raw units (denormalised with the checkpoint's statistics),
+     "server_timing": {"infer_ms", "queue_ms", and from the second request "prev_total_ms"}}
+
+Step t of an episode is the block [a_{t-1} | o_t] (docs/architecture.md §2), as `closed_loop`
+(kairos_jax/inference/rollout.py) runs it: with key = jax.random.key(seed) at the episode's start,
+
+    t = 0:  state = start(prompt, embodiment); key, k0 = split(key)
+            commit(o_0, actions = normal(k0, [1, k, A]) * dim_mask at sigma 1)   (absent chunk)
+    t > 0:  commit(o_t, the normalised chunk answered at t - 1, at sigma 0)
+    then    key, kb = split(key); chunk = denoise(kb, mode="policy"); answer denormalize(chunk)
+
+Simulate mode (`--mode=simulate`: forward dynamics, the world model the other way round), request
+keys "actions" (float [k, A_embodiment] raw units, normalised with the checkpoint's statistics),
+and on the first request of an episode also "observation/image", "prompt" and "embodiment" (the
+frame to start from; later requests take no image: the model's own frames are the history).
+"observation/state" is accepted and ignored as above. t = 0 commits o_0 as in policy mode; every
+request then runs key, kb = split(key); step(kb, mode="simulate", actions) (denoise and commit the
+predicted frame) and answers {"observation/image": uint8 [H_model, W_model, 3], "server_timing"}.
+
+Errors: a request the server cannot use (not msgpack, not a map, a missing or unknown key, a wrong
+dtype or shape, an unknown embodiment, a changed prompt) is answered with a text frame
+"error: <what>" and the connection stays open with its episode unchanged (openpi's client raises
+RuntimeError("Error in inference server:\\n" + text) on a text frame). A message larger than
+max_message_bytes is not read: the connection is closed with code 1009 (message too big) and a
+reason naming the limit. A client that disconnects mid-request loses its episode; nobody else
+notices. An unexpected failure inside the model is answered "error: internal error ..." and ends
+that connection's episode (its state may have been consumed), not the server.
+
+Concurrency: requests of all connections go through one worker thread, in arrival order (a FIFO
+queue in front of the engine), so the jitted functions are never called concurrently and each
+connection's state is its own object. Episodes cannot share a batch: the engine's block index
+(RoPE position) is one scalar per state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import http
+import logging
+import os
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry
+from data_pipelines.normalization import Normalizer
+from data_pipelines.pipeline import patchify, resize_frames, text_tokens, unpatchify
+from kairos_jax.inference import wire
+from kairos_jax.inference.checkpoints import CheckpointError
+from kairos_jax.inference.streaming import StreamingEngine
+
+log = logging.getLogger("kairos.serve")
+
+MODES = ("policy", "simulate")
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+PROTOCOL = "openpi-websocket+msgpack_numpy (kairos serve v1)"
+IMAGE, STATE, PROMPT, EMBODIMENT, ACTIONS, RESET = ("observation/image", "observation/state", "prompt",
+                                                    "embodiment", "actions", "reset")
+REQUEST_KEYS = {"policy": (IMAGE, STATE, PROMPT, EMBODIMENT), "simulate": (ACTIONS, IMAGE, STATE, PROMPT, EMBODIMENT)}
+
+
+class BindError(OSError):
+    """The server's address cannot be bound (in use, not local, no permission)."""
+
+
+class RequestError(ValueError):
+    """A request the server cannot use; the message (sent back to the client) says what and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedEmbodiment:
+    name: str
+    id: int
+    action_dim: int
+    proprio_dim: int
+    action_semantics: str
+    source: str                        # the training source whose statistics are used
+    action_norm: Normalizer
+    proprio_norm: Normalizer | None
+
+    def describe(self) -> dict:
+        return {"id": self.id, "action_dim": self.action_dim, "proprio_dim": self.proprio_dim,
+                "action_semantics": self.action_semantics, "source": self.source}
+
+
+def served_embodiments(cfg, train_stats: dict, registry: EmbodimentRegistry = DEFAULT_REGISTRY
+                       ) -> tuple[dict[str, ServedEmbodiment], dict[str, str]]:
+    """The embodiments a model can serve, from the statistics it was trained with
+    ({source: {embodiment: EmbodimentStats}}): registered, with actions and action statistics, an id
+    inside the model's embodiment table and at most data.action_dim action dims. An embodiment seen
+    in several sources takes the statistics of the source with the most steps. Returns (served,
+    {name: why not} for the others that the statistics name)."""
+    served, refused = {}, {}
+    candidates: dict[str, list] = {}
+    for source, per_emb in sorted(train_stats.items()):
+        for name, s in per_emb.items():
+            candidates.setdefault(name, []).append((s.steps, source, s))
+    for name, options in sorted(candidates.items()):
+        steps, source, s = max(options, key=lambda o: (o[0], o[1]))
+        if name not in registry:
+            refused[name] = "not in the embodiment registry"
+            continue
+        e = registry.get(name)
+        if e.action_dim == 0 or s.action is None:
+            refused[name] = "no actions (action-free source)"
+        elif e.id >= cfg.data.num_embodiments:
+            refused[name] = f"id {e.id} is outside the model's embodiment table ({cfg.data.num_embodiments})"
+        elif e.action_dim > cfg.data.action_dim:
+            refused[name] = f"{e.action_dim} action dims > the model's data.action_dim {cfg.data.action_dim}"
+        elif s.action.dim != e.action_dim:
+            refused[name] = f"its action statistics have {s.action.dim} dims, the registry says {e.action_dim}"
+        else:
+            proprio = s.proprio if s.proprio is not None and s.proprio.dim == e.proprio_dim else None
+            served[name] = ServedEmbodiment(name, e.id, e.action_dim, e.proprio_dim, e.action_semantics, source,
+                                            Normalizer(s.action), None if proprio is None else Normalizer(proprio))
+    return served, refused
+
+
+@dataclasses.dataclass
+class Episode:
+    """One connection's rollout: the engine state (None before the first observation), its key,
+    the last answered chunk (normalised, [1, k, A]), and what the episode was started with."""
+
+    state: object = None
+    key: jax.Array | None = None
+    chunk: jax.Array | None = None
+    embodiment: ServedEmbodiment | None = None
+    prompt: str | None = None
+    blocks: int = 0
+
+
+def _describe(x) -> str:
+    if isinstance(x, np.ndarray):
+        return f"an array of dtype {x.dtype} and shape {list(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+class ServedModel:
+    """The model behind the server: validates requests and runs episodes on the streaming engine.
+    Not thread-safe: the server calls `handle` from one worker thread."""
+
+    def __init__(self, engine: StreamingEngine, cfg, embodiments: dict[str, ServedEmbodiment], *, mode: str = "policy",
+                 seed: int = 0, name: str = "model", checkpoint: str = "", step: int | None = None,
+                 refused: dict[str, str] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: one of {MODES}")
+        d = cfg.data
+        if d.get("channels", 3) != 3:
+            raise CheckpointError(f"this model takes {d.channels}-channel inputs (latents?); the server feeds "
+                                  f"RGB frames and would need the video encoder in front")
+        if cfg.model.text_encoder != "bytes":
+            raise CheckpointError("this model reads precomputed text embeddings (model.text_encoder="
+                                  f"{cfg.model.text_encoder!r}); the server encodes prompts as bytes")
+        if not embodiments:
+            why = "; ".join(f"{k}: {v}" for k, v in sorted((refused or {}).items())) or "no statistics"
+            raise CheckpointError(f"{checkpoint or name}: no embodiment can be served ({why})")
+        self.engine, self.cfg, self.embodiments = engine, cfg, embodiments
+        self.mode, self.seed, self.name, self.checkpoint, self.step = mode, int(seed), name, checkpoint, step
+        self.refused = dict(refused or {})
+        self.k, self.A = d.action_chunk, d.action_dim
+        self.height, self.width = d.image_size, d.get("image_width", 0) or d.image_size
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, mode: str = "policy", seed: int = 0, data_root: str | None = None
+                        ) -> ServedModel:
+        """Load a workdir, phase folder or export folder with the statistics it was trained with
+        (or, for a run that predates them, those of `data_root`'s sources)."""
+        from data_pipelines.normalization import StatsError, load_stats
+        from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model, load_training_stats
+        from kairos_jax.inference.rollout import make_engine
+
+        ref = find_checkpoint(path)
+        cfg = load_config(ref)
+        try:
+            stats = load_training_stats(ref)
+            if not stats and data_root:
+                sources = sorted({s for p in cfg.curriculum for s in cfg.phases[p].mixture})
+                stats = {s: load_stats(os.path.join(data_root, s)) for s in sources
+                         if os.path.isdir(os.path.join(data_root, s))}
+        except StatsError as e:
+            raise CheckpointError(str(e)) from None
+        if not stats:
+            raise CheckpointError(f"{ref.path}: no training statistics ({os.path.dirname(ref.config_path)}/stats/, "
+                                  f"written by kairos_jax.train); pass --data_root to use the sources' own")
+        embodiments, refused = served_embodiments(cfg, stats)
+        parent = os.path.dirname(ref.config_path)
+        name = os.path.basename(os.path.dirname(parent) if os.path.basename(parent) == "export" else parent)
+        return cls(make_engine(load_model(ref, cfg), cfg), cfg, embodiments, mode=mode, seed=seed, name=name,
+                   checkpoint=ref.path, step=ref.step, refused=refused)
+
+    def metadata(self, max_message_bytes: int) -> dict:
+        return {"model": self.name, "checkpoint": self.checkpoint, "step": self.step, "mode": self.mode,
+                "modes": list(MODES), "embodiments": {n: e.describe() for n, e in sorted(self.embodiments.items())},
+                "action_horizon": self.k, "action_dim": self.A, "image_size": [self.height, self.width],
+                "text_len": self.cfg.data.text_len, "max_message_bytes": int(max_message_bytes), "seed": self.seed,
+                "request_keys": list(REQUEST_KEYS[self.mode]), "protocol": PROTOCOL}
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def handle(self, episode: Episode, request) -> dict:
+        """One request of `episode` (updated in place) -> the answer (without timings). RequestError
+        for a request that cannot be used, raised before the episode changes."""
+        if not isinstance(request, dict):
+            raise RequestError(f"a request must be a map of observation keys; got {_describe(request)}")
+        bad = [k for k in request if not isinstance(k, str)]
+        if bad:
+            raise RequestError(f"request keys must be strings; got {bad[:4]!r}")
+        if RESET in request:
+            if request != {RESET: True}:
+                raise RequestError('a reset is the map {"reset": true} alone')
+            episode.__dict__.update(Episode().__dict__)
+            return {RESET: True}
+        allowed = REQUEST_KEYS[self.mode]
+        unknown = sorted(set(request) - set(allowed))
+        if unknown:
+            raise RequestError(f"unknown key(s) {unknown}; a {self.mode} request takes {list(allowed)} "
+                               f'(or {{"reset": true}})')
+        emb, prompt = self._episode_keys(request, episode)
+        self._proprio(request, emb)
+        tokens = actions = None
+        if self.mode == "policy":
+            tokens = self._tokens(self._image(request))
+        else:
+            actions = self._actions(request, emb)
+            if episode.state is None:
+                if IMAGE not in request:
+                    raise RequestError(f"the first request of a simulate episode needs {IMAGE!r} (uint8 [H, W, 3]): "
+                                       f"the frame to start from")
+                tokens = self._tokens(self._image(request))
+            elif IMAGE in request:
+                raise RequestError(f"{IMAGE!r} is only taken by the first request of a simulate episode (the model's "
+                                   f'own frames are the history); send {{"reset": true}} to start from a new frame')
+        try:
+            return self._run(episode, emb, prompt, tokens, actions)
+        except Exception:
+            episode.__dict__.update(Episode().__dict__)      # its state may have been consumed (donated)
+            raise
+
+    def _run(self, episode: Episode, emb: ServedEmbodiment, prompt: str, tokens, actions) -> dict:
+        eng = self.engine
+        zeros, ones = np.zeros(1, np.float32), np.ones(1, np.float32)
+        dim_mask = np.zeros((1, self.A), np.float32)
+        dim_mask[0, :emb.action_dim] = 1.0
+        if episode.state is None:
+            text = jnp.asarray(text_tokens(prompt, self.cfg.data.text_len))[None]
+            state = eng.start(text, jnp.asarray([emb.id], jnp.int32), jnp.asarray(dim_mask))
+            key, k0 = jax.random.split(jax.random.key(self.seed))
+            noise = jax.random.normal(k0, (1, self.k, self.A)) * dim_mask[:, None]
+            episode.state = eng.commit(state, tokens, noise, zeros, ones)        # block 0: a_{-1} absent
+            episode.key, episode.embodiment, episode.prompt = key, emb, prompt
+        elif self.mode == "policy":
+            episode.state = eng.commit(episode.state, tokens, episode.chunk, zeros, zeros)
+        episode.key, kb = jax.random.split(episode.key)
+        episode.blocks += 1
+        if self.mode == "policy":
+            _, chunk, _, _ = eng.denoise(episode.state, kb, mode="policy")
+            episode.chunk = chunk
+            raw = emb.action_norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim]))
+            return {ACTIONS: np.ascontiguousarray(raw, np.float32)}
+        a = np.zeros((1, self.k, self.A), np.float32)
+        a[0, :, :emb.action_dim] = emb.action_norm.normalize(actions)
+        episode.state, video, _ = eng.step(episode.state, kb, mode="simulate", actions=a)
+        d = self.cfg.data
+        frame = unpatchify(np.asarray(video), d.image_size, d.patch_size, 3, d.get("image_width", 0))[0]
+        return {IMAGE: frame}
+
+    def _episode_keys(self, request: dict, episode: Episode) -> tuple[ServedEmbodiment, str]:
+        name, prompt = request.get(EMBODIMENT), request.get(PROMPT)
+        if name is not None and not isinstance(name, str):
+            raise RequestError(f"{EMBODIMENT!r} must be a string (one of {sorted(self.embodiments)}); "
+                               f"got {_describe(name)}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise RequestError(f"{PROMPT!r} must be a string; got {_describe(prompt)}")
+        if name is not None and name not in self.embodiments:
+            why = self.refused.get(name) or ("not registered" if name not in DEFAULT_REGISTRY
+                                             else "the model was not trained on it")
+            raise RequestError(f"unknown embodiment {name!r} ({why}); this model serves {sorted(self.embodiments)}")
+        if episode.state is None:
+            missing = [k for k, v in ((PROMPT, prompt), (EMBODIMENT, name)) if v is None]
+            if missing:
+                raise RequestError(f"missing key(s) {missing}: the first request of an episode needs {PROMPT!r} (str) "
+                                   f"and {EMBODIMENT!r} (one of {sorted(self.embodiments)})")
+            return self.embodiments[name], str(prompt)
+        if name is not None and name != episode.embodiment.name:
+            raise RequestError(f"embodiment changed within an episode ({episode.embodiment.name!r} -> {name!r}); "
+                               f'send {{"reset": true}} or reconnect to start a new episode')
+        if prompt is not None and str(prompt) != episode.prompt:
+            raise RequestError(f"prompt changed within an episode ({episode.prompt!r} -> {prompt!r}); "
+                               f'send {{"reset": true}} or reconnect to start a new episode')
+        return episode.embodiment, episode.prompt
+
+    def _image(self, request: dict) -> np.ndarray:
+        if IMAGE not in request:
+            raise RequestError(f"missing key {IMAGE!r} (uint8 [H, W, 3])")
+        x = request[IMAGE]
+        if not isinstance(x, np.ndarray):
+            raise RequestError(f"{IMAGE!r} must be a numpy array uint8 [H, W, 3]; got {_describe(x)}")
+        if x.dtype != np.uint8:
+            raise RequestError(f"{IMAGE!r} has dtype {x.dtype}; expected uint8 [H, W, 3]")
+        if x.ndim != 3 or x.shape[2] != 3 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise RequestError(f"{IMAGE!r} has shape {list(x.shape)}; expected [H, W, 3] (height, width, RGB), "
+                               f"H, W >= 1")
+        return x
+
+    def _tokens(self, image: np.ndarray) -> jax.Array:
+        d = self.cfg.data
+        x = resize_frames(image[None], d.image_size, d.get("image_width", 0))
+        return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)        # [1, N, Dp]
+
+    def _float_array(self, request: dict, key: str, shape: tuple, what: str) -> np.ndarray:
+        x = request[key]
+        if not isinstance(x, np.ndarray):
+            raise RequestError(f"{key!r} must be a numpy float array {list(shape)} ({what}); got {_describe(x)}")
+        if x.dtype.kind != "f":
+            raise RequestError(f"{key!r} has dtype {x.dtype}; expected a float array {list(shape)} ({what})")
+        if tuple(x.shape) != shape:
+            raise RequestError(f"{key!r} has shape {list(x.shape)}; expected {list(shape)} ({what})")
+        if not np.all(np.isfinite(x)):
+            raise RequestError(f"{key!r} holds NaN or inf")
+        return x.astype(np.float32)
+
+    def _proprio(self, request: dict, emb: ServedEmbodiment) -> np.ndarray | None:
+        """Checked and normalised; the model takes no proprio input, so the result is not used."""
+        if STATE not in request:
+            return None
+        if emb.proprio_dim == 0:
+            raise RequestError(f"embodiment {emb.name!r} has no proprioception; drop {STATE!r}")
+        x = self._float_array(request, STATE, (emb.proprio_dim,), f"{emb.name}'s proprio dims, raw units")
+        return x if emb.proprio_norm is None else emb.proprio_norm.normalize(x)
+
+    def _actions(self, request: dict, emb: ServedEmbodiment) -> np.ndarray:
+        if ACTIONS not in request:
+            raise RequestError(f"missing key {ACTIONS!r} (float [{self.k}, {emb.action_dim}], raw units): a simulate "
+                               f"request carries the action chunk to apply")
+        return self._float_array(request, ACTIONS, (self.k, emb.action_dim),
+                                 f"k={self.k} steps of {emb.name}'s {emb.action_dim} action dims, raw units")
+
+    def warm_up(self) -> float:
+        """Compile the engine's functions with one throw-away episode; returns the seconds it took."""
+        t0 = time.perf_counter()
+        emb = min(self.embodiments.values(), key=lambda e: e.id)
+        episode = Episode()
+        image = np.zeros((self.height, self.width, 3), np.uint8)
+        for t in range(2):
+            req = {EMBODIMENT: emb.name, PROMPT: ""}
+            if self.mode == "policy":
+                req[IMAGE] = image
+            else:
+                req[ACTIONS] = np.zeros((self.k, emb.action_dim), np.float32)
+                if t == 0:
+                    req[IMAGE] = image
+            self.handle(episode, req)
+        return time.perf_counter() - t0
+
+
+# -- the websocket server ----------------------------------------------------------------------------
+
+def _health_check(connection, request):
+    if request.path == "/healthz":
+        return connection.respond(http.HTTPStatus.OK, "OK\n")
+    return None
+
+
+class Server:
+    """The websocket server around a ServedModel (see the module docstring for the protocol).
+
+        server = Server(model, host="127.0.0.1", port=0)
+        asyncio.run(server.serve(ready=lambda host, port: ...))     # until server.stop()
+    """
+
+    def __init__(self, model: ServedModel, *, host: str = "127.0.0.1", port: int = 8000,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, exit_after_idle_s: float = 0.0):
+        self.model, self.host, self.port = model, host, int(port)
+        self.max_message_bytes = int(max_message_bytes)
+        self.exit_after_idle_s = float(exit_after_idle_s)
+        self.metadata = model.metadata(self.max_message_bytes)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kairos-engine")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self._connections = 0
+        self._last_activity = time.monotonic()
+        self.requests = 0
+
+    def stop(self) -> None:
+        """Ask a running `serve` to return (from any thread)."""
+        if self._loop is not None and self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+
+    async def serve(self, ready=None) -> None:
+        """Listen until `stop()` (or idle past exit_after_idle_s); calls ready(host, port) once bound.
+        OSError when the address cannot be bound."""
+        from websockets.asyncio.server import serve
+
+        self._loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            server = await serve(self._handler, self.host, self.port, compression=None,
+                                 max_size=self.max_message_bytes, process_request=_health_check)
+        except OSError as e:
+            raise BindError(e.errno, f"cannot listen on {self.host}:{self.port} ({e.strerror or e})") from None
+        try:
+            host, port = server.sockets[0].getsockname()[:2]
+            if ready is not None:
+                ready(host, port)
+            watchdog = asyncio.create_task(self._idle_watchdog()) if self.exit_after_idle_s > 0 else None
+            await self._stopped.wait()
+            if watchdog is not None:
+                watchdog.cancel()
+        finally:
+            server.close()
+            await server.wait_closed()
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _idle_watchdog(self):
+        while True:
+            await asyncio.sleep(min(1.0, self.exit_after_idle_s))
+            if self._connections == 0 and time.monotonic() - self._last_activity > self.exit_after_idle_s:
+                log.warning("no connection for %.0f s: stopping", self.exit_after_idle_s)
+                self._stopped.set()
+                return
+
+    async def _send(self, ws, data) -> bool:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await ws.send(data)
+            return True
+        except ConnectionClosed:
+            return False
+
+    async def _handler(self, ws):
+        from websockets.exceptions import ConnectionClosed
+        from websockets.protocol import State
+
+        self._connections += 1
+        peer = ws.remote_address
+        log.info("connection from %s opened", peer)
+        episode = Episode()
+        prev_total_ms = None
+        try:
+            if not await self._send(ws, wire.packb(self.metadata)):
+                return
+            while True:
+                try:
+                    message = await ws.recv()
+                except ConnectionClosed as e:
+                    if e.sent is not None and e.sent.code == 1009:      # over max_message_bytes
+                        log.warning("connection from %s closed: %s", peer, e.sent.reason)
+                    break
+                t_received = time.monotonic()
+                self._last_activity = t_received
+                try:
+                    if isinstance(message, str):
+                        raise RequestError("expected a binary msgpack message (openpi's msgpack_numpy); got a text "
+                                           "frame")
+                    try:
+                        request = wire.unpackb(message)
+                    except wire.WireError as e:
+                        raise RequestError(str(e)) from None
+
+                    def work(request=request, t_received=t_received):
+                        if ws.state is not State.OPEN:       # the client left while queued
+                            return None, 0.0, 0.0
+                        t0 = time.monotonic()
+                        answer = self.model.handle(episode, request)
+                        return answer, (t0 - t_received) * 1000, (time.monotonic() - t0) * 1000
+
+                    answer, queue_ms, infer_ms = await self._loop.run_in_executor(self._executor, work)
+                except RequestError as e:
+                    log.info("connection from %s: bad request: %s", peer, e)
+                    if not await self._send(ws, f"error: {e}"):
+                        break
+                    continue
+                except Exception as e:  # noqa: BLE001  (a failure inside the model ends the episode, not the server)
+                    log.exception("connection from %s: internal error", peer)
+                    if not await self._send(ws, f"error: internal error ({type(e).__name__}: {e}); the episode "
+                                                f"was reset"):
+                        break
+                    continue
+                if answer is None:
+                    break
+                if RESET not in answer:
+                    timing = {"infer_ms": infer_ms, "queue_ms": queue_ms}
+                    if prev_total_ms is not None:
+                        timing["prev_total_ms"] = prev_total_ms
+                    answer["server_timing"] = timing
+                if not await self._send(ws, wire.packb(answer)):
+                    log.info("connection from %s: closed before its answer was sent", peer)
+                    break
+                self.requests += 1
+                prev_total_ms = (time.monotonic() - t_received) * 1000
+        finally:
+            self._connections -= 1
+            self._last_activity = time.monotonic()
+            log.info("connection from %s closed", peer)
+
+    # -- in-process use (tests, benchmarks) ---------------------------------------------------------
+
+    def start_in_thread(self, timeout: float = 60.0) -> tuple[str, int]:
+        """Run `serve` on a daemon thread with its own event loop; returns (host, port) once bound."""
+        bound = concurrent.futures.Future()
+
+        def target():
+            try:
+                asyncio.run(self.serve(ready=lambda h, p: bound.set_result((h, p))))
+            except BaseException as e:  # noqa: BLE001
+                if not bound.done():
+                    bound.set_exception(e)
+                raise
+
+        self._thread = threading.Thread(target=target, name="kairos-serve", daemon=True)
+        self._thread.start()
+        return bound.result(timeout)
+
+    def stop_thread(self, timeout: float = 30.0) -> None:
+        self.stop()
+        self._thread.join(timeout)
