@@ -55,6 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
         # What the heads predict: "x0" (the clean signal, turned into a velocity for sampling; any
         # width) or "velocity" (eps - x0; needs video_width >= patch_size^2 * channels).
         prediction="x0",
+        # x0 head: the video head predicts the change from each block's previous clean frame (the
+        # recorded one in training, the committed one in a rollout); "nothing moved" is its zero output.
+        video_residual=True,
         text_width=128,           # understanding expert (byte-level text transformer)
         text_depth=2,
         text_heads=4,
@@ -195,6 +198,9 @@ def validate(cfg) -> None:
     _req(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
     _req(m.prediction in PREDICTIONS, "model.prediction", m.prediction, f"one of {PREDICTIONS}")
     _req(isinstance(m.spatial_rope, bool), "model.spatial_rope", m.spatial_rope, "True or False")
+    _req(isinstance(m.video_residual, bool), "model.video_residual", m.video_residual, "True or False")
+    _req(not m.video_residual or m.prediction == "x0", "model.video_residual", m.video_residual,
+         "True needs model.prediction='x0' (the residual is added to the clean-signal estimate)")
 
     # data: the clip geometry is checked by the pipeline that cuts the clips
     clip_spec(d)
@@ -270,7 +276,11 @@ def validate(cfg) -> None:
 
 
 def check_data_sources(cfg) -> None:
-    """Every source a phase names must be a folder under data.root (checked before compiling)."""
+    """Every source a phase names must be a folder under data.root, and the held-out root of
+    eval.every must exist (checked before compiling)."""
+    if cfg.eval.every and not os.path.isdir(cfg.eval.root):
+        raise ConfigError(f"config.eval.root={cfg.eval.root!r}: directory does not exist (held-out episodes: "
+                          f"`make data` writes data/heldout; or set config.eval.every=0)")
     root = cfg.data.root
     if not os.path.isdir(root):
         raise ConfigError(f"config.data.root={root!r}: directory does not exist "
@@ -335,14 +345,14 @@ def _validate_eval(cfg) -> None:
     _positive_int(cfg, "eval", "clips_per_source")
     _positive_int(cfg, "eval", "num_steps")
     if e.every:
-        _req(e.root != "" and os.path.isdir(e.root), "eval.root", e.root,
-             "with eval.every > 0, a folder of held-out shards (make data writes data/heldout)")
+        _req(e.root != "", "eval.root", e.root, "with eval.every > 0, a folder of held-out shards "
+             "(make data writes data/heldout)")
 
 
 def load_saved_config(path: str) -> ml_collections.ConfigDict:
     """The config.json a training run wrote, over `default_config()`: fields added to the schema
     since the run keep their defaults, except those whose absence means the older behaviour (a run
-    from before the x0 head and space-time RoPE had velocity heads and time-only RoPE)."""
+    from before the x0 head, space-time RoPE and the residual video head had none of them)."""
     try:
         with open(path) as f:
             saved = json.load(f)
@@ -352,6 +362,7 @@ def load_saved_config(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: not a config written by kairos_jax.train (no model / data sections)")
     saved["model"].setdefault("prediction", "velocity")
     saved["model"].setdefault("spatial_rope", False)
+    saved["model"].setdefault("video_residual", False)
     cfg = default_config()
     _merge(cfg, saved)
     return cfg

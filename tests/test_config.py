@@ -49,8 +49,10 @@ BAD = [
     ("loss_target", lambda c: c.train.update(dict(loss_target="eps")), "train.loss_target"),
     ("loss_min_sigma", lambda c: c.train.update(dict(loss_min_sigma=0.0)), "train.loss_min_sigma"),
     # a velocity head narrower than a patch (4 x 4 x 3 = 48 values) cannot carry the noise it must predict
-    ("narrow velocity", lambda c: c.model.update(dict(prediction="velocity", video_width=32)),
+    ("narrow velocity", lambda c: c.model.update(dict(prediction="velocity", video_residual=False, video_width=32)),
      "must be >= the values of one patch"),
+    ("residual velocity", lambda c: c.model.update(dict(prediction="velocity", video_residual=True)),
+     "model.video_residual=True is invalid"),
 ]
 
 

@@ -86,6 +86,7 @@ def test_streamed_video_equals_sampling_the_same_blocks_one_at_a_time(setup):
     import jax.numpy as jnp
 
     from kairos_jax.inference import sampling
+    from kairos_jax.model import diffusion
 
     cfg = setup["cfg"]
     engine = make_engine(setup["model"], cfg, num_steps=3)
@@ -104,7 +105,7 @@ def test_streamed_video_equals_sampling_the_same_blocks_one_at_a_time(setup):
         lambda x, s, _: {"video": nnx.merge(*nnx.split(setup["model"]))(
             x["video"], ctx["actions"], jnp.broadcast_to(jnp.where(jnp.arange(3) < 2, 0.0, s), (2, 3)),
             jnp.where(ctx["action_mask"] > 0, 0.0, 1.0), ctx["embodiment_id"], ctx["action_dim_mask"],
-            ctx["text"]).video_velocity},
+            ctx["text"], reference=diffusion.previous_frames(x["video"])).video_velocity},
         {"video": ctx["video"].at[:, 2].set(eps)}, {"video": (jnp.arange(3) == 2)[None, :, None, None]},
         sampling.sigma_schedule(3))["video"][:, 2]
     np.testing.assert_allclose(got[:, 0], np.asarray(ref), atol=2e-4)

@@ -171,7 +171,7 @@ def test_initial_model_predicts_zero_and_depends_on_sigma_after_training_signal(
 def test_both_parameterisations_are_returned_and_consistent(prediction):
     """The heads predict one of x0 / velocity; the other is derived from x_sigma = (1 - s) x0 + s eps:
     v = (x_sigma - x0) / s. Checked against that formula in numpy for both heads."""
-    cfg = tiny_config(prediction=prediction)
+    cfg = tiny_config(prediction=prediction, video_residual=prediction == "x0")
     model = randomized(KairosWorldModel(cfg.model, cfg.data, rngs=nnx.Rngs(0)), seed=3, scale=0.2)
     b = synthetic_batch(cfg, 2)
     B, T = b["video"].shape[:2]

@@ -42,7 +42,7 @@ class GaussianFlowModel(nnx.Module):
         self.s_a = nnx.Variable(jnp.asarray(r.uniform(0.3, 1.5, size=(K, A)), jnp.float32))
 
     def __call__(self, video, actions, sigma_video, sigma_action, embodiment_id, action_dim_mask, text,
-                 positions=None):
+                 positions=None, reference=None):
         jax.debug.callback(lambda sv, sa: CALLS.append((np.asarray(sv), np.asarray(sa))), sigma_video,
                            sigma_action, ordered=True)
         has_text = jnp.any(text > 0, axis=-1)[:, None, None, None]
@@ -112,19 +112,34 @@ def test_guidance_extrapolates_the_conditional_target_and_scale_one_is_condition
     np.testing.assert_allclose(one, cond, atol=1e-5)
 
 
-# Expected noise levels per block of a (num_context = 2, T = 4) clip, from the table of docs/architecture.md §2; "s" is
-# the sampler's current sigma. Block 0 of the actions is unknown in the context below.
+# Expected noise levels per block of a (num_context = 2, T = 4) clip, from the table of
+# docs/architecture.md §2, while block g in (2, 3) is generated: "s" is the sampler's current sigma
+# on block g; a generated entry is clean (0) once done (t < g) and waits at 1 before (t > g). Block 0
+# of the actions is unknown in the context below ("x": absent).
 PLANS = {
-    "policy": (["x", 0, "s", "s"], [0, 0, 1, 1]),
-    "forward_dynamics": (["x", 0, 0, 0], [0, 0, "s", "s"]),
-    "inverse_dynamics": (["x", 0, "s", "s"], [0, 0, 0, 0]),
-    "video_prediction": ([1, 1, 1, 1], [0, 0, "s", "s"]),
-    "joint": (["x", 0, "s", "s"], [0, 0, "s", "s"]),
+    "policy": (["x", 0, "g", "g"], [0, 0, 1, 1]),
+    "forward_dynamics": (["x", 0, 0, 0], [0, 0, "g", "g"]),
+    "inverse_dynamics": (["x", 0, "g", "g"], [0, 0, 0, 0]),
+    "video_prediction": ([1, 1, 1, 1], [0, 0, "g", "g"]),
+    "joint": (["x", 0, "g", "g"], [0, 0, "g", "g"]),
 }
 
 
+def planned(plan, g, s):
+    """The sigmas of a plan while block g is generated at sigma s."""
+    out = []
+    for t, p in enumerate(plan):
+        if p == "x":
+            out.append(1.0)
+        elif p == "g":
+            out.append(s if t == g else 0.0 if t < g else 1.0)
+        else:
+            out.append(float(p))
+    return np.asarray(out, np.float32)
+
+
 @pytest.mark.parametrize("mode", sorted(PLANS))
-def test_every_mode_feeds_the_planned_sigmas_and_keeps_given_values(mode):
+def test_every_mode_generates_block_by_block_with_the_planned_sigmas(mode):
     model, c, rng = GaussianFlowModel(), context(1), jax.random.key(5)
     action_mask = np.ones((B, T), np.float32)
     action_mask[:, 0] = 0.0
@@ -136,23 +151,24 @@ def test_every_mode_feeds_the_planned_sigmas_and_keeps_given_values(mode):
     jax.effects_barrier()
     schedule = sampling.sigma_schedule(steps, 1.5)
     plan_a, plan_v = PLANS[mode]
-    plan_a = [1 if p == "x" else p for p in plan_a]        # unknown chunk: absent
-    assert len(CALLS) == steps
-    for i, (sv, sa) in enumerate(CALLS):
+    assert len(CALLS) == steps * 2                          # blocks 2 and 3, one after the other
+    for n, (sv, sa) in enumerate(CALLS):
+        g, i = 2 + n // steps, n % steps
         for plan, got in ((plan_v, sv), (plan_a, sa)):
-            want = np.array([schedule[i] if p == "s" else p for p in plan], np.float32)
-            np.testing.assert_allclose(got, np.broadcast_to(want, (B, T)), atol=1e-6, err_msg=mode)
+            np.testing.assert_allclose(got, np.broadcast_to(planned(plan, g, schedule[i]), (B, T)), atol=1e-6,
+                                       err_msg=f"{mode} block {g} step {i}")
     video, actions = np.asarray(out["video"]), np.asarray(out["actions"])
     for t in range(T):
         for plan, x, given, eps in ((plan_v, video, c["video"], eps_v), (plan_a, actions, c["actions"], eps_a)):
-            if plan[t] == 0:
+            p = 1 if plan[t] == "x" else plan[t]
+            if p == 0:
                 np.testing.assert_array_equal(x[:, t], np.asarray(given)[:, t])
-            elif plan[t] == 1:
+            elif p == 1:
                 np.testing.assert_allclose(x[:, t], eps[:, t], atol=1e-6)
             else:
                 assert np.abs(x[:, t] - eps[:, t]).max() > 1e-2
         want_sv = 1.0 if plan_v[t] == 1 else 0.0
-        want_sa = 1.0 if plan_a[t] == 1 else 0.0
+        want_sa = 1.0 if plan_a[t] in (1, "x") else 0.0
         assert np.all(np.asarray(out["sigma_video"])[:, t] == want_sv)
         assert np.all(np.asarray(out["sigma_action"])[:, t] == want_sa)
     assert np.all(actions * (1 - np.asarray(c["action_dim_mask"]))[:, None, None] == 0)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from kairos_jax.inference import sampling, streaming
 from kairos_jax.inference.streaming import StreamingEngine, cache_bytes
-from kairos_jax.model import KairosWorldModel
+from kairos_jax.model import KairosWorldModel, diffusion
 from kairos_jax.model.text import null_text
 from tests.conftest import synthetic_batch, tiny_config
 
@@ -62,8 +62,9 @@ def setup(name):
 
     @jax.jit
     def full(params, video, actions, sigma_video, sigma_action, text):
+        # blocks before the one compared are clean: the residual head's reference is the previous one
         out = nnx.merge(graphdef, params)(video, actions, sigma_video, sigma_action, batch["embodiment_id"],
-                                          batch["action_dim_mask"], text)
+                                          batch["action_dim_mask"], text, reference=diffusion.previous_frames(video))
         return out.video_velocity, out.action_velocity, out.proprio, out.progress
 
     return cfg, model, params, batch, full

@@ -119,9 +119,12 @@ def sample(model, context: dict, *, mode: str, num_context: int, rng, num_steps:
     context: video [B, T, N, Dp], actions [B, T, k, A] (values of generated modalities are ignored),
         embodiment_id int [B], action_dim_mask [B, A], text (byte tokens [B, L] or the precomputed
         pair), optional action_mask [B, T].
-    Blocks t < num_context are context; the rest are generated (0 <= num_context < T). The initial
-    noise is, with r_v, r_a = jax.random.split(rng): eps_video = normal(r_v, video.shape) and
-    eps_actions = normal(r_a, actions.shape) * action_dim_mask.
+    Blocks t < num_context are context; the rest are generated (0 <= num_context < T), one block at
+    a time as a rollout generates them: block g is integrated from sigma 1 to 0 against the blocks
+    before it, clean (given, or generated already; the reference frame of a residual video head is
+    the previous block's), while the generated modalities of later blocks wait as noise at sigma 1.
+    The initial noise is, with r_v, r_a = jax.random.split(rng): eps_video = normal(r_v, video.shape)
+    and eps_actions = normal(r_a, actions.shape) * action_dim_mask.
     Returns video, actions (context and given values kept, generated values sampled, absent ones
     left as the noise the model saw) and the final sigma_video, sigma_action [B, T]
     (0 = clean or generated, 1 = absent).
@@ -135,6 +138,12 @@ def sample(model, context: dict, *, mode: str, num_context: int, rng, num_steps:
     scale = None if guidance_scale is None else jnp.float32(guidance_scale)
     return _sample(model, inputs, rng, scale, mode=mode, num_context=num_context,
                    schedule=tuple(float(s) for s in sigma_schedule(num_steps, shift)))
+
+
+def _block_g_rules(rule, t, g: int):
+    """The rules while block g is generated: generated entries of earlier blocks are CLEAN (done),
+    of later blocks ABSENT (not yet); block g and given / absent entries keep their rule."""
+    return jnp.where((rule == NOISY) & (t < g), CLEAN, jnp.where((rule == NOISY) & (t > g), ABSENT, rule))
 
 
 @functools.partial(nnx.jit, static_argnames=("mode", "num_context", "schedule"))
@@ -152,24 +161,32 @@ def _sample(model, inputs, rng, guidance_scale, *, mode, num_context, schedule):
     block = lambda r, x: r.reshape(r.shape + (1,) * (x.ndim - 2))
     x = {"video": jnp.where(block(v_rule, video) == CLEAN, video, eps_v),
          "actions": jnp.where(block(a_rule, actions) == CLEAN, actions, eps_a)}
-    generated = {"video": block(v_rule, video) == NOISY, "actions": block(a_rule, actions) == NOISY}
 
     graphdef, model_state = nnx.split(model)
+    t = jnp.arange(T)[None]
+    for g in range(num_context, T):
+        # Block g against the blocks before it, which are clean (given, or generated already); the
+        # generated modalities of later blocks are not generated yet (noise at sigma 1; block-causal
+        # attention hides them from block g anyway).
+        a_now, v_now = (_block_g_rules(rule, t, g) for rule in (a_rule, v_rule))
+        generated = {"video": block((v_now == NOISY) & (t == g), video),
+                     "actions": block((a_now == NOISY) & (t == g), actions)}
 
-    def velocity(x, s, model_state):
-        model = nnx.merge(graphdef, model_state)
+        def velocity(x, s, model_state, a_now=a_now, v_now=v_now):
+            model = nnx.merge(graphdef, model_state)
 
-        def model_fn(inp, text):
-            x, sv, sa = inp["x"], inp["sigma_video"], inp["sigma_action"]
-            out = model(x["video"], x["actions"], sv, sa, inp["embodiment_id"], inp["action_dim_mask"], text)
-            return {"video": out.video_velocity, "actions": out.action_velocity}
+            def model_fn(inp, text):
+                x, sv, sa = inp["x"], inp["sigma_video"], inp["sigma_action"]
+                out = model(x["video"], x["actions"], sv, sa, inp["embodiment_id"], inp["action_dim_mask"], text,
+                            reference=diffusion.previous_frames(x["video"]))
+                return {"video": out.video_velocity, "actions": out.action_velocity}
 
-        inp = {"x": x, "sigma_video": diffusion.sigma_from_rule(v_rule, s),
-               "sigma_action": diffusion.sigma_from_rule(a_rule, s),
-               "embodiment_id": inputs["embodiment_id"], "action_dim_mask": dim_mask}
-        return guided(model_fn, inp, inputs["text"], guidance_scale)
+            inp = {"x": x, "sigma_video": diffusion.sigma_from_rule(v_now, s),
+                   "sigma_action": diffusion.sigma_from_rule(a_now, s),
+                   "embodiment_id": inputs["embodiment_id"], "action_dim_mask": dim_mask}
+            return guided(model_fn, inp, inputs["text"], guidance_scale)
 
-    x = euler_integrate(velocity, x, generated, schedule, model_state)
+        x = euler_integrate(velocity, x, generated, schedule, model_state)
     return {"video": x["video"], "actions": x["actions"] * dim_mask[:, None, None],
             "sigma_video": diffusion.sigma_from_rule(v_rule, 0.0),
             "sigma_action": diffusion.sigma_from_rule(a_rule, 0.0)}

@@ -45,6 +45,8 @@ class StreamState:
     text_mask: jax.Array         # bool [B', L + 1]
     embodiment_id: jax.Array     # int32 [B']
     action_dim_mask: jax.Array   # float32 [B', A]
+    reference: jax.Array         # float32 [B', N, Dp]: the last committed clean frame (zeros before
+                                 # the first, or after a block committed with its video absent)
     full_capacity: int = struct.field(pytree_node=False, default=0)   # blocks a "full" layer holds
 
 
@@ -76,16 +78,19 @@ class StreamSpec:
         if self.guidance_scale is not None:
             text = concat_text(text, null_text(text))
         caches, text_mask = model.init_cache(text, full_capacity=full_capacity)
+        emb = self._double(jnp.asarray(embodiment_id, jnp.int32))
+        lay = model.layout
         return StreamState(position=jnp.zeros((), jnp.int32), caches=caches, text_mask=text_mask,
-                           embodiment_id=self._double(jnp.asarray(embodiment_id, jnp.int32)),
-                           action_dim_mask=self._double(jnp.asarray(action_dim_mask, jnp.float32)),
+                           embodiment_id=emb, action_dim_mask=self._double(jnp.asarray(action_dim_mask, jnp.float32)),
+                           reference=jnp.zeros((emb.shape[0], lay.video_tokens, lay.patch_dim), jnp.float32),
                            full_capacity=full_capacity)
 
     def _forward(self, params, state, video, actions, sigma_video, sigma_action):
         model = nnx.merge(self.graphdef, params)
         d = lambda x: self._double(x)[:, None]
         return model.step_block(d(video), d(actions), d(sigma_video), d(sigma_action), state.embodiment_id,
-                                state.action_dim_mask, state.position, state.caches, state.text_mask)
+                                state.action_dim_mask, state.position, state.caches, state.text_mask,
+                                reference=state.reference[:, None])
 
     def velocity_fn(self, params, state, video, actions, sigma_video, sigma_action) -> dict:
         """The model's outputs for one block at the given noise levels, against the caches (read only):
@@ -103,7 +108,9 @@ class StreamSpec:
     def commit_fn(self, params, state, video, actions, sigma_video, sigma_action) -> StreamState:
         """Write one block (committed modalities at sigma = 0) into the caches; advance the index."""
         _, caches = self._forward(params, state, video, actions, sigma_video, sigma_action)
-        return state.replace(position=state.position + 1, caches=caches)
+        clean = (sigma_video == 0)[:, None, None]
+        reference = self._double(jnp.where(clean, video.astype(jnp.float32), 0.0))
+        return state.replace(position=state.position + 1, caches=caches, reference=reference)
 
     def denoise_fn(self, params, state, rng, video, actions, *, mode: str, schedule: tuple):
         """Generate the next block in `mode` against the caches (read only), with Euler steps along

@@ -114,6 +114,13 @@ def draw_noise_levels(rng, *, batch_size: int, num_blocks: int, mode_probs, has_
                 weight_action=weight_action, mode=mode, tau=tau)
 
 
+def previous_frames(video, first=None):
+    """The reference frames of a residual video head: block t gets block t-1's (clean) video, block 0
+    `first` ([B, N, Dp]; zeros when None: no earlier frame). video [B, T, N, Dp] -> [B, T, N, Dp]."""
+    head = jnp.zeros_like(video[:, :1]) if first is None else first[:, None].astype(video.dtype)
+    return jnp.concatenate([head, video[:, :-1]], axis=1)
+
+
 def add_noise(x0, eps, sigma):
     """x_sigma = (1 - sigma) x0 + sigma eps with sigma [B, T] broadcast over the block's tokens."""
     s = sigma.reshape(sigma.shape + (1,) * (x0.ndim - sigma.ndim))

@@ -301,6 +301,11 @@ class KairosWorldModel(nnx.Module):
                                 use_bias=True, **kw)
         self.text_encoder = cfg.text_encoder
         self.prediction = cfg.get("prediction", "velocity")
+        # Residual video head: the x0 head predicts the change from the previous block's clean frame
+        # (the `reference` every call passes), so that "nothing moved" is the network's zero output.
+        self.video_residual = bool(cfg.get("video_residual", False))
+        if self.video_residual and self.prediction != "x0":
+            raise ValueError("config.model.video_residual=True needs model.prediction='x0'")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"config.model.prediction={self.prediction!r}: one of {PREDICTIONS}")
         if cfg.text_encoder == "precomputed":
@@ -342,14 +347,17 @@ class KairosWorldModel(nnx.Module):
         mods = tuple(self.modulation[m](c) for m, c in enumerate(conds))      # [B, T, 6, W]
         return conds, mods
 
-    def head(self, streams, conds, embodiment_id, action_dim_mask, inputs, sigmas):
+    def head(self, streams, conds, embodiment_id, action_dim_mask, inputs, sigmas, reference=None):
         """Output heads -> {video, action} x {velocity, x0}. inputs: the noisy (video, actions) the
-        model was given; sigmas: their (sigma_video, sigma_action) [B, T]."""
+        model was given; sigmas: their (sigma_video, sigma_action) [B, T]; reference: each block's
+        previous clean frame [B, T, N, Dp] (residual video head; None = zeros)."""
         outs = []
         for m, x in enumerate(streams):
             shift, scale = jnp.moveaxis(self.final_modulation[m](conds[m]), 2, 0)
             outs.append(modulate(self.final_norm[m](x), shift, scale))
         video = self.video_out(outs[VIDEO]).astype(jnp.float32)
+        if self.video_residual and reference is not None:
+            video = video + reference.astype(jnp.float32)
         action = self.adapter.unembed(outs[ACTION], embodiment_id, action_dim_mask)
         (x_video, x_action), (s_video, s_action) = inputs, sigmas
         x_video = x_video.astype(jnp.float32)
@@ -379,12 +387,13 @@ class KairosWorldModel(nnx.Module):
         return streams
 
     def __call__(self, video, actions, sigma_video, sigma_action, embodiment_id, action_dim_mask, text,
-                 positions=None) -> WorldModelOutput:
+                 positions=None, reference=None) -> WorldModelOutput:
         """video: [B, T, N, Dp] noisy video tokens; actions: [B, T, k, A] noisy action chunks;
         sigma_video, sigma_action: [B, T]; embodiment_id: int [B]; action_dim_mask: [B, A];
         text: int [B, L] byte tokens, or with model.text_encoder = "precomputed" the pair
         (text_embedding [B, L, D_ext], text_embedding_mask [B, L]); positions: [B, T] block indices
-        (default 0..T-1)."""
+        (default 0..T-1); reference: [B, T, N, Dp] each block's previous clean frame
+        (diffusion.previous_frames; with model.video_residual the video head adds it; None: zeros)."""
         B, T = video.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -393,7 +402,7 @@ class KairosWorldModel(nnx.Module):
         conds, mods = self.conditioning(sigma_action, sigma_video)
         streams = self.run_layers(streams, mods, positions, text_h, text_mask)
         heads = self.head(streams, conds, embodiment_id, action_dim_mask, (video, actions),
-                          (sigma_video, sigma_action))
+                          (sigma_video, sigma_action), reference)
         proprio, progress = self.readout(streams, embodiment_id)
         return WorldModelOutput(hidden=streams, proprio=proprio, progress=progress, **heads)
 
@@ -454,18 +463,19 @@ class KairosWorldModel(nnx.Module):
         return streams, tuple(new)
 
     def step_block(self, video, actions, sigma_video, sigma_action, embodiment_id, action_dim_mask, position,
-                   caches, text_mask):
+                   caches, text_mask, reference=None):
         """One step block at block index `position` against the rollout caches.
 
         video [B, 1, N, Dp], actions [B, 1, k, A], sigma_video / sigma_action [B, 1], position int32 []
-        (traced: one compiled step serves every position). Returns (WorldModelOutput of the block,
+        (traced: one compiled step serves every position), reference [B, 1, N, Dp] the previous
+        committed clean frame (residual video head). Returns (WorldModelOutput of the block,
         the caches with this block committed): a read-only caller drops the second result.
         """
         streams = self.embed(video, actions, embodiment_id, action_dim_mask)
         conds, mods = self.conditioning(sigma_action, sigma_video)
         streams, caches = self.run_layers_step(streams, mods, position, caches, text_mask)
         heads = self.head(streams, conds, embodiment_id, action_dim_mask, (video, actions),
-                          (sigma_video, sigma_action))
+                          (sigma_video, sigma_action), reference)
         proprio, progress = self.readout(streams, embodiment_id)
         return WorldModelOutput(hidden=streams, proprio=proprio, progress=progress, **heads), caches
 

@@ -153,7 +153,10 @@ def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int):
     x_a = diffusion.add_noise(actions, eps_a, lv["sigma_action"])
     keep_text = jax.random.uniform(r_text, (B, 1)) >= cfg.train.text_dropout
     text = drop_text(batch_text(batch, cfg.model.text_encoder), keep_text[:, 0])
-    out = model(x_v, x_a, lv["sigma_video"], lv["sigma_action"], batch["embodiment_id"], dim_mask, text)
+    # a residual video head adds each block's previous recorded (clean) frame, as a rollout adds the
+    # previous committed one
+    out = model(x_v, x_a, lv["sigma_video"], lv["sigma_action"], batch["embodiment_id"], dim_mask, text,
+                reference=diffusion.previous_frames(video))
     x0_head = cfg.model.prediction == "x0"
     video_loss, action_loss, (v_err, a_err) = diffusion.flow_losses(
         out.video_x0 if x0_head else out.video_velocity, out.action_x0 if x0_head else out.action_velocity,
