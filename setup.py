@@ -49,6 +49,8 @@ setup(
         "gpu-aot": ["jax-cuda12-plugin>=0.11.2,<0.13"],
         # tfrecord-based RLDS releases (Open X-Embodiment) need TensorFlow itself.
         "rlds": ["tensorflow-cpu", "tensorflow-datasets>=4.9.9"],
+        # gs:// and s3:// through fsspec (data_pipelines.storage); memory:// and local paths need neither.
+        "remote": ["gcsfs", "s3fs"],
     },
     entry_points={
         "console_scripts": [

@@ -94,4 +94,30 @@ DEFAULT_REGISTRY = EmbodimentRegistry([
     Embodiment("pusher", 4, action_dim=3, proprio_dim=6, action_semantics="joint_position",
                description="3-link planar arm pushing a puck to a goal (position-controlled joints); "
                            "proprio = joint angles (3), joint velocities (3)"),
+    # Open X-Embodiment datasets as published (data_pipelines.oxe): actions and state as stored.
+    Embodiment("google_robot", 5, action_dim=7, proprio_dim=8, action_semantics="ee_delta",
+               description="RT-1 / fractal20220817_data: world_vector (3), rotation_delta (3, roll-pitch-yaw), "
+                           "gripper_closedness_action (1); proprio = base_pose_tool_reached (xyz + quaternion, 7), "
+                           "gripper_closed (1); 3 Hz"),
+    Embodiment("widowx", 6, action_dim=7, proprio_dim=7, action_semantics="ee_delta",
+               description="Bridge V2 (WidowX 250): delta xyz (3), delta roll-pitch-yaw (3), gripper open (1); "
+                           "proprio = xyz (3), roll-pitch-yaw (3), gripper (1); 5 Hz"),
+    Embodiment("franka_droid", 7, action_dim=7, proprio_dim=7, action_semantics="ee_delta",
+               description="DROID (Franka Panda): cartesian_velocity (xyz + roll-pitch-yaw, 6), gripper_position "
+                           "(1); proprio = cartesian_position (6), gripper_position (1); 15 Hz"),
+    Embodiment("xarm_language_table", 8, action_dim=2, proprio_dim=2, action_semantics="ee_delta",
+               description="Language Table (xArm, planar): delta xy of the end effector (2); proprio = "
+                           "effector_translation (2); 10 Hz"),
+    Embodiment("franka_taco_play", 9, action_dim=7, proprio_dim=15, action_semantics="ee_delta",
+               description="TACO-Play (Franka): rel_actions_world = delta xyz (3), delta euler (3), gripper (1); "
+                           "proprio = robot_obs (EE pose 6, gripper width 1, joints 7, gripper action 1); 15 Hz"),
+    Embodiment("jaco", 10, action_dim=4, proprio_dim=7, action_semantics="ee_delta",
+               description="JACO Play (Kinova Jaco): world_vector (3), gripper_closedness_action (1); proprio = "
+                           "end_effector_cartesian_pos (7); 10 Hz"),
+    Embodiment("franka_viola", 11, action_dim=7, proprio_dim=8, action_semantics="ee_delta",
+               description="VIOLA (Franka): world_vector (3), rotation_delta (3), gripper_closedness_action (1); "
+                           "proprio = joint_states (7), gripper_states (1); 20 Hz"),
+    Embodiment("ur5_autolab", 12, action_dim=7, proprio_dim=15, action_semantics="ee_delta",
+               description="Berkeley Autolab UR5: world_vector (3), rotation_delta (3), gripper_closedness_action "
+                           "(1); proprio = robot_state (15); 5 Hz"),
 ])

@@ -17,10 +17,10 @@ the exact inverse for |x_n| <= clip.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import numpy as np
+
+from data_pipelines import storage
 
 STATS_FILE = "stats.json"
 STATS_VERSION = 1
@@ -118,24 +118,20 @@ def write_stats(directory: str, per_embodiment: dict[str, EmbodimentStats]) -> s
             "action": None if s.action is None else s.action.to_json(),
             "proprio": None if s.proprio is None else s.proprio.to_json(),
         }
-    path = os.path.join(directory, STATS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    path = storage.join(directory, STATS_FILE)
+    storage.write_json_atomic(path, doc, indent=1)    # local or remote (data_pipelines.storage)
     return path
 
 
 def load_stats(directory: str) -> dict[str, EmbodimentStats]:
     """Reads `directory/stats.json` -> {embodiment name: EmbodimentStats}."""
-    path = os.path.join(directory, STATS_FILE)
+    path = storage.join(directory, STATS_FILE)
     try:
-        with open(path) as f:
-            doc = json.load(f)
+        doc = storage.read_json(path)
     except FileNotFoundError:
         raise StatsError(f"{path}: missing (every source folder needs the stats.json its shard "
                          f"writer produced)") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise StatsError(f"{path}: unreadable: {e}") from e
     if not isinstance(doc, dict) or doc.get("version") != STATS_VERSION:
         raise StatsError(f"{path}: stats version {doc.get('version') if isinstance(doc, dict) else None} "

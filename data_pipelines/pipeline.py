@@ -46,6 +46,13 @@ checkpoint with the worker_count it was saved with (the batches themselves are t
 
 Sharding. Each JAX process takes every process_count-th usable episode of each source (disjoint
 episode sets) and its own stream of elements.
+
+Remote data. data.root may be a URL (gs://, s3://, memory://, ...; data_pipelines.storage):
+manifests and stats.json are read through fsspec. ArrayRecord's reader opens local files and gs://
+objects itself (riegeli's GCS reader is built into array_record), so gs:// shards are read in
+place; shards behind any other scheme are staged, once, into data.cache_dir (when the config has
+the field; else $KAIROS_DATA_CACHE or ~/.cache/kairos_jax) before the workers start, and read
+from there.
 """
 
 from __future__ import annotations
@@ -53,13 +60,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import zlib
 
 import grain
 import numpy as np
 
 from data_pipelines import episode as episode_lib
+from data_pipelines import storage
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry, UnknownEmbodimentError
 from data_pipelines.mixing import ScheduledMixSelection
 from data_pipelines.normalization import Normalizer, StatsError
@@ -304,8 +311,8 @@ def episode_clip(data_cfg, source: str, episode: str | int | None = None, *, sta
     if num_blocks is not None:
         spec = dataclasses.replace(spec, num_blocks=int(num_blocks))
     root = str(root or _get(data_cfg, "root"))
-    sspec, _ = source_spec(root, source, 0, spec, registry, stats)
-    src = ShardedSource(os.path.join(root, source))
+    sspec, _ = source_spec(root, source, 0, spec, registry, stats, cache=_cache_dir(data_cfg))
+    src = ShardedSource(storage.join(root, source))
     if episode is None:
         index = src.num_episodes - 1
     elif isinstance(episode, (int, np.integer)):
@@ -317,7 +324,7 @@ def episode_clip(data_cfg, source: str, episode: str | int | None = None, *, sta
     else:
         raise ClipError(f"episode {episode!r} is not in {src.directory} (it has {src.episode_ids[:3]} ... "
                         f"{src.episode_ids[-1]})")
-    ep = src.data_source()[index]
+    ep = src.data_source(_cache_dir(data_cfg))[index]
     k, T = spec.action_chunk, spec.num_blocks
     span = (T - 1) * k + 1
     if start < 0 or start + span > ep.num_frames:
@@ -413,6 +420,15 @@ class _EpochShuffledPick:
 # ----------------------------------------------------------------------------------------------
 
 
+def _cache_dir(data_cfg) -> str | None:
+    """data.cache_dir when the config has one (where remote shards are staged), else None (the
+    storage default)."""
+    try:
+        return data_cfg.get("cache_dir") or None
+    except (AttributeError, TypeError):
+        return None
+
+
 def _get(cfg, name):
     try:
         return cfg[name]
@@ -456,19 +472,24 @@ def clip_spec(data_cfg) -> ClipSpec:
 
 def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
                 registry: EmbodimentRegistry = DEFAULT_REGISTRY,
-                stats: dict | None = None) -> tuple[SourceSpec, np.ndarray]:
+                stats: dict | None = None, cache: str | None = None) -> tuple[SourceSpec, np.ndarray]:
     """Opens and checks one source folder; returns its spec (embodiments, normalisers) and the
     records long enough for a clip. The normalisers come from the folder's stats.json, or from
     `stats` ({embodiment: EmbodimentStats}) when given: a trained model's own statistics, so that
-    held-out data is normalised exactly as its training data was."""
-    directory = os.path.join(root, name)
-    if not os.path.isdir(directory):
-        present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    held-out data is normalised exactly as its training data was.
+
+    `root` may be a URL (data_pipelines.storage): manifest and statistics are read remotely, and
+    the spec's shard paths are what ArrayRecord opens: local paths and gs:// URLs as they are,
+    other URLs' shards staged into `cache` (default $KAIROS_DATA_CACHE or ~/.cache/kairos_jax)."""
+    directory = storage.join(root, name)
+    if not storage.isdir(directory):
+        present = [d for d in storage.listdir(root) if storage.isdir(storage.join(root, d))]
         raise ConfigError(f"source {name!r}: no folder {directory} under data root {root}; the root "
                               f"holds {present or 'no sub-folders'}")
     try:
         src = ShardedSource(directory)
-        src.data_source()
+        paths = src.readable_shard_paths(cache)     # remote shards ArrayRecord cannot open are staged here
+        src.data_source(cache)
         stats = src.stats if stats is None else {**src.stats, **stats}
     except (ShardError, StatsError) as e:
         raise ConfigError(f"source {name!r}: {e}") from e
@@ -512,7 +533,7 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
         example = src.episode_ids[int(np.flatnonzero(src.episode_frames < spec.min_frames)[0])]
         log.warning("source %s: skipping %d of %d episodes shorter than num_blocks*action_chunk=%d frames "
                     "(e.g. %s)", name, short, src.num_episodes, spec.min_frames, example)
-    return SourceSpec(name=name, source_id=source_id, paths=tuple(src.shard_paths),
+    return SourceSpec(name=name, source_id=source_id, paths=tuple(paths),
                       embodiments=embodiments), usable
 
 
@@ -534,7 +555,7 @@ def build_dataset(data_cfg, phase_cfg, *, seed: int, batch_size: int, process_in
     if not (isinstance(process_count, int) and process_count >= 1 and 0 <= process_index < process_count):
         raise ConfigError(f"process_index={process_index} must be in [0, process_count={process_count})")
     root = str(_get(data_cfg, "root"))
-    if not os.path.isdir(root):
+    if not storage.isdir(root):
         raise ConfigError(f"data.root={root!r} is not a folder (generate local data with "
                               f"`python -m data_pipelines.generate --preset=embedded --output={root}`)")
     start = _weights(_get(phase_cfg, "mixture"), "mixture")
@@ -554,7 +575,7 @@ def build_dataset(data_cfg, phase_cfg, *, seed: int, batch_size: int, process_in
     names = sorted(start)                     # source_id = position in this list
     sources, streams, w_start, w_end = [], [], [], []
     for source_id, name in enumerate(names):
-        source, usable = source_spec(root, name, source_id, spec, registry)
+        source, usable = source_spec(root, name, source_id, spec, registry, cache=_cache_dir(data_cfg))
         mine = usable[process_index::process_count]
         wants = start[name] > 0 or (end is not None and end[name] > 0)
         if wants and mine.size == 0:

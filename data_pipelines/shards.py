@@ -38,6 +38,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipelines import episode as episode_lib
+from data_pipelines import storage
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry, UnknownEmbodimentError
 from data_pipelines.normalization import EmbodimentStats, NormStats, load_stats, write_stats
 
@@ -251,24 +252,8 @@ class ShardWriter:
                 proprio=NormStats.compute(np.concatenate(prop)) if prop else None)
         write_stats(self.directory, stats)
 
-        fps = sorted(self._fps)
-        shapes = sorted(self._frame_shapes)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "schema_version": episode_lib.SCHEMA_VERSION,
-            "source": self.source,
-            "embodiments": embodiments,
-            "num_episodes": sum(s["episodes"] for s in self._shards),
-            "num_frames": sum(s["frames"] for s in self._shards),
-            "fps": fps[0] if len(fps) == 1 else None,
-            "fps_values": fps,
-            "frame_shape": list(shapes[0]) if len(shapes) == 1 else None,
-            "frame_shapes": [list(s) for s in shapes],
-            "video": next(iter(self._video_kinds), "frames"),
-            "shards": self._shards,
-            "skipped": self._skipped,
-            "options": self.options,
-        }
+        manifest = manifest_document(self.source, embodiments, self._shards, self._skipped, self._fps,
+                                     self._frame_shapes, self._video_kinds, self.options)
         path = os.path.join(self.directory, MANIFEST_FILE)
         with open(path + ".tmp", "w") as f:
             json.dump(manifest, f)
@@ -281,6 +266,51 @@ class ShardWriter:
                  self.summary.episodes, self.summary.frames, self.source, count, self.directory,
                  len(self._skipped))
         return self.summary
+
+
+def manifest_document(source: str, embodiments: list[str], shards: list[dict], skipped: list[dict], fps_values,
+                      frame_shapes, video_kinds, options: str) -> dict:
+    """manifest.json's contents (module docstring); `shards` entries as the writer keeps them, with
+    episode_embodiments already turned into indices of `embodiments`."""
+    fps = sorted(fps_values)
+    shapes = sorted(tuple(s) for s in frame_shapes)
+    return {
+        "format": MANIFEST_FORMAT,
+        "schema_version": episode_lib.SCHEMA_VERSION,
+        "source": source,
+        "embodiments": embodiments,
+        "num_episodes": sum(s["episodes"] for s in shards),
+        "num_frames": sum(s["frames"] for s in shards),
+        "fps": fps[0] if len(fps) == 1 else None,
+        "fps_values": fps,
+        "frame_shape": list(shapes[0]) if len(shapes) == 1 else None,
+        "frame_shapes": [list(s) for s in shapes],
+        "video": next(iter(sorted(video_kinds)), "frames"),
+        "shards": shards,
+        "skipped": skipped,
+        "options": options,
+    }
+
+
+def check_episode(ep: episode_lib.Episode, registry: EmbodimentRegistry, source: str) -> None:
+    """What the writer requires of an episode beyond Episode.validate(): an id and the registered
+    embodiment's sizes. Raises EpisodeError naming the episode."""
+    ep.validate()
+    where = f"episode {source}/{ep.episode_id}"
+    if not ep.episode_id:
+        raise episode_lib.EpisodeError(f"{where}: episode_id is empty")
+    try:
+        emb = registry.get(ep.embodiment)
+    except UnknownEmbodimentError as e:
+        raise episode_lib.EpisodeError(f"{where}: {e}") from None
+    if ep.actions is not None and ep.actions.shape[1] != emb.action_dim:
+        raise episode_lib.EpisodeError(
+            f"{where}: actions have {ep.actions.shape[1]} dims but embodiment {emb.name} has "
+            f"action_dim={emb.action_dim}")
+    if ep.proprio is not None and ep.proprio.shape[1] != emb.proprio_dim:
+        raise episode_lib.EpisodeError(
+            f"{where}: proprio has {ep.proprio.shape[1]} dims but embodiment {emb.name} has "
+            f"proprio_dim={emb.proprio_dim}")
 
 
 def write_episodes(directory: str, source: str, episodes, **kwargs) -> WriteSummary:
@@ -328,18 +358,17 @@ class ShardedSource:
     """A finished source folder: its manifest, statistics and a data source over its episodes."""
 
     def __init__(self, directory: str):
-        self.directory = os.path.abspath(directory)
-        if not os.path.isdir(self.directory):
+        self.directory = storage.abspath(directory)
+        if not storage.isdir(self.directory):
             raise ShardError(f"{self.directory}: not a folder")
-        path = os.path.join(self.directory, MANIFEST_FILE)
+        path = storage.join(self.directory, MANIFEST_FILE)
         try:
-            with open(path) as f:
-                m = json.load(f)
+            m = storage.read_json(path)
         except FileNotFoundError:
-            present = sorted(os.listdir(self.directory))[:10]
+            present = storage.listdir(self.directory)[:10]
             raise ShardError(f"{path}: missing (an unfinished or foreign folder; it holds "
                              f"{present or 'nothing'})") from None
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise ShardError(f"{path}: unreadable: {e}") from e
         if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
             raise ShardError(f"{path}: not a {MANIFEST_FORMAT} manifest")
@@ -349,11 +378,12 @@ class ShardedSource:
         self.manifest = m
         self.name: str = m["source"]
         self.embodiments: list[str] = list(m["embodiments"])
-        self.shard_paths = [os.path.join(self.directory, s["file"]) for s in m["shards"]]
+        self.shard_paths = [storage.join(self.directory, s["file"]) for s in m["shards"]]
+        present = set(storage.listdir(self.directory))
         for p in self.shard_paths:
-            if not _SHARD_RE.match(os.path.basename(p)):
-                raise ShardError(f"{path}: shard name {os.path.basename(p)!r} is not shard-NNNNN-of-NNNNN")
-            if not os.path.exists(p):
+            if not _SHARD_RE.match(storage.basename(p)):
+                raise ShardError(f"{path}: shard name {storage.basename(p)!r} is not shard-NNNNN-of-NNNNN")
+            if storage.basename(p) not in present:
                 raise ShardError(f"{p}: listed in {path} but missing")
         self.episode_ids: list[str] = [i for s in m["shards"] for i in s["episode_ids"]]
         self.episode_frames = np.asarray([n for s in m["shards"] for n in s["episode_frames"]], np.int64)
@@ -383,11 +413,17 @@ class ShardedSource:
             self._stats = load_stats(self.directory)
         return self._stats
 
-    def data_source(self) -> EpisodeDataSource:
-        """Random access over the episodes; checks that the shards hold what the manifest lists."""
+    def readable_shard_paths(self, cache: str | None = None) -> list[str]:
+        """The shard paths as ArrayRecord's reader can open them: local paths and gs:// as they
+        are, other URLs (s3://, memory://, ...) staged into the local cache (storage.readable_path)."""
+        return [storage.readable_path(p, cache) for p in self.shard_paths]
+
+    def data_source(self, cache: str | None = None) -> EpisodeDataSource:
+        """Random access over the episodes; checks that the shards hold what the manifest lists.
+        Remote shards ArrayRecord cannot open are staged first (`readable_shard_paths`)."""
         if not self.shard_paths:
             raise ShardError(f"{self.directory}: no shards (the manifest lists 0 episodes)")
-        ds = EpisodeDataSource(self.shard_paths)
+        ds = EpisodeDataSource(self.readable_shard_paths(cache))
         if len(ds) != self.num_episodes:
             raise ShardError(f"{self.directory}: shards hold {len(ds)} records but the manifest lists "
                              f"{self.num_episodes} episodes (truncated or replaced shard?)")

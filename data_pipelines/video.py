@@ -15,12 +15,15 @@ fewer frames than its container declares (a truncated mdat) all raise `VideoErro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fractions
 import os
 
 import av
 import numpy as np
+
+from data_pipelines import storage
 
 # Timestamps are compared with half a tick of the stream's time base as slack: webm stores times in
 # milliseconds, so frame 5 of a 30 fps video sits at 0.167 s, after the exact 1/6 s.
@@ -42,6 +45,9 @@ class VideoError(IOError):
         self.path = os.fspath(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,20 +122,24 @@ def nearest(times, queries):
     return index, np.abs(times[index] - queries)
 
 
+@contextlib.contextmanager
 def _open(path):
+    """The container of a local file, or of a remote one (data_pipelines.storage) read through a file
+    object (PyAV demuxes from any seekable file object; nothing is staged)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise VideoError(path, "file is missing")
-    if os.path.getsize(path) == 0:
+    if storage.size(path) == 0:
         raise VideoError(path, "file is empty (0 bytes)")
-    try:
-        container = av.open(path, mode="r")
-    except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise VideoError(path, f"cannot open container: {e}") from e
-    if not container.streams.video:
-        container.close()
-        raise VideoError(path, "has no video stream")
-    return container
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(storage.open(path, "rb")) if storage.is_remote(path) else path
+        try:
+            container = stack.enter_context(av.open(source, mode="r"))
+        except (av.FFmpegError, UnicodeDecodeError) as e:
+            raise VideoError(path, f"cannot open container: {e}") from e
+        if not container.streams.video:
+            raise VideoError(path, "has no video stream")
+        yield container
 
 
 def probe(path) -> VideoInfo:

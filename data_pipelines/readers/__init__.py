@@ -1,9 +1,11 @@
-"""Readers of external formats, one module each; every reader yields validated Episodes.
+"""Readers of external formats, one module each; every reader yields validated Episodes. Every
+reader takes a local path or a URL (gs://, s3://, memory://; data_pipelines/storage.py).
 
     video_folder   a folder of mp4/webm (+ captions.jsonl / captions.csv)      readers/video_folder.py
     human          video + keypoints (.npz / .parquet) + tasks.jsonl           readers/human.py
-    rlds           RLDS through a TFDS builder directory                       readers/rlds.py
-    lerobot        LeRobot v2.x (meta/, data/chunk-*, videos/chunk-*)          readers/lerobot.py
+    rlds           RLDS through a TFDS builder directory (Open X-Embodiment     readers/rlds.py
+                   datasets as published with spec=, data_pipelines/oxe.py)
+    lerobot        LeRobot v2.0 / v2.1 / v3.0 (version from meta/info.json)    readers/lerobot.py
     shards         our ArrayRecord shards + manifest.json (data_pipelines.shards) readers/shards.py
 """
 

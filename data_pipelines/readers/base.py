@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_pipelines import storage
 from data_pipelines.embodiments import EmbodimentRegistry
 from data_pipelines.episode import Episode, EpisodeError
 from data_pipelines.video import VideoError
@@ -34,6 +35,9 @@ class BadInputError(ValueError):
         self.file = os.fspath(file)
         self.reason = reason
         super().__init__(f"{self.file}: {reason}")
+
+    def __reduce__(self):   # crosses process boundaries (parallel conversion) intact
+        return type(self), (self.file, self.reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +96,8 @@ def list_column(column, file, name: str) -> np.ndarray:
 class EpisodeReader(abc.ABC):
     """Reads one external dataset (a directory) as Episodes.
 
-    root: the dataset directory. embodiment: overrides the embodiment the format would name.
+    root: the dataset directory, a local path or a URL (data_pipelines.storage). embodiment:
+    overrides the embodiment the format would name.
     registry: checks embodiment names and sizes (the built-in registry when None).
     """
 
@@ -100,8 +105,8 @@ class EpisodeReader(abc.ABC):
 
     def __init__(self, root, *, embodiment: str | None = None,
                  registry: EmbodimentRegistry | None = None):
-        self.root = os.fspath(root)
-        if not os.path.isdir(self.root):
+        self.root = storage.abspath(root) if storage.is_remote(root) else os.fspath(root)
+        if not storage.isdir(self.root):
             raise FileNotFoundError(f"{self.format} input {self.root} is not a directory")
         self.embodiment = embodiment
         self.registry = registry if registry is not None else default_registry()

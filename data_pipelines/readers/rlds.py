@@ -16,19 +16,33 @@ steps/observation/<state_key> [T, P] (None if state_key is None), actions <- ste
 first non-empty steps/language_instruction, episode_id <- episode_metadata/file_path. RLDS does
 not record a frame rate or an embodiment: `fps` and `embodiment` come from the arguments, else
 from the builder's metadata.json (our writer records both), else (embodiment) the dataset name.
+
+Open X-Embodiment datasets as published lay their steps out each its own way: `spec=` (a name in
+data_pipelines.oxe.SPECS, e.g. "fractal", "bridge", "droid", "language_table", or an OxeSpec)
+says which observation keys are cameras and state, how the action dict flattens, where the
+instruction is, the control frequency and the embodiment; arguments given explicitly override it.
+
+`root` may be a URL (data_pipelines.storage): the builder's metadata files are read through
+fsspec, and each array_record shard is opened by ArrayRecord directly when it can (local, gs://)
+or staged into the local cache on first use (s3://, memory://, ...). Records are decoded with the
+builder's own FeaturesDict (`deserialize_example_np`, what TFDS's data source does).
 """
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
+import tempfile
 
 import numpy as np
 
+from data_pipelines import storage
 from data_pipelines.episode import Episode
+from data_pipelines.oxe import OxeSpec, get_spec
 from data_pipelines.readers.base import BadInputError, EpisodeReader
 from data_pipelines.video import resize_frames
+
+_METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
 
 TF_MISSING = ("this RLDS release is stored as tfrecord, which TFDS reads only with TensorFlow; install "
               "it with `pip install kairos-jax[rlds]` (or re-export the dataset as array_record)")
@@ -36,10 +50,10 @@ TF_MISSING = ("this RLDS release is stored as tfrecord, which TFDS reads only wi
 
 def find_builder_dir(root: str) -> str:
     """root itself, or the single <name>/<version> below it that holds a dataset_info.json."""
-    if os.path.exists(os.path.join(root, "dataset_info.json")):
+    if storage.exists(storage.join(root, "dataset_info.json")):
         return root
-    found = sorted({os.path.dirname(p) for depth in ("*", "*/*")
-                    for p in glob.glob(os.path.join(root, depth, "dataset_info.json"))})
+    found = sorted({storage.dirname(p) for depth in ("*", "*/*")
+                    for p in storage.glob(storage.join(root, depth, "dataset_info.json"))})
     if len(found) != 1:
         raise BadInputError(root, f"expected one TFDS builder directory (with dataset_info.json) at or "
                                   f"below it, found {found or 'none'}")
@@ -63,10 +77,24 @@ def _lookup(tree: dict, key: str, file, what: str):
     return node
 
 
-def _concat_actions(action, file) -> np.ndarray:
-    """action [T, A] or a dict of [T, ...] arrays (concatenated in key order) -> float32 [T, A]."""
+def _has(tree, key: str) -> bool:
+    node = tree
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _concat_actions(action, file, keys=None) -> np.ndarray:
+    """action [T, A] or a dict of [T, ...] arrays (concatenated in `keys` order, default the dict's)
+    -> float32 [T, A]."""
     if isinstance(action, dict):
-        parts = [_concat_actions(action[k], file) for k in action]
+        keys = list(action) if keys is None else keys
+        missing = [k for k in keys if k not in action]
+        if missing:
+            raise BadInputError(file, f"action keys {missing} are not in the steps (have {sorted(action)})")
+        parts = [_concat_actions(action[k], file) for k in keys]
         return np.concatenate(parts, axis=1)
     action = np.asarray(action)
     if action.ndim == 1:
@@ -76,41 +104,104 @@ def _concat_actions(action, file) -> np.ndarray:
     raise BadInputError(file, f"action has dtype {action.dtype}, not numeric")
 
 
+class _ShardRecords:
+    """Random access to the examples of a split's array_record shards, decoded with the builder's
+    FeaturesDict. Shards open lazily; a remote shard ArrayRecord cannot open is staged first."""
+
+    def __init__(self, shards: list[str], lengths, features):
+        self.shards, self.features = shards, features
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self._readers: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int):
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        reader = self._readers.get(shard)
+        if reader is None:
+            reader = ArrayRecordReader(storage.readable_path(self.shards[shard]),
+                                       "readahead_buffer_size:0,max_parallelism:0")
+            self._readers[shard] = reader
+        record = reader.read([int(index - self.starts[shard])])[0]
+        return self.features.deserialize_example_np(record)
+
+
+def _text(value, encoding: str) -> str:
+    if encoding == "codepoints":
+        codes = np.asarray(value).reshape(-1)
+        return "".join(chr(int(c)) for c in codes[codes > 0])
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 class RldsReader(EpisodeReader):
     format = "rlds"
 
-    def __init__(self, root, *, split: str = "train", image_key: str = "image",
-                 state_key: str | None = "state", fps: float | None = None,
+    def __init__(self, root, *, spec: str | OxeSpec | None = None, split: str = "train",
+                 image_key: str | None = None, state_key: str | None = "state", fps: float | None = None,
                  size: tuple[int, int] | None = None, embodiment: str | None = None, registry=None):
         super().__init__(root, embodiment=embodiment, registry=registry)
         import tensorflow_datasets as tfds
 
+        self.spec = None if spec is None else get_spec(spec)
         self.builder_dir = find_builder_dir(self.root)
-        self.builder = tfds.builder_from_directory(self.builder_dir)
+        self.builder = tfds.builder_from_directory(self._metadata_dir())
         if split not in self.builder.info.splits:
             raise BadInputError(self.builder_dir, f"has no split {split!r} (splits: "
                                                   f"{list(self.builder.info.splits)})")
-        self.split, self.image_key, self.state_key, self.size = split, image_key, state_key, size
+        self.split, self.size = split, size
+        if self.spec is not None:
+            self.image_key = image_key or self.spec.cameras[0]
+            self.state_keys = tuple(self.spec.state) if state_key == "state" else \
+                (() if state_key is None else (state_key,))
+            self.action_path, self.action_keys = self.spec.action_path, self.spec.action_keys
+            self.language, self.language_encoding = self.spec.language, self.spec.language_encoding
+            self.id_fields = self.spec.episode_id
+        else:
+            self.image_key = image_key or "image"
+            self.state_keys = () if state_key is None else (state_key,)
+            self.action_path, self.action_keys = "action", None
+            self.language, self.language_encoding = "language_instruction", "text"
+            self.id_fields = ("episode_metadata/file_path",)
         metadata = self.builder.info.metadata or {}
-        self.fps = fps or metadata.get("fps")
+        self.fps = fps or (self.spec.fps if self.spec else None) or metadata.get("fps")
         if not self.fps:
             raise BadInputError(self.builder_dir, "RLDS does not record a frame rate and metadata.json has "
-                                                  "no fps; pass fps=")
-        self.default_embodiment = embodiment or metadata.get("embodiment") or self.builder.name
+                                                  "no fps; pass fps= (or spec= for an Open X-Embodiment dataset)")
+        self.default_embodiment = embodiment or (self.spec.embodiment if self.spec else None) \
+            or metadata.get("embodiment") or self.builder.name
         info = self.builder.info.splits[split]
-        self.shards = [os.fspath(p) for p in info.filepaths]
+        self.shards = [storage.join(self.builder_dir, os.path.basename(os.fspath(p))) for p in info.filepaths]
         self.shard_ends = np.cumsum(info.shard_lengths)
         self.file_format = self.builder.info.file_format.value
         self._keys = [f"{split}[{i}]" for i in range(info.num_examples)]
         self._source = None
+        self.streaming = self.file_format != "array_record"   # tfrecord: read as one stream, in order
         if self.file_format == "array_record":
-            self._source = self.builder.as_data_source(split=split)
+            self._source = _ShardRecords(self.shards, info.shard_lengths, self.builder.info.features)
         elif self.file_format == "tfrecord":
+            if storage.is_remote(self.builder_dir):   # tf.data reads gs:// (and s3:// with its plugin) itself
+                self.builder = tfds.builder_from_directory(self.builder_dir)
             if importlib.util.find_spec("tensorflow") is None:
                 raise ImportError(f"{self.builder_dir}: {TF_MISSING}")
         else:
             raise BadInputError(self.builder_dir, f"file format {self.file_format} is not read "
                                                   f"(array_record without TF, tfrecord with TF)")
+
+    def _metadata_dir(self) -> str:
+        """The builder directory, or for a remote one a local copy of its metadata files (TFDS reads
+        them through epath, which knows gs:// but not every fsspec filesystem)."""
+        if not storage.is_remote(self.builder_dir):
+            return self.builder_dir
+        local = tempfile.mkdtemp(prefix="kairos-rlds-meta-")
+        for name in _METADATA_FILES:
+            path = storage.join(self.builder_dir, name)
+            if storage.exists(path):
+                with open(os.path.join(local, name), "wb") as f:
+                    f.write(storage.read_bytes(path))
+        return local
 
     def keys(self):
         return self._keys
@@ -132,7 +223,7 @@ class RldsReader(EpisodeReader):
             raise BadInputError(file, f"{key}: unreadable record: {type(e).__name__}: {e}") from e
         if steps is None:
             raise BadInputError(file, f"{key} has no steps")
-        return self._episode(key, file, steps, example.get("episode_metadata", {}))
+        return self._episode(key, file, steps, example)
 
     def _items(self):
         if self._source is not None:
@@ -161,10 +252,10 @@ class RldsReader(EpisodeReader):
                 return
             except tf.errors.OpError as e:
                 raise BadInputError(self.file_of(k), f"{k}: unreadable record: {e.message}") from e
-            yield k, self._episode(k, self.file_of(k), example["steps"], example.get("episode_metadata", {}))
+            yield k, self._episode(k, self.file_of(k), example["steps"], example)
             i += 1
 
-    def _episode(self, key, file, steps: dict, episode_metadata: dict) -> Episode:
+    def _episode(self, key, file, steps: dict, example: dict) -> Episode:
         frames = np.asarray(_lookup(steps, f"observation/{self.image_key}", file, "image key"))
         if frames.dtype != np.uint8 or frames.ndim != 4:
             raise BadInputError(file, f"{key}: image {self.image_key!r} is {frames.dtype} {frames.shape}, "
@@ -172,17 +263,23 @@ class RldsReader(EpisodeReader):
         if self.size is not None:
             frames = resize_frames(frames, self.size)
         proprio = None
-        if self.state_key is not None:
-            state = _lookup(steps, f"observation/{self.state_key}", file, "state key")
-            proprio = np.asarray(state, np.float32).reshape(len(frames), -1)
-        actions = _concat_actions(_lookup(steps, "action", file, "action"), file)
+        if self.state_keys:
+            parts = [np.asarray(_lookup(steps, f"observation/{k}", file, "state key"), np.float32)
+                     .reshape(len(frames), -1) for k in self.state_keys]
+            proprio = np.concatenate(parts, axis=1)
+        actions = _concat_actions(_lookup(steps, self.action_path, file, "action"), file, self.action_keys)
         text = ""
-        for instruction in np.asarray(steps.get("language_instruction", [])).reshape(-1):
-            text = instruction.decode("utf-8") if isinstance(instruction, bytes) else str(instruction)
+        instructions = _lookup(steps, self.language, file, "language") if _has(steps, self.language) else []
+        instructions = np.asarray(instructions)
+        if self.language_encoding == "codepoints":
+            instructions = instructions.reshape(len(instructions), -1) if instructions.size else instructions
+        for instruction in (instructions if self.language_encoding == "codepoints" else instructions.reshape(-1)):
+            text = _text(instruction, self.language_encoding)
             if text:
                 break
-        file_path = episode_metadata.get("file_path", b"")
-        file_path = file_path.decode("utf-8") if isinstance(file_path, bytes) else str(file_path)
+        ids = [_text(_lookup(example, f, file, "episode id field"), "text") for f in self.id_fields
+               if _has(example, f)]
+        episode_id = "/".join(i for i in ids if i)
         return Episode(frames=frames, actions=actions, proprio=proprio, text=text,
                        embodiment=self.default_embodiment, fps=float(self.fps), source=self.builder.name,
-                       episode_id=file_path or key)
+                       episode_id=episode_id or key)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -111,3 +112,98 @@ def test_flags_a_format_does_not_take_are_refused(datasets, tmp_path):
     with pytest.raises(SystemExit, match="--format=video_folder does not take --camera"):
         main(["--format=video_folder", f"--input={datasets / 'balls'}", f"--output={tmp_path}",
               "--camera=observation.images.front"])
+
+
+# ----------------------------------------------------------------------------------------------
+# At scale: parallel processes, resume, progress, the JSON summary.
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """7 reacher episodes as LeRobot v3.0 (files of 3 episodes): 4 shards of 2 episodes."""
+    root = tmp_path_factory.mktemp("many") / "reacher"
+    write_lerobot(arm_episodes(n=7, steps=20, seed=5), root, version="v3.0", episodes_per_file=3)
+    return root
+
+
+def _records(directory):
+    src = ShardedSource(str(directory))
+    data = src.data_source()
+    return src, [data.record(i) for i in range(len(data))]
+
+
+def test_parallel_conversion_equals_serial(many, tmp_path):
+    serial = convert("lerobot", many, tmp_path / "serial", episodes_per_shard=2)
+    parallel = convert("lerobot", many, tmp_path / "parallel", episodes_per_shard=2, workers=2)
+    assert parallel["shards"] == serial["shards"] == [f"shard-0000{i}-of-00004.array_record" for i in range(4)]
+    assert (parallel["workers"], parallel["shards_total"], parallel["shards_resumed"]) == (2, 4, 0)
+    a, ra = _records(tmp_path / "serial")
+    b, rb = _records(tmp_path / "parallel")
+    assert a.manifest == b.manifest and ra == rb                    # byte-identical episodes, same order
+    assert (tmp_path / "serial" / "stats.json").read_text() == (tmp_path / "parallel" / "stats.json").read_text()
+    summary = json.loads((tmp_path / "parallel" / "convert_summary.json").read_text())
+    assert summary["episodes"] == 7 and summary["episodes_per_s"] > 0 and summary["mb_per_s"] > 0
+    assert summary["episode_bytes"] == sum(len(r) for r in rb)
+
+
+def test_rerun_resumes_and_skips_finished_shards(many, tmp_path):
+    out = tmp_path / "out"
+    first = convert("lerobot", many, out, episodes_per_shard=2)
+    _, before = _records(out)
+    # A conversion stopped after two shards: shards 2 and 3 and the manifest were never written.
+    for u in (2, 3):
+        (out / f"shard-0000{u}-of-00004.array_record").unlink()
+        (out / ".convert" / f"shard-0000{u}.json").unlink()
+    (out / "manifest.json").unlink()
+    finished = {u: (out / f"shard-0000{u}-of-00004.array_record").stat().st_mtime_ns for u in (0, 1)}
+    again = convert("lerobot", many, out, episodes_per_shard=2, workers=2)
+    assert (again["shards_resumed"], again["shards_total"], again["episodes"]) == (2, 4, 7)
+    assert {u: (out / f"shard-0000{u}-of-00004.array_record").stat().st_mtime_ns for u in (0, 1)} == finished
+    _, after = _records(out)
+    assert after == before and again["shards"] == first["shards"]
+    # Everything done: a re-run writes no shard.
+    assert convert("lerobot", many, out, episodes_per_shard=2)["shards_resumed"] == 4
+    # Another plan in the same folder is refused, unless --overwrite.
+    with pytest.raises(ValueError, match=r"already holds a conversion with another plan.*--overwrite"):
+        convert("lerobot", many, out, episodes_per_shard=3)
+    assert convert("lerobot", many, out, episodes_per_shard=3, overwrite=True)["shards_total"] == 3
+
+
+def test_strict_failure_keeps_finished_shards_for_the_rerun(many, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(many, bad)
+    video = bad / "videos/observation.images.front/chunk-000/file-002.mp4"   # episode 6
+    data = video.read_bytes()
+    video.write_bytes(data[: len(data) // 3])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"file-002.mp4"):
+        convert("lerobot", bad, out, episodes_per_shard=2, strict=True)
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in (out / ".convert").glob("shard-*.json")) == \
+        [f"shard-0000{u}.json" for u in range(3)]
+    summary = convert("lerobot", bad, out, episodes_per_shard=2)         # resumed, not strict: skips it
+    assert (summary["shards_resumed"], summary["episodes"]) == (3, 6)
+    assert summary["shards"] == [f"shard-0000{i}-of-00004.array_record" for i in range(3)]   # shard 3 empty
+    assert [s["file"] for s in summary["skipped"]] == [str(video)]
+
+
+def test_cli_shows_progress_and_writes_the_summary(many, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "data_pipelines.convert", "--format=lerobot", f"--input={many}",
+                          f"--output={out}", "--workers=2", "--episodes_per_shard=3"],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    progress = [line for line in run.stderr.splitlines() if line.startswith("convert: ")]
+    assert [p.split(",")[0] for p in progress] == [f"convert: {i}/3 shards" for i in (1, 2, 3)]
+    assert "episodes/s" in progress[-1] and "MB/s" in progress[-1]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary == json.loads((out / "convert_summary.json").read_text())
+    assert (summary["episodes"], summary["workers"], summary["shards_total"]) == (7, 2, 3)
+
+
+def test_bad_flag_values_exit_2_with_one_line(many, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "data_pipelines.convert", "--format=lerobot", f"--input={many}",
+                          f"--output={tmp_path}", "--workers=0"], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: workers=0")
