@@ -282,6 +282,11 @@ class KairosWorldModel(nnx.Module):
         self.dtype = dtype
 
         self.video_in = Linear((lay.patch_dim,), (cfg.video_width,), ("patch", "embed"), use_bias=True, **kw)
+        if cfg.get("video_residual", False):
+            # the reference frame is an input of each video token too (frame conditioning, as in
+            # DIAMOND): the change is computed where both frames are seen, not only through attention
+            # to a history that training presents noisy
+            self.reference_in = Linear((lay.patch_dim,), (cfg.video_width,), ("patch", "embed"), **kw)
         # Each patch's place in the frame: a 2D sine-cosine embedding to start from (learned from there),
         # so position-dependent content (a static background) is there to learn from the first step.
         self.video_pos = _param(rngs, (lay.video_tokens, cfg.video_width), (None, "embed"), param_dtype,
@@ -336,8 +341,10 @@ class KairosWorldModel(nnx.Module):
         self.readout = ReadoutHeads(widths, cfg.video_width, lay.num_embodiments, lay.proprio_dim, **kw)
 
     # -- pieces shared by training and streaming rollout ---------------------------------------
-    def embed(self, video, actions, embodiment_id, action_dim_mask):
+    def embed(self, video, actions, embodiment_id, action_dim_mask, reference=None):
         v = self.video_in(video) + self.video_pos.get_value().astype(self.dtype)
+        if self.video_residual and reference is not None:
+            v = v + self.reference_in(reference)
         a = self.adapter.embed(actions, embodiment_id, action_dim_mask)
         return (constrain(a, ("act_batch", "act_seq", None, "act_embed")),
                 constrain(v, ("act_batch", "act_seq", None, "act_embed")))
@@ -398,7 +405,7 @@ class KairosWorldModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         text_h, text_mask = self.text(text)
-        streams = self.embed(video, actions, embodiment_id, action_dim_mask)
+        streams = self.embed(video, actions, embodiment_id, action_dim_mask, reference)
         conds, mods = self.conditioning(sigma_action, sigma_video)
         streams = self.run_layers(streams, mods, positions, text_h, text_mask)
         heads = self.head(streams, conds, embodiment_id, action_dim_mask, (video, actions),
@@ -471,7 +478,7 @@ class KairosWorldModel(nnx.Module):
         committed clean frame (residual video head). Returns (WorldModelOutput of the block,
         the caches with this block committed): a read-only caller drops the second result.
         """
-        streams = self.embed(video, actions, embodiment_id, action_dim_mask)
+        streams = self.embed(video, actions, embodiment_id, action_dim_mask, reference)
         conds, mods = self.conditioning(sigma_action, sigma_video)
         streams, caches = self.run_layers_step(streams, mods, position, caches, text_mask)
         heads = self.head(streams, conds, embodiment_id, action_dim_mask, (video, actions),
