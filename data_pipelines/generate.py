@@ -65,6 +65,8 @@ PRESETS = {
     # what `make train` uses: enough distinct clips of 8 blocks x 4 control steps for a few hundred
     # training steps of batch 8 per phase
     "embedded": Preset(episodes=48, min_frames=64, max_frames=96, workers=2),
+    # the evaluation configs (experiments/eval_small.py): the same sources with 4x the episodes
+    "small": Preset(episodes=192, min_frames=64, max_frames=96, workers=2),
     # for tests: a handful of short episodes per source, same sources and layout
     "tiny": Preset(episodes=4, min_frames=36, max_frames=44, workers=1),
     # held-out robot episodes for evaluation (`make data` records them with another seed than
