@@ -16,6 +16,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 BACKENDS = ("tpu", "gpu")
+# Ops with a Pallas Mosaic GPU kernel accept this backend too (window attention's forward:
+# `window_attention/pallas_mgpu.py`); it runs natively on the "gpu" platform.
+MOSAIC_GPU = "mosaic_gpu"
+
+
+def gpu_attention_backend() -> str:
+    """The window attention kernels used on a GPU when no backend is named: "gpu" (Triton, the
+    default) or, with KAIROS_GPU_ATTENTION=mosaic, "mosaic_gpu" (Mosaic GPU forward, Triton backward).
+    Triton stays the default until the Mosaic kernel has been checked and timed on a GPU
+    (benchmarks/kernels_gpu.py)."""
+    import os
+
+    return MOSAIC_GPU if os.environ.get("KAIROS_GPU_ATTENTION", "").lower() in ("mosaic", "mosaic_gpu") else "gpu"
 
 
 def tpu_sequential_grid(parallel_axes: int) -> pltpu.CompilerParams:
@@ -24,7 +37,7 @@ def tpu_sequential_grid(parallel_axes: int) -> pltpu.CompilerParams:
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * parallel_axes + ("arbitrary",))
 
 
-def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
+def resolve_backend(backend: str | None, interpret: bool | None, allowed=BACKENDS) -> tuple[str, bool]:
     """Which kernels to run and whether to interpret them.
 
     backend=None follows the dispatch platform (`_dispatch.target_platform`, else
@@ -39,10 +52,10 @@ def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, b
     platform = dispatch_platform()
     if backend is None:
         backend = platform if platform in BACKENDS else "tpu"
-    if backend not in BACKENDS:
-        raise ValueError(f"pallas backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend not in allowed:
+        raise ValueError(f"pallas backend must be one of {tuple(allowed)} or None, got {backend!r}")
     if interpret is None:
-        interpret = platform != backend
+        interpret = platform != ("gpu" if backend == MOSAIC_GPU else backend)
     return backend, bool(interpret)
 
 

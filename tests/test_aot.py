@@ -1,10 +1,12 @@
 """kairos_jax.scaling.aot compiles the real train step for a TPU slice without a TPU (libtpu's compiler) and
 reports memory and FLOPs that agree with independent counts.
 
-Needs `jax[tpu]` (libtpu); skipped without it. Run with
-`python -m pytest -m tpu tests/test_aot.py -s` to see the printed reports.
+The compiles need `jax[tpu]` (libtpu) and carry the marker `tpu` (skipped without libtpu); run them
+with `python -m pytest -m tpu tests/test_aot.py -s` to see the printed reports. The FLOP counter, the
+topology parser and the missing-plugin errors are pure Python and run in the default suite.
 """
 
+import json
 import math
 import os
 import subprocess
@@ -18,8 +20,6 @@ import pytest
 from experiments import base
 from kairos_jax.scaling import aot
 from kairos_jax.training import step as trainer
-
-pytestmark = pytest.mark.tpu
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,7 @@ def check_report(report, cfg):
     assert 1.15 < ratio <= 4 / 3 + 1e-6, ratio
 
 
+@pytest.mark.tpu
 def test_small_config_compiles_and_fits_v5p_2x2x2(libtpu):
     cfg = small_config()
     report = aot.compile_for_topology(cfg, "v5p:2x2x2")
@@ -113,6 +114,7 @@ def test_small_config_compiles_and_fits_v5p_2x2x2(libtpu):
     check_report(report, cfg)
 
 
+@pytest.mark.tpu
 def test_4b_config_reduced_depth_compiles_and_fits_v5p_2x2x2(libtpu):
     """The 4B model's widths, heads and token layout with 4 layers (one [swa, swa, dswa, gdn] unit)
     instead of 32, and one clip per chip, so that XLA:TPU compiles it in minutes on this CPU."""
@@ -126,6 +128,7 @@ def test_4b_config_reduced_depth_compiles_and_fits_v5p_2x2x2(libtpu):
     check_report(report, cfg)
 
 
+@pytest.mark.tpu
 def test_context_parallel_step_compiles_with_pallas_kernels_v5p_2x2x2(libtpu, monkeypatch):
     """fsdp=2 x tensor=2 x context=2: the mixers take the context-parallel path (halo by
     collective-permute, GDN state hand-off) and still run as Mosaic kernels inside shard_map."""
@@ -155,6 +158,7 @@ def test_context_parallel_step_compiles_with_pallas_kernels_v5p_2x2x2(libtpu, mo
     check_report(report, cfg)
 
 
+@pytest.mark.tpu
 def test_v6e_and_v4_topologies_have_one_device_per_chip(libtpu):
     assert len(aot.topology_devices("v6e:2x4")) == 8
     assert len(aot.topology_devices("v4:2x2x2")) == 8      # megacore: one device per chip
@@ -168,11 +172,69 @@ def test_h100_target_compiles_through_the_cli():
     Marked slow (not tpu): it needs jax-cuda12-plugin instead of libtpu."""
     pytest.importorskip("jax_plugins.xla_cuda12")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "kairos_jax.scaling.aot", "--config=experiments/embedded.py",
-                          "--topology=h100:1x8", "--config.mesh.data=2", "--config.mesh.fsdp=4"],
+    out = subprocess.run([sys.executable, "-m", "kairos_jax.compile", "--config=experiments/embedded.py",
+                          "--topology=h100:1x8", "--config.mesh.data=2", "--config.mesh.fsdp=4", "--estimate"],
                          cwd=root, capture_output=True, text=True, timeout=1800,
                          env=dict(os.environ, PYTHONPATH=root))
     print(out.stdout)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "8 devices (NVIDIA H100 80GB HBM3), mesh {'data': 2, 'fsdp': 4, 'tensor': 1, 'context': 1}" in out.stdout
     assert "FITS" in out.stdout
+    e = json.loads(out.stdout.strip().splitlines()[-1])["estimate"]
+    assert 0 < e["mfu"] < 1 and e["step_s"] >= e["ops_s"] > 0
+    # data=2 x fsdp=4 inside one host: gradient and parameter collectives over NVLink
+    assert set(e["collectives"]) & {"all-reduce", "all-gather", "reduce-scatter"}, e["collectives"]
+
+
+@pytest.mark.tpu
+def test_estimate_of_a_v5p_compile(libtpu):
+    """The step-time model on a real XLA:TPU program (fsdp=4 x tensor=2 on v5p:2x2x2): every loop
+    has a known trip count, the HLO's matmul FLOPs plus the share given to the Mosaic kernels are
+    within the bounds below of the jaxpr's count, the collectives are found with the mesh's group
+    sizes, and the time is at least the roofline sum."""
+    cfg = small_config()
+    report = aot.compile_for_topology(cfg, "v5p:2x2x2")
+    e = report.estimate()
+    print("\n" + e.format())
+    assert e.unknown_loops == 0
+    assert e.step_s >= e.ops_s >= e.compute_s > 0 and 0 < e.mfu < 1
+    # XLA:TPU's own matmuls come out ~13 % above the jaxpr's count of the compiled step (measured:
+    # 2.378e10 vs 2.109e10 per chip here; 1.288e15 vs 1.131e15 for kairos_4b on v5p-64), so the
+    # kernels get no FLOPs. Not resolved (XLA recomputation the jaxpr does not show, or an
+    # over-count of TPU convolutions in hlo.dot_flops): bounded here, recorded in RESULTS.md.
+    jaxpr_per_chip = report.step_flops / report.chips
+    assert 0.95 * jaxpr_per_chip <= e.hlo_flops + e.kernel_flops <= 1.2 * jaxpr_per_chip
+    kinds = e.collectives_by_kind()
+    assert kinds and all(c.group_size in (2, 4, 8) for c in e.collectives), kinds
+
+
+_SM90_RECURRENCES = """
+import jax, jax.numpy as jnp
+from kairos_jax.scaling import aot
+from pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
+from pallas_kernels.gla.pallas import gla_pallas
+device = aot.topology_devices("h100:1x1")[0]
+sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt, sharding=jax.sharding.SingleDeviceSharding(device))
+x, gate = sd(1, 1024, 4, 128), sd(1, 1024, 4, dt=jnp.float32)
+gdn = lambda q, k, v, g, b: gated_delta_rule_pallas(q, k, v, g, b, backend="gpu", interpret=False)
+gla = lambda q, k, v, g: gla_pallas(q, k, v, g, backend="gpu", interpret=False)
+loss = lambda f: lambda *a: sum(jnp.sum(o.astype(jnp.float32)) for o in f(*a))
+with jax.set_mesh(jax.sharding.Mesh([device], ("x",))):  # Triton reads the device kind from the mesh
+    t1 = jax.jit(jax.grad(loss(gdn), argnums=(0, 1, 2, 3, 4))).lower(x, x, x, gate, gate).compile().as_text()
+    t2 = jax.jit(jax.grad(loss(gla), argnums=(0, 1, 2, 3))).lower(x, x, x, sd(1, 1024, 4, 128, dt=jnp.float32)
+                                                                  ).compile().as_text()
+print(device.device_kind, *[n in t for t, n in ((t1, "gdn_fwd_gpu"), (t1, "gdn_bwd_gpu"), (t2, "gla_fwd_gpu"),
+                                                (t2, "gla_bwd_gpu"))])
+"""
+
+
+def test_gdn_and_gla_triton_kernels_compile_for_sm90():
+    """The chunk-recurrence kernels stay on Pallas Triton (deprecated in jax 0.12, still lowered):
+    their forward and backward compile for an H100 through XLA's GPU compiler (jax-cuda12-plugin,
+    no GPU). Skipped without the plugin (`pip install -e ".[gpu-aot]"`)."""
+    pytest.importorskip("jax_plugins.xla_cuda12")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _SM90_RECURRENCES], cwd=root, capture_output=True, text=True,
+                         timeout=900, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == "NVIDIA H100 80GB HBM3 True True True True", out.stdout

@@ -61,6 +61,12 @@ class Chip:
     peak_bf16_flops: float    # dense
     source: str
     topology_kwargs: tuple = ()
+    # For the step-time model (kairos_jax/scaling/estimate.py), bytes/s:
+    hbm_bandwidth: float = 0.0
+    link_bandwidth: float = 0.0        # one way: per ICI link (TPU) / per GPU over NVLink (GPU)
+    inter_host_bandwidth: float = 0.0  # one way per GPU between hosts (GPU)
+    wrap_chips: int = 0                # TPU: slices of at least this many chips have wraparound torus axes
+    network_source: str = ""
 
 
 GB, GIB = 10 ** 9, 2 ** 30
@@ -82,16 +88,37 @@ def gpu_target_config(filename: str) -> str:
 # XLA:TPU accepts a v5p program of 93.7 GiB per chip (kairos_4b on v5p:4x4x4, benchmarks/RESULTS.md),
 # more than 95e9 bytes. GPUs: NVIDIA's H100 / H200 datasheets (SXM; dense bf16 tensor-core peak,
 # half the "with sparsity" figure; memory in decimal GB, as NVIDIA counts it).
+#
+# Network and HBM bandwidth, same pages: v5p "HBM bandwidth per chip 2765 GBps", "bidirectional
+# ICI bandwidth per chip 1200 GBps" over 6 links (3-D torus) = 100 GB/s one way per link; v6e
+# "HBM bandwidth 1640 GBps", ICI "3584 Gbps" per chip over 4 ports (2-D torus, "bidirectional
+# 800 GBps" in the newer page) = 100 GB/s one way per link; v5e 819 GBps HBM, ICI 1600 Gbps over
+# 4 ports = 50 GB/s; v4 1200 GBps HBM, 45 GB/s one way per link ("How to Scale Your Model",
+# jax-ml.github.io/scaling-book, TPU chapter). Wraparound: a v4 / v5p slice's axes wrap from a
+# full cube (4x4x4, 64 chips); v5e / v6e from the full 16x16 pod (scaling-book, same chapter).
+# H100 SXM: 3.35 TB/s HBM3, NVLink 900 GB/s per GPU (both directions) = 450 GB/s one way; H200
+# SXM: 4.8 TB/s HBM3e, same NVLink. Between hosts (DGX H100 / HGX H200): one ConnectX-7 400 Gb/s
+# InfiniBand port per GPU = 50 GB/s one way (NVIDIA DGX H100 datasheet).
+_TPU_NET = "cloud.google.com/tpu/docs/{} (HBM bandwidth, ICI bandwidth per chip and ports)"
+_GPU_NET = ("NVIDIA {} datasheet (HBM bandwidth, NVLink 900 GB/s per GPU); NVIDIA DGX H100 datasheet "
+            "(8 x ConnectX-7 400 Gb/s, one per GPU)")
 CHIPS = {
     "v4": Chip("tpu", "TPU v4", 32 * GIB, "32 GiB", 275e12, "cloud.google.com/tpu/docs/v4",
-               (("chip_config_name", "megacore"),)),
-    "v5e": Chip("tpu", "TPU v5 lite", 16 * GIB, "16 GiB", 197e12, "cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("tpu", "TPU v5", 95 * GIB, "95 GiB", 459e12, "cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("tpu", "TPU v6 lite", 32 * GIB, "32 GiB", 918e12, "cloud.google.com/tpu/docs/v6e"),
+               (("chip_config_name", "megacore"),), hbm_bandwidth=1200 * GB, link_bandwidth=45 * GB,
+               wrap_chips=64, network_source=_TPU_NET.format("v4") + "; ICI per link: scaling-book"),
+    "v5e": Chip("tpu", "TPU v5 lite", 16 * GIB, "16 GiB", 197e12, "cloud.google.com/tpu/docs/v5e",
+                hbm_bandwidth=819 * GB, link_bandwidth=50 * GB, wrap_chips=256, network_source=_TPU_NET.format("v5e")),
+    "v5p": Chip("tpu", "TPU v5", 95 * GIB, "95 GiB", 459e12, "cloud.google.com/tpu/docs/v5p",
+                hbm_bandwidth=2765 * GB, link_bandwidth=100 * GB, wrap_chips=64, network_source=_TPU_NET.format("v5p")),
+    "v6e": Chip("tpu", "TPU v6 lite", 32 * GIB, "32 GiB", 918e12, "cloud.google.com/tpu/docs/v6e",
+                hbm_bandwidth=1640 * GB, link_bandwidth=100 * GB, wrap_chips=256,
+                network_source=_TPU_NET.format("v6e")),
     "h100": Chip("cuda", "NVIDIA H100 80GB HBM3", 80 * GB, "80 GB", 989e12, "NVIDIA H100 datasheet (SXM5)",
-                 (("target_config", gpu_target_config("h100_sxm.txtpb")),)),
+                 (("target_config", gpu_target_config("h100_sxm.txtpb")),), hbm_bandwidth=3350 * GB,
+                 link_bandwidth=450 * GB, inter_host_bandwidth=50 * GB, network_source=_GPU_NET.format("H100")),
     "h200": Chip("cuda", "NVIDIA H200", 141 * GB, "141 GB", 989e12, "NVIDIA H200 datasheet (SXM)",
-                 (("target_config", gpu_target_config("h200_sxm.txtpb")),)),
+                 (("target_config", gpu_target_config("h200_sxm.txtpb")),), hbm_bandwidth=4800 * GB,
+                 link_bandwidth=450 * GB, inter_host_bandwidth=50 * GB, network_source=_GPU_NET.format("H200")),
 }
 _SHAPE_HELP = {"tpu3": "2x2x2 (chips per axis of the 3-D torus)", "tpu2": "2x4 (chips per axis of the 2-D torus)",
                "cuda": "2x8 (hosts x GPUs per host)"}
@@ -244,6 +271,10 @@ class Report:
     step_flops: float                     # as compiled (with remat), all chips
     model_flops: float                    # remat=none, all chips
     uncounted_loops: list
+    # Not printed: the compiled executable and the mesh it was compiled over (the step-time
+    # estimate reads the optimized HLO and maps replica groups to chips; kairos_jax/scaling/estimate.py).
+    compiled: object = dataclasses.field(default=None, repr=False, compare=False)
+    mesh_obj: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def peak_bytes(self) -> int:
@@ -269,6 +300,16 @@ class Report:
             "model_flops_per_step": self.model_flops, "model_flops_per_token": self.model_flops_per_token,
             "xla_flops_per_device": self.xla_flops_per_chip, "compile_s": self.compile_s,
         }
+
+    def estimate(self):
+        """The step-time model of this compile on its target (kairos_jax/scaling/estimate.py)."""
+        from kairos_jax.scaling import estimate as est
+
+        gen, dims = parse_topology(self.topology)
+        target = est.target_for(CHIPS[gen], list(self.mesh_obj.devices.flat), name=canonical_topology(self.topology),
+                                dims=dims)
+        return est.estimate(self.compiled.as_text(), target, step_flops=self.step_flops, model_flops=self.model_flops,
+                            chips=self.chips, tokens_per_step=self.tokens_per_step)
 
     @property
     def model_flops_per_token(self) -> float:
@@ -357,4 +398,4 @@ def compile_for_topology(cfg, topology: str, phase: str | None = None) -> Report
         code_bytes=mem.generated_code_size_in_bytes,
         hbm_bytes=chip.hbm_bytes, hbm_stated=chip.hbm_stated, hbm_source=chip.source,
         peak_bf16_flops=chip.peak_bf16_flops, xla_flops_per_chip=compiled_flops(compiled),
-        step_flops=flops, model_flops=model_flops, uncounted_loops=unknown)
+        step_flops=flops, model_flops=model_flops, uncounted_loops=unknown, compiled=compiled, mesh_obj=mesh)

@@ -5,7 +5,8 @@ so the blocks split into `dilation` phases (i mod dilation) that never see each 
 phase DSWA(window, dilation) is SWA(window) over every dilation-th block. The phases are gathered by
 one reshape/transpose into the batch axis, and the kernels' grids then visit only the tiles inside
 the window: dilation costs no masked-out block. Forward and backward are kernels (`pallas_tpu`:
-Mosaic; `pallas_gpu`: Triton; CPU: the Mosaic kernels interpreted) under a `custom_vjp` that saves
+Mosaic; `pallas_gpu`: Triton; `pallas_mgpu`: the forward on Mosaic GPU with the Triton backward,
+backend "mosaic_gpu"; CPU: the Mosaic kernels interpreted) under a `custom_vjp` that saves
 the output and the log-sum-exp.
 
 Under a mesh, call it inside `jax.shard_map` with batch and heads sharded and time whole.
@@ -16,10 +17,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.pallas_common import pad_axis, resolve_backend, round_up
-from pallas_kernels.window_attention import pallas_gpu, pallas_tpu
+from pallas_kernels.pallas_common import (
+    BACKENDS,
+    MOSAIC_GPU,
+    gpu_attention_backend,
+    pad_axis,
+    resolve_backend,
+    round_up,
+)
+from pallas_kernels.window_attention import pallas_gpu, pallas_mgpu, pallas_tpu
 
-_KERNELS = {"tpu": pallas_tpu, "gpu": pallas_gpu}
+_KERNELS = {"tpu": pallas_tpu, "gpu": pallas_gpu, MOSAIC_GPU: pallas_mgpu}
 
 
 def _check(q, k, v, block_size, window, dilation, tile):
@@ -93,7 +101,10 @@ def _phased(q, k, v, *, block_size, window, dilation, first_valid_block, scale, 
     """The kernels over the dilation phases of q, k, v [B, T, H, D] (one length). The first
     `padding_blocks` blocks of q are padding whose outputs are dropped: the query tiles that hold
     nothing else in every phase are skipped."""
-    backend, interpret = resolve_backend(backend, interpret)
+    named = backend
+    backend, interpret = resolve_backend(backend, interpret, allowed=(*BACKENDS, MOSAIC_GPU))
+    if named is None and backend == "gpu":
+        backend = gpu_attention_backend()
     B, T, H, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     d = dilation
@@ -106,6 +117,8 @@ def _phased(q, k, v, *, block_size, window, dilation, first_valid_block, scale, 
     if tile is None:
         tile = min(128, max(16, 1 << (T_phase - 1).bit_length()))
     T_tiled = round_up(T_phase, tile)
+    if backend == MOSAIC_GPU and not pallas_mgpu.supported(q.dtype, tile, D):
+        backend = "gpu"  # shapes / dtypes the Mosaic GPU kernel does not take run on Triton
 
     def to_phases(x):  # [B, T, H, D] -> [B * d, T_tiled, H, D]; phase p holds blocks p, p+d, ...
         x = pad_axis(x, per_phase * d * block_size)
