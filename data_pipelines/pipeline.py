@@ -376,12 +376,27 @@ class ClipTransform(grain.transforms.RandomMap):
                 raise episode_lib.EpisodeError(f"episode {ep.source}/{ep.episode_id}: {ep.num_frames} "
                                                f"frames, the manifest said more")
             start = int(rng.integers(0, ep.num_frames - span + 1))
-            return make_clip(ep, start, self.spec, source)
+            clip = make_clip(ep, start, self.spec, source)
+            for key in ("video", "actions", "proprio"):     # a shard not written by ShardWriter's checks
+                if not np.isfinite(clip[key]).all():
+                    raise episode_lib.EpisodeError(f"episode {ep.source}/{ep.episode_id}: {key} of the clip at "
+                                                   f"frame {start} contain NaN or inf")
+            return clip
         except episode_lib.EpisodeError as e:
             if self.strict:
                 raise
             log.warning("skipping a clip of source %s (record %d): %s", source.name, int(record), e)
             return None
+
+
+def skipped_clips(iterator_state, clips_drawn: int) -> int | None:
+    """How many elements this process's pipeline has left out as bad input so far (ClipTransform
+    returned None: an unreadable record, a damaged episode, non-finite values): the plain iterator's
+    position counts every element it read, kept or not, so it is the position minus the clips drawn
+    into batches. None when the state has another form (data.worker_count > 0)."""
+    if isinstance(iterator_state, dict) and set(iterator_state) == {"next_index"}:
+        return int(iterator_state["next_index"]) - int(clips_drawn)
+    return None
 
 
 class _EpochShuffledPick:

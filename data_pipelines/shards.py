@@ -333,7 +333,11 @@ class EpisodeDataSource:
         import grain  # deferred: the writer side does not need Grain
 
         self.paths = list(paths)
-        self._records = grain.sources.ArrayRecordDataSource(self.paths)
+        try:
+            self._records = grain.sources.ArrayRecordDataSource(self.paths)
+        except RuntimeError as e:   # riegeli: a truncated or overwritten file fails its hashes at open
+            raise ShardError(f"{_unreadable_shard(self.paths)}: unreadable ArrayRecord shard (truncated or "
+                             f"corrupt): {str(e).splitlines()[0]}") from None
 
     def __len__(self) -> int:
         return len(self._records)
@@ -343,7 +347,12 @@ class EpisodeDataSource:
 
     def __getitem__(self, index: int) -> episode_lib.Episode:
         try:
-            return episode_lib.deserialize(self._records[index])
+            data = self._records[index]
+        except RuntimeError as e:   # riegeli checks every chunk's hash: a flipped bit lands here
+            raise episode_lib.EpisodeError(f"{self._where(index)}: unreadable record (corrupt shard): "
+                                           f"{str(e).splitlines()[0]}") from None
+        try:
+            return episode_lib.deserialize(data)
         except episode_lib.EpisodeError as e:
             raise episode_lib.EpisodeError(f"{self._where(index)}: {e}") from e
 
@@ -352,6 +361,18 @@ class EpisodeDataSource:
 
     def __repr__(self) -> str:
         return f"EpisodeDataSource({len(self.paths)} shards, {len(self)} episodes)"
+
+
+def _unreadable_shard(paths: list[str]) -> str:
+    """The first of `paths` that ArrayRecord cannot open on its own (all of them if none fails alone)."""
+    import grain
+
+    for path in paths:
+        try:
+            grain.sources.ArrayRecordDataSource([path])
+        except RuntimeError:
+            return path
+    return ", ".join(paths)
 
 
 class ShardedSource:

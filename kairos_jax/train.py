@@ -4,14 +4,28 @@
 
 Each phase of `config.curriculum` trains `phases.<name>.steps` steps on its data mixture in
 `<workdir>/<phase>/`, starting from the previous phase's final parameters (kairos_jax.training.loop).
-Interrupted runs (Ctrl-C, SIGTERM, a crash, kill -9) resume from the latest checkpoint with the data
-iterator where it was; SIGTERM and Ctrl-C save a checkpoint before exiting. Exit status: 0 done,
-2 a bad config or workdir, 3 training diverged, 130 stopped early.
+Interrupted runs (Ctrl-C, SIGTERM, a crash, kill -9) resume, when the same command runs again, from
+the newest checkpoint that verifies (kairos_jax/training/checkpointing.py), with the data iterator
+where it was, and go on exactly as an uninterrupted run would (tests/test_faults.py). SIGTERM and
+Ctrl-C save a checkpoint after the step in progress, then exit.
+
+Exit status:
+  0    done; or stopped by SIGTERM (a preemption notice, a scheduler's time limit) after saving its
+       checkpoint: the state is safe and the same command resumes. summary.json ("stopped_early",
+       "stopped_by") and the last line printed tell the two apart.
+  2    a user mistake, one line `error: ...`: a bad flag or config field, an unusable workdir or data
+       folder (a truncated shard, bad input with data.strict=True), or a phase folder whose checkpoints
+       all fail to verify (damaged, or of another config).
+  3    training diverged (too many non-finite steps; train.max_skipped_steps).
+  4    a checkpoint or a log could not be written (disk full, permissions), one line naming the reason;
+       the checkpoints already committed are intact, and the same command resumes once there is room.
+  130  stopped by Ctrl-C (SIGINT) after saving its checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -21,7 +35,9 @@ import jax
 from absl import flags
 from absl import logging as absl_logging
 
+from data_pipelines.episode import EpisodeError
 from kairos_jax import cli
+from kairos_jax.training.checkpointing import CheckpointWriteError
 from kairos_jax.training.loop import TrainingDiverged, format_summary, train_curriculum
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
@@ -79,13 +95,27 @@ def main(argv):
     _maybe_initialize_distributed(_DISTRIBUTED.value)
     try:
         results = train_curriculum(cli.CONFIG.value, _WORKDIR.value)
+        print(format_summary(results))
+        with open(os.path.join(_WORKDIR.value, "summary.json"), "w") as f:
+            json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    print(format_summary(results))
-    with open(os.path.join(_WORKDIR.value, "summary.json"), "w") as f:
-        json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
-    if any(r.stopped_early for r in results):
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(4)
+    except EpisodeError as e:   # bad input with data.strict=True (without, it is skipped and counted)
+        print(f"error: {e} (data.strict=True stops at bad input; with False it is skipped and counted as "
+              f"skipped_clips)", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: cannot write {e.filename or 'to the workdir'}: {e.strerror}; the checkpoints already "
+              f"committed are intact. Free space and run the same command to resume", file=sys.stderr)
+        sys.exit(4)
+    stopped = [r for r in results if r.stopped_early]
+    if stopped and stopped[-1].stopped_by != "SIGTERM":
         sys.exit(130)
 
 

@@ -99,15 +99,18 @@ def tiny_cfg():
 
 @pytest.fixture
 def float64_references():
-    """x64 for one test (float64 references): `pytestmark = pytest.mark.usefixtures(...)`."""
+    """x64 for a whole test. Do not use it around an op under test: the op then runs with x64 as no
+    caller runs it. Scope `with jax.enable_x64(True)` around the float64 reference instead (the
+    Pallas kernel tests do; tests/float64_checks.py)."""
     with jax.enable_x64(True):
         yield
 
 
 @pytest.fixture(autouse=True)
 def no_session_wide_x64():
-    """Tests that need float64 enable it in a scope (`with jax.enable_x64(True)`); a module that
-    flips it for the whole session silently changes every later test's numerics."""
+    """Tests that need float64 enable it in a scope (`with jax.enable_x64(True)`) around the float64
+    reference only, never around the op under test (it runs in the dtype its callers use); a module
+    that flips it for the whole session silently changes every later test's numerics."""
     assert not jax.config.jax_enable_x64, "jax_enable_x64 leaked from an earlier test module"
     yield
 

@@ -17,8 +17,10 @@ def check_against_float64(fn, ref, args, names, *, fwd_tol=1e-5, grad_tol=1e-4, 
     random w_i) w.r.t. every argument within `grad_tol` of the reference (relative L2 errors,
     reported by `names`). Returns fn's outputs.
     """
+    assert not jax.config.jax_enable_x64, "the op under test must run without x64, as its callers run it"
     f32 = [jnp.asarray(x, jnp.float32) for x in args]
     out = fn(*f32)
+    assert all(o.dtype == jnp.float32 for o in out), [o.dtype for o in out]
     rng = np.random.default_rng(seed)
     weights = [rng.normal(size=o.shape) for o in out]
 

@@ -1,6 +1,8 @@
-"""Run by tests/test_sharding.py in a process with 8 fake CPU devices: one train step of the
+"""Run by tests/test_sharding.py in a process with 8 fake CPU devices: STEPS train steps of the
 tiny model on a 1-device mesh and on a (data=2, fsdp=2, tensor=2, context=1) mesh, from the same
-parameters, batch and step key. Prints one JSON object."""
+parameters, batches and step keys. The learning rate warms up from 0 over train.warmup_steps=2, so
+step 1's update is zero and only steps 2 and 3 move the parameters: the comparison is made after
+them. Prints one JSON object."""
 
 import json
 import os
@@ -14,13 +16,15 @@ from kairos_jax.parallel.sharding import create_mesh
 from kairos_jax.training import step as trainer
 from tests.conftest import setup_on_mesh, synthetic_batch, tiny_config
 
+STEPS = 3
+
 
 def main():
     assert jax.device_count() == 8, jax.devices()
     cfg = tiny_config()
     cfg.train.batch_size = 8
     cfg.mesh.update(dict(data=2, fsdp=2, tensor=2, context=1))
-    batch = synthetic_batch(cfg, 8, seed=3)
+    batches = [synthetic_batch(cfg, 8, seed=3 + i) for i in range(STEPS)]
     phase = cfg.phases.phase3_robot
     results = {}
     params_host = None
@@ -33,12 +37,18 @@ def main():
         tx = trainer.make_optimizer(c.train, phase.steps)
         state = trainer.init_train_state(c, setup, tx, params)
         step = trainer.make_train_step(c, setup, tx, phase, num_sources=2)
-        new_state, metrics = step(state, trainer.global_batch(setup, batch))
+        first = lambda tree: {jax.tree_util.keystr(p): np.asarray(x).ravel()[:64].tolist()
+                              for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+        results[name] = {"loss": [], "grad_norm": [], "lr": [], "init": first(params_host)}
+        for batch in batches:
+            state, metrics = step(state, trainer.global_batch(setup, batch))
+            results[name]["loss"].append(float(metrics["loss"]))
+            results[name]["grad_norm"].append(float(metrics["grad_norm"]))
+            results[name]["lr"].append(float(trainer.make_schedule(c.train, phase.steps)(len(results[name]["lr"]))))
+        new_state = state
         flat = jax.tree_util.tree_leaves_with_path(new_state["params"])
-        results[name] = {
-            "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-            "params": {jax.tree_util.keystr(p): np.asarray(x).ravel()[:64].tolist() for p, x in flat},
-        }
+        results[name]["params"] = first(new_state["params"])
+        results[name]["mu"] = first(new_state["opt_state"][1][0].mu)
         if name == "sharded":
             info = {}
             for p, x in flat:

@@ -3,8 +3,9 @@
 Each case runs the tiny one-phase curriculum (4 steps, checkpoint every 2) on a (data=2, fsdp=2)
 mesh: the first run stops after step 2 (checkpoint at 2, like SIGTERM), the second resumes the same
 workdir with the other process count (2 processes x 2 CPU devices via launch/multiprocess_local.sh,
-or 1 process x 4 CPU devices) and finishes. Checked: the step continues at 3, the restored
-parameters equal the checkpointed ones bit for bit, losses stay finite, and every resumed process
+or 1 process x 4 CPU devices) and finishes. Checked: the step continues at 3, the whole restored
+state (step, parameters, optimizer state) equals the checkpointed one bit for bit, each resumed
+process's iterator stands exactly at element 2 x its new local batch, and every resumed process
 draws, from step 2 on, exactly the batches a fresh run with the new process count draws at steps 2
 and 3 (the policy of kairos_jax/checkpointing.py), saying so in one log line.
 
@@ -77,16 +78,19 @@ def _worker():
             return global_batch(setup, local_batch)
 
         def recording_save(self, step, state, data_iter):
-            params = _gathered(state["params"])
+            everything = _gathered(state)          # step, params and optimizer state
             if jax.process_index() == 0:
-                np.savez(os.path.join(record, f"saved_{step}.npz"), **params)
+                np.savez(os.path.join(record, f"saved_{step}.npz"), **everything)
             return save(self, step, state, data_iter)
 
-        def recording_restore(self, step, *args, **kwargs):
-            state = restore(self, step, *args, **kwargs)
-            params = _gathered(state["params"])
+        def recording_restore(self, step, abstract_state, data_iter=None, **kwargs):
+            state = restore(self, step, abstract_state, data_iter, **kwargs)
+            everything = _gathered(state)
             if jax.process_index() == 0:
-                np.savez(os.path.join(record, f"restored_{step}.npz"), **params)
+                np.savez(os.path.join(record, f"restored_{step}.npz"), **everything)
+            if data_iter is not None:              # where this process's stream stands after the restore
+                with open(os.path.join(record, f"position_{step}_{jax.process_index()}.json"), "w") as f:
+                    json.dump(data_iter.get_state(), f)
             return state
 
         trainer.global_batch = recording_batch
@@ -177,12 +181,28 @@ def test_resume_continues_the_step_from_the_checkpoint(case):
 
 
 @pytest.mark.multiprocess
-def test_restored_params_equal_the_checkpointed_ones(case):
+def test_restored_state_equals_the_checkpointed_one(case):
+    """Every array of the train state (the step, the parameters, the optimizer's moments and count),
+    gathered from all processes, bit for bit as the other process count saved it."""
     with np.load(os.path.join(case["rec1"], f"saved_{STOP}.npz")) as saved, \
             np.load(os.path.join(case["rec2"], f"restored_{STOP}.npz")) as restored:
-        assert saved.files == restored.files and saved.files
+        assert saved.files == restored.files and len(saved.files) > 3
         for k in saved.files:
+            assert saved[k].dtype == restored[k].dtype, k
             np.testing.assert_array_equal(saved[k], restored[k], err_msg=k)
+        step = restored[sorted(restored.files)[-1]]      # the state's keys flatten as opt_state, params, step
+        assert step.shape == () and int(step) == STOP
+
+
+@pytest.mark.multiprocess
+def test_each_resumed_process_is_at_the_exact_data_position(case):
+    """Right after the restore, process i's iterator stands at element STOP x new local batch of its
+    own stream (the policy of kairos_jax/training/checkpointing.py), not merely somewhere that trains."""
+    n = case["second"]
+    local = get_config(case["data"]).train.batch_size // n
+    for i in range(n):
+        with open(os.path.join(case["rec2"], f"position_{STOP}_{i}.json")) as f:
+            assert json.load(f) == {"next_index": STOP * local}, i
 
 
 @pytest.mark.multiprocess

@@ -45,13 +45,32 @@ def test_parameters_are_sharded_as_the_rules_say(sharded_run):
     assert all(v["shard_shape"] != v["shape"] for k, v in info.items() if "mlp" in k and "kernel" in k)
 
 
-def test_sharded_loss_and_update_equal_single_device(sharded_run):
+def test_sharded_steps_equal_single_device_after_warm_up(sharded_run):
+    """Three steps from the same parameters and batches; the learning rate warms up from 0, so the
+    comparison is of the state after steps 2 and 3, whose updates are not zero."""
     single, sharded = sharded_run["single"], sharded_run["sharded"]
+    lr = single["lr"]
+    assert lr[0] == 0.0 and lr[1] > 0 and lr[2] > lr[1]
+    # Losses and gradient norms: the same sums, reassociated across devices (float32).
     np.testing.assert_allclose(sharded["loss"], single["loss"], rtol=2e-5)
-    np.testing.assert_allclose(sharded["grad_norm"], single["grad_norm"], rtol=1e-4)
-    assert single["params"].keys() == sharded["params"].keys()
+    np.testing.assert_allclose(sharded["grad_norm"], single["grad_norm"], rtol=1e-5)
+    assert single["params"].keys() == sharded["params"].keys() == single["init"].keys()
+    moved = [k for k in single["params"]
+             if np.abs(np.subtract(single["params"][k], single["init"][k])).max() > 0]
+    assert len(moved) > 100, len(moved)
+    # The update is not zero: Adam moves each parameter with a gradient by about lr per step.
+    step = lr[1] + lr[2]
+    assert max(np.abs(np.subtract(single["params"][k], single["init"][k])).max() for k in moved) > 0.5 * step
+    # Adam's first moment is linear in the gradients: equal up to float32 reassociation, relative to
+    # the gradient's overall size (one leaf's gradient can be a sum that cancels to ~1e-7).
+    scale = np.sqrt(sum(np.sum(np.square(v)) for v in single["mu"].values()))
+    for k in single["mu"]:
+        assert np.linalg.norm(np.subtract(sharded["mu"][k], single["mu"][k])) <= 1e-5 * scale, k
+    # Parameters: Adam divides each element's moment by its own RMS, which turns such a cancelling
+    # gradient's reassociation error into up to ~1% of its update (measured 0.6% on one bias, 1.6e-5
+    # or less on every other leaf): within 1% of the two steps' learning rates, element by element.
     for k in single["params"]:
-        np.testing.assert_allclose(sharded["params"][k], single["params"][k], rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(sharded["params"][k], single["params"][k], rtol=0, atol=1e-2 * step, err_msg=k)
 
 
 @pytest.mark.parametrize("op", ["gdn", "dswa"])

@@ -24,10 +24,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kairos_jax.inference.checkpoints import CheckpointError
 from kairos_jax.inference.sampling import resolve_mode
 from kairos_jax.inference.streaming import StreamingEngine
 
 MANIFEST = "manifest.json"
+_MANIFEST_KEYS = ("params", "state", "batch_size", "text_len", "modes")
+
+
+class ExportError(CheckpointError):
+    """An export folder, or arguments to its functions, that cannot be used; the message names the
+    file or the argument and what it should be (a CheckpointError: one line, exit 2, in commands)."""
+
+
+def _aval(x) -> str:
+    return f"{x.dtype}{list(x.shape)}"
 
 
 def _path_name(path) -> str:
@@ -99,30 +110,102 @@ class ExportedRollout:
 
     @staticmethod
     def load(directory: str) -> ExportedRollout:
+        """Reads an export folder and checks that its manifest describes its functions (ExportError
+        naming the file otherwise: a missing file, a file that is not a jax.export serialisation, a
+        manifest of another export)."""
         path = os.path.join(directory, MANIFEST)
         try:
             with open(path) as f:
                 manifest = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not an exported rollout ({e})") from e
+            raise ExportError(f"{path}: not an exported rollout ({e})") from e
+        if not isinstance(manifest, dict) or any(k not in manifest for k in _MANIFEST_KEYS):
+            missing = [k for k in _MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+            raise ExportError(f"{path}: not an exported rollout's manifest (no {', '.join(missing)})")
+
         def read(name):
-            with open(os.path.join(directory, name), "rb") as f:
-                return jax.export.deserialize(bytearray(f.read()))
+            file = os.path.join(directory, name)
+            try:
+                with open(file, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                raise ExportError(f"{file}: missing (the manifest {path} lists it; re-run python -m "
+                                  f"kairos_jax.export)") from None
+            try:
+                return jax.export.deserialize(bytearray(data))
+            except Exception as e:
+                raise ExportError(f"{file}: not a jax.export serialisation ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
         steps = {mode: read(f"step_{mode}.jax_export") for mode in manifest["modes"]}
-        return ExportedRollout(read("start.jax_export"), steps, manifest)
+        exported = ExportedRollout(read("start.jax_export"), steps, manifest)
+        exported._check_manifest(path)
+        return exported
+
+    def _check_manifest(self, path: str) -> None:
+        """The manifest's parameter count, state layout, batch size and text length against the
+        functions' own signatures: a manifest copied from another export does not pass."""
+        m, start = self.manifest, self._start
+        n_params, state = len(m["params"]), m["state"]
+        problem = None
+        if len(start.in_avals) != n_params + 3:
+            problem = (f"it lists {n_params} parameters, start.jax_export takes {len(start.in_avals) - 3}")
+        elif [(list(x.shape), str(x.dtype)) for x in start.out_avals] != [(s["shape"], s["dtype"]) for s in state]:
+            problem = "its state layout is not what start.jax_export returns"
+        elif list(start.in_avals[n_params].shape) != [m["batch_size"], m["text_len"]]:
+            problem = (f"batch_size={m['batch_size']}, text_len={m['text_len']}, start.jax_export takes text "
+                       f"{_aval(start.in_avals[n_params])}")
+        else:
+            for mode, step in self._steps.items():
+                if (len(step.in_avals) != n_params + len(state) + 3
+                        or step.in_avals[:n_params] != start.in_avals[:n_params]):
+                    problem = f"step_{mode}.jax_export takes other parameters or state than start.jax_export"
+                    break
+        if problem:
+            raise ExportError(f"{path} does not describe the exported functions beside it ({problem}): a "
+                              f"manifest of another model or export")
+
+    @staticmethod
+    def _check_args(avals, names: list[str], args) -> None:
+        """Arguments of an exported call against the avals it was exported with."""
+        for name, x, want in zip(names, args, avals):
+            got = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                raise ExportError(f"{name} is {_aval(got)}, the export takes {_aval(want)}")
+
+    def _check_params(self, fn, param_leaves) -> None:
+        names = self.manifest["params"]
+        if len(param_leaves) != len(names):
+            raise ExportError(f"got {len(param_leaves)} parameter arrays, the export takes {len(names)} (params of "
+                              f"another model?); param_leaves(model) gives them in the export's order")
+        self._check_args(fn.in_avals, [f"parameter {n!r}" for n in names], param_leaves)
 
     def start(self, param_leaves, text, embodiment_id, action_dim_mask) -> list:
-        """The initial state (flat list, the manifest's "state" order)."""
-        return self._start.call(list(param_leaves), text, embodiment_id, action_dim_mask)
+        """The initial state (flat list, the manifest's "state" order). ExportError names the first
+        argument whose shape or dtype is not the exported one."""
+        param_leaves = list(param_leaves)
+        self._check_params(self._start, param_leaves)
+        self._check_args(self._start.in_avals[len(param_leaves):], ["text", "embodiment_id", "action_dim_mask"],
+                         [text, embodiment_id, action_dim_mask])
+        return self._start.call(param_leaves, text, embodiment_id, action_dim_mask)
 
     def step(self, mode: str, param_leaves, state_leaves, rng, video, actions):
         """One generated and committed block: (state leaves, video [B, N, Dp], actions [B, k, A])."""
         mode = resolve_mode(mode)
         if mode not in self._steps:
-            raise ValueError(f"mode {mode!r} was not exported; exported: {sorted(self._steps)}")
-        return self._steps[mode].call(list(param_leaves), list(state_leaves), jax.random.key_data(rng), video,
-                                      actions)
+            raise ExportError(f"mode {mode!r} was not exported; exported: {sorted(self._steps)}")
+        fn = self._steps[mode]
+        param_leaves, state_leaves = list(param_leaves), list(state_leaves)
+        self._check_params(fn, param_leaves)
+        state = self.manifest["state"]
+        if len(state_leaves) != len(state):
+            raise ExportError(f"got {len(state_leaves)} state arrays, the export's state has {len(state)} (a state "
+                              f"from start() of this export)")
+        avals = fn.in_avals[len(param_leaves):]
+        names = [f"state {s['path']!r}" for s in state] + ["key", "video", "actions"]
+        key_data = jax.random.key_data(rng)
+        self._check_args(avals, names, [*state_leaves, key_data, video, actions])
+        return fn.call(param_leaves, state_leaves, key_data, video, actions)
 
 
 def param_leaves(model) -> list:

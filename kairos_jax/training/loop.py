@@ -60,12 +60,20 @@ class StopRequested:
                     signal.Signals(signum).name)
 
     def requested(self) -> bool:
-        flag = self.signum is not None
+        """Whether any process got a signal; all processes then take the same signal as theirs
+        (SIGTERM over SIGINT), so that they exit with the same status (kairos_jax/train.py)."""
+        signum = self.signum or 0
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-        return flag
+            gathered = np.asarray(multihost_utils.process_allgather(np.asarray(signum, np.int32)))
+            signum = int(signal.SIGTERM) if int(signal.SIGTERM) in gathered else int(gathered.max())
+            self.signum = signum or self.signum
+        return bool(signum)
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum else None
 
 
 class StepProfiler:
@@ -108,6 +116,7 @@ class PhaseResult:
     last_loss: float | None
     resumed_from: int | None
     stopped_early: bool = False
+    stopped_by: str | None = None   # the signal that stopped it ("SIGTERM", "SIGINT"), when one did
 
 
 def _phase_seed(cfg, index: int) -> int:
@@ -120,6 +129,20 @@ def _local_batch_size(cfg) -> int:
         raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} must be a multiple of the "
                           f"number of processes ({n})")
     return cfg.train.batch_size // n
+
+
+def _skipped_clips(data_iter, clips_drawn: int) -> int | None:
+    """Clips the data pipeline skipped as bad input so far in this phase, summed over processes (a
+    collective: every process logs at the same steps); None when the iterator cannot tell."""
+    from data_pipelines.pipeline import skipped_clips
+
+    n = skipped_clips(data_iter.get_state(), clips_drawn)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        gathered = np.asarray(multihost_utils.process_allgather(np.asarray(-1 if n is None else n, np.int64)))
+        return None if (gathered < 0).any() else int(gathered.sum())
+    return n
 
 
 class Heldout:
@@ -169,10 +192,11 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     data_iter = iter(dataset)
     sources = sorted(phase.mixture)
 
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, trainer.abstract_train_state(tx, setup),
-                             data_iter if latest < phase.steps else None, global_batch_size=cfg.train.batch_size)
+    # The newest checkpoint that verifies (checkpointing.py: damaged newer ones are named and moved aside).
+    restored = ckpt.restore_latest(trainer.abstract_train_state(tx, setup), data_iter,
+                                   global_batch_size=cfg.train.batch_size, final_step=phase.steps)
+    if restored is not None:
+        latest, state = restored
         log.info("%s: resumed from checkpoint at step %d", name, latest)
     else:
         params = init_params() if callable(init_params) else init_params
@@ -225,6 +249,8 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
                 "step_time_s": dt, "steps_per_s": 1.0 / dt, "tokens_per_s": tokens_per_step / dt,
                 "skipped_steps": skipped,
             }
+            if (bad := _skipped_clips(data_iter, done * _local_batch_size(cfg))) is not None:
+                scalars["skipped_clips"] = bad      # bad input left out so far (docs/architecture.md §5)
             if flops and peak_flops:
                 scalars["mfu"] = flops / dt / peak_flops
             for key in ("loss_proprio", "loss_progress"):
@@ -272,7 +298,8 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
         raise TrainingDiverged(diverged)
     trend = metrics.loss_trend(metrics.read_metrics(pdir))
     result = PhaseResult(name, phase.steps, *(trend or (None, None)),
-                         resumed_from=start if start else None, stopped_early=stopped)
+                         resumed_from=start if start else None, stopped_early=stopped,
+                         stopped_by=getattr(stop, "signal_name", None) if stopped else None)
     return result, state["params"]
 
 

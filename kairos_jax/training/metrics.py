@@ -117,8 +117,14 @@ class MetricWriter:
         """Drop log lines of steps past the checkpoint a run resumes from (they will be redone)."""
         if not os.path.exists(self.jsonl):
             return
+        keep = []
         with open(self.jsonl) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass   # a line cut short (a write that failed, e.g. disk full): its step is redone
         with open(self.jsonl, "w") as f:
             f.writelines(keep)
 

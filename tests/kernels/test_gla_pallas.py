@@ -11,9 +11,6 @@ from pallas_kernels.gla.pallas import gla_pallas
 from pallas_kernels.gla.reference import gla_reference
 from tests.float64_checks import check_against_float64, relerr
 
-# The float64 references need x64 inside this module's tests only (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("float64_references")
-
 
 def make_inputs(seed, B, T, H, K, V, *, gates="moderate"):
     rng = np.random.default_rng(seed)

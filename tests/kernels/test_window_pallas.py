@@ -12,13 +12,15 @@ from pallas_kernels.window_attention import pallas_math as wm
 from pallas_kernels.window_attention.pallas import window_attention_pallas
 from pallas_kernels.window_attention.reference import window_attention_reference
 
-# The float64 references need x64 inside this module's tests only (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("float64_references")
-
 
 def relerr(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def as_f64(x):
+    """A float32 array's values as float64 (call inside `jax.enable_x64(True)`)."""
+    return jnp.asarray(np.asarray(x, np.float64))
 
 
 def inputs(seed, B, T, H, D):
@@ -31,13 +33,16 @@ def check(T, block_size, window, dilation, tile, backend, D=16, grads=True):
     kw = dict(block_size=block_size, window=window, dilation=dilation)
     f = lambda q, k, v: window_attention_pallas(q, k, v, tile=tile, backend=backend, **kw)
     r = lambda q, k, v: window_attention_reference(q, k, v, **kw)
-    o = f(q, k, v)
-    ro = r(*(x.astype(jnp.float64) for x in (q, k, v)))
+    o = f(q, k, v)                                  # the kernel in float32, as the model runs it
+    assert o.dtype == jnp.float32
+    with jax.enable_x64(True):                      # only the reference in float64
+        ro = r(*(as_f64(x) for x in (q, k, v)))
     assert relerr(o, ro) <= 1e-5, relerr(o, ro)
     if grads:
         got = jax.grad(lambda *a: jnp.sum(f(*a) * do), argnums=(0, 1, 2))(q, k, v)
-        want = jax.grad(lambda *a: jnp.sum(r(*a) * do), argnums=(0, 1, 2))(
-            *(x.astype(jnp.float64) for x in (q, k, v)))
+        with jax.enable_x64(True):
+            want = jax.grad(lambda *a: jnp.sum(r(*a) * as_f64(do)), argnums=(0, 1, 2))(
+                *(as_f64(x) for x in (q, k, v)))
         errs = [relerr(a, b) for a, b in zip(got, want)]
         assert max(errs) <= 1e-4, errs
     return o
@@ -147,12 +152,14 @@ def check_prefix(nq, P, window, dilation, first_valid, backend, *, bs=8, tile=16
     if traced:  # first_valid_block as context parallelism passes it: computed from axis_index
         f = jax.jit(f)
     r = lambda q, k, v: window_attention_prefix_reference(q, k, v, first_valid_block=first_valid, **kw)
-    o = f(q, k, v, first_valid)
-    assert np.isfinite(np.asarray(o)).all()
-    f64 = [x.astype(jnp.float64) for x in (q, k, v)]
-    assert relerr(o, r(*f64)) <= 1e-5, relerr(o, r(*f64))
+    o = f(q, k, v, first_valid)                     # the kernel in float32
+    assert np.isfinite(np.asarray(o)).all() and o.dtype == jnp.float32
     got = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, first_valid) * do), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *a: jnp.sum(r(*a) * do), argnums=(0, 1, 2))(*f64)
+    with jax.enable_x64(True):                      # only the reference in float64
+        f64 = [as_f64(x) for x in (q, k, v)]
+        ro = r(*f64)
+        want = jax.grad(lambda *a: jnp.sum(r(*a) * as_f64(do)), argnums=(0, 1, 2))(*f64)
+    assert relerr(o, ro) <= 1e-5, relerr(o, ro)
     errs = [relerr(a, b) for a, b in zip(got, want)]
     assert max(errs) <= 1e-4, errs
     # masked prefix blocks get exactly no gradient

@@ -174,7 +174,9 @@ def test_bfloat16_inputs_accumulate_in_float32():
     o, s = gated_delta_rule(**xb, chunk_size=8, impl="chunked")
     assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
     o_ref, s_ref = reference64({n: np.asarray(a.astype(jnp.float32), np.float64) for n, a in xb.items()})
-    assert rel(o, o_ref) <= 1e-2 and rel(s, s_ref) <= 1e-5
+    # accumulation in float32, one rounding of the output to bf16 (unit roundoff 2^-8; measured 1.7e-3,
+    # the rounding alone); the state stays float32 (float32 round-off over 24 steps)
+    assert rel(o, o_ref) <= 2.0 ** -8 and rel(s, s_ref) <= 1e-5
 
 
 def test_bad_inputs_are_rejected_with_the_argument_name():

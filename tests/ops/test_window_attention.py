@@ -131,7 +131,9 @@ def test_bfloat16_inputs_return_bfloat16():
     o = window_attention(*(jnp.asarray(a, jnp.bfloat16) for a in x), block_size=BS, window=2, impl="chunked")
     assert o.dtype == jnp.bfloat16
     rounded = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in x)
-    assert rel(o, numpy_oracle(*rounded, swa(2))) <= 1e-2
+    # float32 inside, one rounding of the output to bf16: every element within its unit roundoff 2^-8
+    # of the float64 oracle on the same rounded inputs (measured 1.7e-3 = the rounding alone)
+    assert rel(o, numpy_oracle(*rounded, swa(2))) <= 2.0 ** -8
 
 
 @pytest.mark.parametrize("window,dilation", [(3, 1), (3, 2)])
