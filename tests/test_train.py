@@ -107,6 +107,30 @@ def test_training_logs_held_out_metrics_and_keeps_its_statistics(uninterrupted):
                 assert json.load(f) == json.load(g)
 
 
+def test_summary_reports_held_out_psnr_against_copy_last(uninterrupted):
+    """The run's summary carries the last held-out measurement of each robot source, and says plainly
+    that the run is a smoke run when the model does not beat copy-last-frame (a random-ish tiny model
+    here cannot); with a model that beats it everywhere, no such sentence."""
+    from kairos_jax.training.loop import SMOKE_RUN, PhaseResult, format_summary, last_heldout
+
+    cfg, workdir = uninterrupted
+    with open(os.path.join(workdir, "phase3_robot", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    held = last_heldout(rows)
+    last = max(r["step"] for r in rows if any(k.startswith("heldout_psnr/") for k in r))
+    row = next(r for r in rows if r["step"] == last and any(k.startswith("heldout_psnr/") for k in r))
+    assert held and set(held) == {k.split("/", 1)[1] for k in row if k.startswith("heldout_psnr/")}
+    for source, h in held.items():
+        assert h == {"step": last, "psnr": row[f"heldout_psnr/{source}"],
+                     "copy_last_psnr": row[f"heldout_copy_last_psnr/{source}"]}
+    worse = {"reacher": {"step": 4, "psnr": 20.0, "copy_last_psnr": 21.0}}
+    better = {"reacher": {"step": 4, "psnr": 22.0, "copy_last_psnr": 21.0}}
+    text = format_summary([PhaseResult("phase3_robot", 4, 1.0, 0.5, None, heldout=worse)])
+    assert "20.00 dB vs  21.00 dB (-1.00 dB" in text and SMOKE_RUN in text
+    assert SMOKE_RUN not in format_summary([PhaseResult("phase3_robot", 4, 1.0, 0.5, None, heldout=better)])
+    assert "not measured" in format_summary([PhaseResult("phase1_video", 4, 1.0, 0.5, None)])
+
+
 @pytest.mark.parametrize("crash", [True, False], ids=["kill", "sigterm"])
 def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_path, crash):
     _, ref_dir = uninterrupted

@@ -117,6 +117,21 @@ class PhaseResult:
     resumed_from: int | None
     stopped_early: bool = False
     stopped_by: str | None = None   # the signal that stopped it ("SIGTERM", "SIGINT"), when one did
+    # the last held-out measurement: {source: {"step", "psnr", "copy_last_psnr"}} (one block ahead)
+    heldout: dict | None = None
+
+
+def last_heldout(records: list[dict]) -> dict | None:
+    """Per source, the last logged one-block-ahead held-out PSNR beside copy-last-frame's."""
+    out = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("heldout_psnr/"):
+                source = key.split("/", 1)[1]
+                copy = r.get(f"heldout_copy_last_psnr/{source}")
+                if copy is not None:
+                    out[source] = {"step": int(r["step"]), "psnr": float(value), "copy_last_psnr": float(copy)}
+    return out or None
 
 
 def _phase_seed(cfg, index: int) -> int:
@@ -205,9 +220,11 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     writer = metrics.MetricWriter(pdir, resume_step=start)
     if start >= phase.steps:
         ckpt.close()
-        trend = metrics.loss_trend(metrics.read_metrics(pdir))
+        records = metrics.read_metrics(pdir)
+        trend = metrics.loss_trend(records)
         writer.close()
-        return PhaseResult(name, phase.steps, *(trend or (None, None)), resumed_from=start), state["params"]
+        return PhaseResult(name, phase.steps, *(trend or (None, None)), resumed_from=start,
+                           heldout=last_heldout(records)), state["params"]
 
     step_fn = trainer.make_train_step(cfg, setup, tx, phase, num_sources=len(sources))
     heldout = Heldout(cfg, setup, phase)
@@ -296,8 +313,9 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     ckpt.close()
     if diverged:
         raise TrainingDiverged(diverged)
-    trend = metrics.loss_trend(metrics.read_metrics(pdir))
-    result = PhaseResult(name, phase.steps, *(trend or (None, None)),
+    records = metrics.read_metrics(pdir)
+    trend = metrics.loss_trend(records)
+    result = PhaseResult(name, phase.steps, *(trend or (None, None)), heldout=last_heldout(records),
                          resumed_from=start if start else None, stopped_early=stopped,
                          stopped_by=getattr(stop, "signal_name", None) if stopped else None)
     return result, state["params"]
@@ -349,6 +367,13 @@ def save_training_stats(cfg, directory: str) -> None:
         write_stats(out, load_stats(os.path.join(cfg.data.root, source)))
 
 
+SMOKE_RUN = ("Not every source beats copy-last-frame one block ahead on held-out episodes: this model is not "
+             "yet a usable world model. The embedded config of `make train` is a smoke run that checks the "
+             "pipeline end to end; experiments/eval_small.py is the longest config measured on 2 cores, and "
+             "where it stands against the baselines is in benchmarks/RESULTS.md (\"World model quality\"). "
+             "Score any run with `make eval` or `python -m kairos_jax.evaluate --checkpoint=WORKDIR`.")
+
+
 def format_summary(results: list[PhaseResult]) -> str:
     lines = ["", "Curriculum summary (mean loss over the first and last 20% of logged steps):"]
     for r in results:
@@ -360,4 +385,18 @@ def format_summary(results: list[PhaseResult]) -> str:
             arrow = "falls" if r.last_loss < r.first_loss else "DOES NOT FALL"
             lines.append(f"  {r.name:<16} {r.steps:>6} steps  loss {r.first_loss:.4f} -> {r.last_loss:.4f} "
                          f"({arrow})")
+    measured = [r for r in results if r.heldout]
+    if not measured:
+        lines.append("Held-out quality: not measured (set config.eval.root and config.eval.every).")
+        return "\n".join(lines)
+    last = measured[-1]
+    lines.append(f"Held-out simulate PSNR one block ahead ({last.name}), model vs copy-last-frame:")
+    beaten = True
+    for source, h in sorted(last.heldout.items()):
+        gain = h["psnr"] - h["copy_last_psnr"]
+        beaten &= gain > 0
+        lines.append(f"  {source:<16} {h['psnr']:6.2f} dB vs {h['copy_last_psnr']:6.2f} dB ({gain:+.2f} dB, "
+                     f"step {h['step']})")
+    if not beaten:
+        lines.append(SMOKE_RUN)
     return "\n".join(lines)
