@@ -28,7 +28,7 @@ PYTHON312 ?= $(shell \
   elif ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 >/dev/null 2>&1; then ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 | sort -V | tail -1; \
   fi)
 
-.PHONY: train test test-all lint data install clean-venv eval bc
+.PHONY: train test test-all lint data install clean-venv eval bc aot-tools
 
 $(STAMP): setup.py
 	@if [ -z "$(PYTHON312)" ]; then echo "error: no Python 3.12 found (put python3.12 on PATH, install it with pyenv, or pass PYTHON312=/path/to/python3.12)"; exit 1; fi
@@ -84,6 +84,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m 'not diffusers and not openpi and not lerobot' -rs $(PYTEST_ARGS)
+
+# Compilers for AOT compiles and step-time estimates of TPU slices and H100/H200 nodes without the
+# hardware (python -m kairos_jax.compile, tests marked tpu): libtpu and jax-cuda12-plugin. Not part of
+# `make install`: with the CUDA plugin installed, a JAX start without JAX_PLATFORMS=cpu logs a harmless
+# "Unable to load cuDNN" traceback.
+aot-tools: $(STAMP)
+	$(PY) -m pip install -q -e ".[tpu,gpu-aot]"
 
 clean-venv:
 	rm -rf $(VENV)
