@@ -164,3 +164,33 @@ $(LEROBOT_VENV)/.installed:
 	@touch $@
 
 lerobot-venv: $(LEROBOT_VENV)/.installed
+
+# Meta-World (issue 14): metaworld==3.1.1 pins mujoco==3.3.0, so recording and the served evaluation's
+# client live in .venv-metaworld (launch/metaworld_venv.sh); the fine-tune and the server use .venv.
+# `make metaworld-venv data-metaworld train-metaworld eval-metaworld`; tests: `.venv/bin/python -m
+# pytest -m metaworld tests/test_metaworld.py`. MW_INIT names the pre-trained run to fine-tune from.
+METAWORLD_VENV := .venv-metaworld
+MW_PYTHON ?= $(PYTHON311)
+MW_INIT ?= runs/embedded
+MW_WORKDIR ?= runs/metaworld
+MW_EVAL_ARGS ?= --tasks=mt10 --episodes=50 --seed=1 --videos=2
+
+.PHONY: metaworld-venv data-metaworld train-metaworld eval-metaworld
+$(METAWORLD_VENV)/.installed:
+	PYTHON=$(MW_PYTHON) bash launch/metaworld_venv.sh $(METAWORLD_VENV)
+
+metaworld-venv: $(METAWORLD_VENV)/.installed
+
+data/metaworld/metaworld/manifest.json: $(METAWORLD_VENV)/.installed $(STAMP)
+	MUJOCO_GL=egl $(METAWORLD_VENV)/bin/python -m data_pipelines.generate --preset=metaworld \
+	  --output=data/metaworld_lerobot --tasks=mt10 --episodes=10 --seed=0
+	$(PY) -m data_pipelines.convert --format=lerobot --input=data/metaworld_lerobot \
+	  --output=data/metaworld/metaworld --embodiment=metaworld
+
+data-metaworld: data/metaworld/metaworld/manifest.json
+
+train-metaworld: data/metaworld/metaworld/manifest.json
+	$(PY) -m experiments.metaworld --workdir=$(MW_WORKDIR) --init_from=$(MW_INIT)
+
+eval-metaworld: $(METAWORLD_VENV)/.installed $(STAMP)
+	bash launch/metaworld_eval.sh runs/metaworld_eval $(MW_WORKDIR) -- $(MW_EVAL_ARGS)

@@ -120,4 +120,10 @@ DEFAULT_REGISTRY = EmbodimentRegistry([
     Embodiment("ur5_autolab", 12, action_dim=7, proprio_dim=15, action_semantics="ee_delta",
                description="Berkeley Autolab UR5: world_vector (3), rotation_delta (3), gripper_closedness_action "
                            "(1); proprio = robot_state (15); 5 Hz"),
+    # Meta-World v3 (data_pipelines/sim/metaworld_record.py): its observation without the frame stack.
+    Embodiment("metaworld", 13, action_dim=4, proprio_dim=21, action_semantics="ee_delta",
+               description="Meta-World v3 Sawyer (metaworld==3.1.1): delta xyz of the hand (3, x 1 cm per unit, "
+                           "clipped to [-1, 1]), gripper effort (1, -1 open .. +1 close); proprio = Meta-World's "
+                           "observation less its copy of the previous step: hand xyz (3), gripper opening (1), "
+                           "object poses (14, zero-padded), goal xyz (3); 80 Hz"),
 ])

@@ -12,6 +12,8 @@ writes
     OUTPUT/.complete        written last (atomically): JSON summary; `make train` uses it as a stamp
 
 (the presets `heldout` and `heldout_long` record the three robots only, for evaluation).
+`--preset=metaworld` (in .venv-metaworld) records Meta-World expert demonstrations as a LeRobot
+dataset instead: data_pipelines/sim/metaworld_record.py.
 
 each source folder holding ArrayRecord shards, manifest.json and stats.json (data_pipelines.shards).
 Frames are 64x64 RGB at the control rate (25 Hz). The output depends only on the preset and the
@@ -33,8 +35,6 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-
-from data_pipelines.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ def generate(preset: str | Preset, output: str, seed: int = 0, workers: int | No
     if unknown:
         raise ValueError(f"unknown sources {unknown}; available: {list(_RECORDERS)}")
     workers = preset.workers if workers is None else workers
+    from data_pipelines.shards import ShardWriter  # here: the metaworld preset's venv has no array_record
+
     os.makedirs(output, exist_ok=True)
     stamp = os.path.join(output, COMPLETE_FILE)
     if os.path.exists(stamp):
@@ -183,9 +185,18 @@ def generate(preset: str | Preset, output: str, seed: int = 0, workers: int | No
 
 
 def main(argv=None) -> None:
+    import sys
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--preset=metaworld" in args or any(a == "--preset" and b == "metaworld" for a, b in zip(args, args[1:])):
+        # Meta-World expert demonstrations -> a LeRobot dataset, in .venv-metaworld
+        from data_pipelines.sim.metaworld_record import main as record_metaworld
+
+        return record_metaworld(args)
     parser = argparse.ArgumentParser(prog="python -m data_pipelines.generate",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded",
+                        help="or metaworld (in .venv-metaworld: data_pipelines/sim/metaworld_record.py)")
     parser.add_argument("--output", required=True, help="folder to write (one sub-folder per source)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None,
