@@ -107,6 +107,10 @@ def default_config() -> ml_collections.ConfigDict:
         loss_min_sigma=0.05,      # x0 head with a velocity loss: sigma is clamped here in the 1/sigma^2 weight
         sigma_shift=1.0,          # time shift of sampled sigmas (> 1 favours high noise)
         clean_block_prob=0.25,    # fraction of blocks given clean (diffusion forcing with clean context)
+        # Residual video head: each block's reference (previous recorded) frame gets Gaussian noise of
+        # a std drawn per block from U(0, reference_noise), so the head learns to correct a wrong
+        # reference from the history, as it must when a rollout's reference is its own last frame.
+        reference_noise=0.0,
         text_dropout=0.1,         # drop task text (null token only), for classifier-free guidance
         log_every=10,
         # Steps with a non-finite loss or gradient are skipped (no update; counted and logged as
@@ -141,6 +145,7 @@ def default_config() -> ml_collections.ConfigDict:
         num_steps=4,                         # Euler steps per streamed block
         context_blocks=2,                    # ground-truth blocks committed before the rollout starts
         full_capacity=64,                    # initial blocks of a "full" layer's cache (doubles when full)
+        context_sigma=0.0,                   # generated video enters the history re-noised to this level
     ))
     # Held-out evaluation during training (kairos_jax.inference.evaluate.heldout_metrics): every
     # `every` steps of every phase, on a fixed batch of clips of the phase's robot sources under `root`.
@@ -234,6 +239,8 @@ def validate(cfg) -> None:
     _req(t.logit_std > 0, "train.logit_std", t.logit_std, "must be > 0")
     _req(t.loss_target in LOSS_TARGETS, "train.loss_target", t.loss_target, f"one of {LOSS_TARGETS}")
     _req(0.0 < t.loss_min_sigma <= 1.0, "train.loss_min_sigma", t.loss_min_sigma, "must be in (0, 1]")
+    _req(0.0 <= t.reference_noise <= 2.0, "train.reference_noise", t.reference_noise,
+         "must be in [0, 2] (a std in [-1, 1] token units)")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _positive_int(cfg, "train", name)
     _positive_int(cfg, "train", "warmup_steps", minimum=0)
@@ -336,6 +343,8 @@ def _validate_world_action(cfg) -> None:
     req(integer(r.num_steps, 1), "rollout.num_steps", r.num_steps, "an integer >= 1")
     req(integer(r.context_blocks, 1), "rollout.context_blocks", r.context_blocks, "an integer >= 1")
     req(integer(r.full_capacity, 1), "rollout.full_capacity", r.full_capacity, "an integer >= 1")
+    req(isinstance(r.context_sigma, (int, float)) and 0.0 <= r.context_sigma < 1.0, "rollout.context_sigma",
+        r.context_sigma, "a number in [0, 1)")
 
 def _validate_eval(cfg) -> None:
     e = cfg.eval

@@ -36,15 +36,19 @@ _CLIPS = flags.DEFINE_integer("clips", 16, "Held-out clips per source.", lower_b
 _EPISODES = flags.DEFINE_integer("closed_loop_episodes", 50, "Task episodes per simulated robot (0: none).",
                                  lower_bound=0)
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Euler steps per block (default: config rollout.num_steps).")
+_SHIFT = flags.DEFINE_float("shift", None, "Sigma schedule shift of the sampler (default: config sampling.shift).")
+_CONTEXT_SIGMA = flags.DEFINE_float("context_sigma", None, "Noise level generated video re-enters the history at "
+                                    "(default: config rollout.context_sigma; 0 = clean).")
 _SOURCES = flags.DEFINE_list("sources", None, "Sources to evaluate (default: the last phase's robot sources).")
 
 log = logging.getLogger("kairos.evaluate")
 
 
-def load_engine(path: str, num_steps: int | None):
+def load_engine(path: str, num_steps: int | None, context_sigma: float | None = None, shift: float | None = None):
     ref = find_checkpoint(path)
     cfg = load_config(ref)
-    return make_engine(load_model(ref, cfg), cfg, num_steps=num_steps), cfg, ref
+    engine = make_engine(load_model(ref, cfg), cfg, num_steps=num_steps, shift=shift, context_sigma=context_sigma)
+    return engine, cfg, ref
 
 
 def write_report(result: dict, out: str, title: str) -> None:
@@ -96,7 +100,7 @@ def main(argv) -> None:
     cli.require(checkpoint=cli.CHECKPOINT.value)
     if _CONTEXT.value < 2:
         raise cli.UsageError("--context must be >= 2 (linear extrapolation needs two frames)")
-    engine, cfg, ref = load_engine(cli.CHECKPOINT.value, _NUM_STEPS.value)
+    engine, cfg, ref = load_engine(cli.CHECKPOINT.value, _NUM_STEPS.value, _CONTEXT_SIGMA.value, _SHIFT.value)
     bc_engine = load_engine(_BC.value, _NUM_STEPS.value)[0] if _BC.value else None
     train_stats = load_training_stats(ref)
     if not train_stats:

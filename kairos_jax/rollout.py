@@ -46,6 +46,8 @@ _SOURCE = flags.DEFINE_string("source", None, "Source folder under the data root
 _EPISODE = flags.DEFINE_string("episode", None, "Episode id (default: the source's last episode).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Euler steps per block (default: config rollout.num_steps).")
 _SHIFT = flags.DEFINE_float("shift", None, "Sigma schedule shift (default: config sampling.shift).")
+_CONTEXT_SIGMA = flags.DEFINE_float("context_sigma", None, "Noise level generated video re-enters the history at "
+                                    "(default: config rollout.context_sigma; 0 = clean).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: config; 1 = none).")
 
 log = logging.getLogger("kairos.rollout")
@@ -84,7 +86,8 @@ def main(argv) -> None:
         raise cli.UsageError(f"--context={context}: must be >= 1")
     model = load_model(ref, cfg)
     log.info("model from %s %s%s", ref.kind, ref.path, f" (step {ref.step})" if ref.step is not None else "")
-    engine = make_engine(model, cfg, num_steps=_NUM_STEPS.value, shift=_SHIFT.value, guidance_scale=_GUIDANCE.value)
+    engine = make_engine(model, cfg, num_steps=_NUM_STEPS.value, shift=_SHIFT.value, guidance_scale=_GUIDANCE.value,
+                         context_sigma=_CONTEXT_SIGMA.value)
     root = cli.DATA_ROOT.value or cfg.data.root
     out = cli.OUT.value
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

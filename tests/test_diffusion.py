@@ -162,3 +162,13 @@ def test_flow_losses_match_a_float64_oracle(prediction, target):
     # float32 against float64: errors of a few ulps of values of order 1-100
     np.testing.assert_allclose(float(got_v), want_v, rtol=2e-5)
     np.testing.assert_allclose(float(got_a), want_a, rtol=2e-5)
+
+
+def test_perturb_reference_noise_has_a_per_block_std_uniform_up_to_the_maximum():
+    ref = jnp.zeros((64, 8, 16, 192))
+    out = np.asarray(diffusion.perturb_reference(jax.random.key(0), ref, 0.3))
+    std = out.reshape(64, 8, -1).std(-1)                       # per block: one draw of U(0, 0.3)
+    assert std.min() >= 0.0 and std.max() <= 0.3 * 1.05
+    assert abs(std.mean() - 0.15) < 0.02 and abs(std.std() - 0.3 / np.sqrt(12)) < 0.02
+    ref = jnp.ones((2, 3, 4, 5))
+    np.testing.assert_allclose(diffusion.perturb_reference(jax.random.key(1), ref, 0.0), ref)

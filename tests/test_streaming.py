@@ -239,3 +239,39 @@ def test_exported_step_gives_the_engine_outputs(tmp_path):
     _, _, actions = served.step("policy", params, leaves, jax.random.key(9), batch["video"][:, 3],
                                 batch["actions"][:, 3])
     assert actions.shape == batch["actions"][:, 3].shape
+
+
+def test_context_sigma_commits_generated_video_renoised_as_the_full_model_sees_it():
+    """With context_sigma = s, a generated block enters the history as (1 - s) video + s eps at
+    sigma_video = s, and the next block's residual reference is the clean generated frame: the next
+    prediction must equal the full-sequence model given exactly that clip."""
+    cfg, model, params, batch, _ = setup("scanned")
+    graphdef = nnx.graphdef(model)
+    s, B = 0.3, batch["video"].shape[0]
+    engine = StreamingEngine(model, num_steps=2, full_capacity=T, context_sigma=s)
+    state = engine.start(batch["text"], batch["embodiment_id"], batch["action_dim_mask"])
+    state = engine.commit(state, batch["video"][:, 0], batch["actions"][:, 0], np.zeros(B), np.ones(B))
+    rng = jax.random.key(7)
+    state, generated, _ = engine.step(state, rng, mode="simulate", actions=batch["actions"][:, 1])
+    renoised = (1 - s) * generated + s * jax.random.normal(jax.random.fold_in(rng, 1), generated.shape)
+    noisy_v = batch["video"][:, 2] * 0.4 + 0.6
+    got = engine.velocity(state, noisy_v, batch["actions"][:, 2], np.full(B, 0.6), np.zeros(B))
+
+    video = batch["video"].at[:, 1].set(renoised).at[:, 2].set(noisy_v)
+    sv = jnp.zeros((B, T)).at[:, 1].set(s).at[:, 2].set(0.6)
+    sa = jnp.zeros((B, T)).at[:, 0].set(1.0)
+    reference = diffusion.previous_frames(batch["video"]).at[:, 2].set(generated)
+    out = nnx.merge(graphdef, params)(video, batch["actions"], sv, sa, batch["embodiment_id"],
+                                      batch["action_dim_mask"], batch["text"], reference=reference)
+    assert rel(got["video_velocity"], out.video_velocity[:, 2]) < RTOL
+    assert rel(got["action_velocity"], out.action_velocity[:, 2]) < RTOL
+    # and it is not what a clean commit of the generated block would give
+    plain = StreamingEngine(model, num_steps=2, full_capacity=T)
+    st = plain.start(batch["text"], batch["embodiment_id"], batch["action_dim_mask"])
+    st = plain.commit(st, batch["video"][:, 0], batch["actions"][:, 0], np.zeros(B), np.ones(B))
+    st, generated_plain, _ = plain.step(st, rng, mode="simulate", actions=batch["actions"][:, 1])
+    np.testing.assert_allclose(generated_plain, generated, rtol=1e-5, atol=1e-5)
+    other = plain.velocity(st, noisy_v, batch["actions"][:, 2], np.full(B, 0.6), np.zeros(B))
+    assert rel(other["video_velocity"], got["video_velocity"]) > 1e-3
+    with pytest.raises(ValueError, match="context_sigma"):
+        StreamingEngine(model, context_sigma=1.0)

@@ -30,13 +30,15 @@ class RolloutError(ValueError):
 
 
 def make_engine(model, cfg, *, num_steps: int | None = None, shift: float | None = None,
-                guidance_scale: float | None = None) -> StreamingEngine:
+                guidance_scale: float | None = None, context_sigma: float | None = None) -> StreamingEngine:
     """The streaming engine with the config's rollout settings (each overridable); guidance 1 = none."""
     guidance = cfg.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    if context_sigma is None:
+        context_sigma = cfg.rollout.get("context_sigma", 0.0)
     return StreamingEngine(model, num_steps=num_steps or cfg.rollout.num_steps,
                            shift=cfg.sampling.shift if shift is None else shift,
                            guidance_scale=None if guidance == 1.0 else guidance,
-                           full_capacity=cfg.rollout.full_capacity)
+                           full_capacity=cfg.rollout.full_capacity, context_sigma=context_sigma)
 
 
 def rollout(engine: StreamingEngine, cfg, ep: EpisodeClip, *, mode: str, context: int, steps: int,

@@ -69,6 +69,7 @@ class StreamSpec:
 
     graphdef: nnx.GraphDef
     guidance_scale: float | None = None      # None: conditional only
+    context_sigma: float = 0.0               # noise level generated video is committed at (see step_fn)
 
     def _double(self, x):
         return x if self.guidance_scale is None else jnp.concatenate([x, x], axis=0)
@@ -105,12 +106,16 @@ class StreamSpec:
         return {"video_velocity": mix(res["video_velocity"]), "action_velocity": mix(res["action_velocity"]),
                 "proprio": res["proprio"][:B], "progress": res["progress"][:B]}
 
-    def commit_fn(self, params, state, video, actions, sigma_video, sigma_action) -> StreamState:
-        """Write one block (committed modalities at sigma = 0) into the caches; advance the index."""
+    def commit_fn(self, params, state, video, actions, sigma_video, sigma_action, reference=None) -> StreamState:
+        """Write one block (committed modalities at sigma = 0) into the caches; advance the index.
+        The next block's reference frame is the committed video where it is clean (zeros where it is
+        not), or `reference` [B, N, Dp] when given (a generated frame committed with noise)."""
         _, caches = self._forward(params, state, video, actions, sigma_video, sigma_action)
-        clean = (sigma_video == 0)[:, None, None]
-        reference = self._double(jnp.where(clean, video.astype(jnp.float32), 0.0))
-        return state.replace(position=state.position + 1, caches=caches, reference=reference)
+        if reference is None:
+            clean = (sigma_video == 0)[:, None, None]
+            reference = jnp.where(clean, video.astype(jnp.float32), 0.0)
+        return state.replace(position=state.position + 1, caches=caches,
+                             reference=self._double(reference.astype(jnp.float32)))
 
     def denoise_fn(self, params, state, rng, video, actions, *, mode: str, schedule: tuple):
         """Generate the next block in `mode` against the caches (read only), with Euler steps along
@@ -141,9 +146,21 @@ class StreamSpec:
         return x["video"], x["actions"] * dim_mask[:, None], final(v_rule), final(a_rule)
 
     def step_fn(self, params, state, rng, video, actions, *, mode: str, schedule: tuple):
-        """denoise, then commit the result: (new state, video, actions)."""
+        """denoise, then commit the result: (new state, video, actions).
+
+        With `context_sigma` > 0 a generated video block enters the history re-noised to that level
+        and marked so (x = (1 - s) video + s eps at sigma_video = s), as diffusion forcing trains noisy
+        history: the model learns not to trust such a block's fine detail, so its own errors are not
+        read back as truth at every later step. The reference frame of the residual head stays the
+        clean generated one, as in training (where it is the recorded frame whatever the history's
+        noise level)."""
         video, actions, s_v, s_a = self.denoise_fn(params, state, rng, video, actions, mode=mode,
                                                    schedule=schedule)
+        if self.context_sigma > 0 and block_plan(mode)[1] == NOISY:
+            eps = jax.random.normal(jax.random.fold_in(rng, 1), video.shape, jnp.float32)
+            noisy = (1.0 - self.context_sigma) * video + self.context_sigma * eps
+            s_ctx = jnp.full_like(s_v, self.context_sigma)
+            return self.commit_fn(params, state, noisy, actions, s_ctx, s_a, reference=video), video, actions
         return self.commit_fn(params, state, video, actions, s_v, s_a), video, actions
 
 
@@ -188,12 +205,14 @@ class StreamingEngine:
     """
 
     def __init__(self, model, *, num_steps: int = 4, shift: float = 1.0, guidance_scale: float | None = None,
-                 full_capacity: int = 64):
+                 full_capacity: int = 64, context_sigma: float = 0.0):
         graphdef, self.params = nnx.split(model)
         self.layout = model.layout
         self.has_full_layers = model.full_attention_layers()
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
-        self.spec = StreamSpec(graphdef, self.guidance_scale)
+        if not 0.0 <= context_sigma < 1.0:
+            raise ValueError(f"context_sigma={context_sigma}: must be in [0, 1)")
+        self.spec = StreamSpec(graphdef, self.guidance_scale, float(context_sigma))
         self.schedule = tuple(float(s) for s in sigma_schedule(num_steps, shift))
         self.initial_capacity = int(full_capacity) if self.has_full_layers else 0
 

@@ -121,6 +121,15 @@ def previous_frames(video, first=None):
     return jnp.concatenate([head, video[:, :-1]], axis=1)
 
 
+def perturb_reference(rng, reference, max_std: float):
+    """reference [B, T, N, Dp] plus Gaussian noise of a std drawn per block from U(0, max_std): a
+    residual head trained on it cannot take its reference frame for the truth (a rollout's reference
+    is its own previous prediction, with that prediction's error)."""
+    r_std, r_eps = jax.random.split(rng)
+    std = jax.random.uniform(r_std, reference.shape[:2], jnp.float32, 0.0, max_std)
+    return reference + std[:, :, None, None] * jax.random.normal(r_eps, reference.shape, jnp.float32)
+
+
 def add_noise(x0, eps, sigma):
     """x_sigma = (1 - sigma) x0 + sigma eps with sigma [B, T] broadcast over the block's tokens."""
     s = sigma.reshape(sigma.shape + (1,) * (x0.ndim - sigma.ndim))

@@ -155,8 +155,11 @@ def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int):
     text = drop_text(batch_text(batch, cfg.model.text_encoder), keep_text[:, 0])
     # a residual video head adds each block's previous recorded (clean) frame, as a rollout adds the
     # previous committed one
+    reference = diffusion.previous_frames(video)
+    if cfg.train.reference_noise > 0:
+        reference = diffusion.perturb_reference(jax.random.fold_in(rng, 1), reference, cfg.train.reference_noise)
     out = model(x_v, x_a, lv["sigma_video"], lv["sigma_action"], batch["embodiment_id"], dim_mask, text,
-                reference=diffusion.previous_frames(video))
+                reference=reference)
     x0_head = cfg.model.prediction == "x0"
     video_loss, action_loss, (v_err, a_err) = diffusion.flow_losses(
         out.video_x0 if x0_head else out.video_velocity, out.action_x0 if x0_head else out.action_velocity,
