@@ -74,9 +74,11 @@ eval: $(STAMP) $(HELDOUT_DIR)/.complete $(BC_WORKDIR)/export/config.json
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# -rs lists every skipped test with its reason; .ci/run adds --max-skips (tests/skip_guard.py) so a
+# skip count that grows fails CI.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # Every marker that runs in .venv (slow, tpu, multiprocess, launch, rlds too); the diffusers, openpi
 # and lerobot markers need their own virtualenvs (targets below) and are left out. Not yet in CI

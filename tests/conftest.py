@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 import kairos_jax  # noqa: F401, E402  (sets flax config)
 from experiments import base  # noqa: E402
+from tests.skip_guard import pytest_addoption, pytest_sessionfinish  # noqa: E402, F401
 
 
 def pytest_configure(config):

@@ -126,7 +126,13 @@ class _ShardRecords:
                                        "readahead_buffer_size:0,max_parallelism:0")
             self._readers[shard] = reader
         record = reader.read([int(index - self.starts[shard])])[0]
-        return self.features.deserialize_example_np(record)
+        if record is None:   # ArrayRecord's answer for a record it cannot read (a truncated or corrupt shard)
+            raise ValueError(f"record {index - self.starts[shard]} of the shard cannot be read (truncated or corrupt)")
+        try:
+            return self.features.deserialize_example_np(record)
+        except TypeError as e:   # a damaged record parses into an example with features missing
+            raise ValueError(f"record {index - self.starts[shard]} of the shard does not decode "
+                             f"(truncated or corrupt): {e}") from e
 
 
 def _text(value, encoding: str) -> str:

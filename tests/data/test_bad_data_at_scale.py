@@ -14,8 +14,8 @@ Training (data_pipelines.pipeline over converted shards):
 Converting (data_pipelines.convert):
 - a LeRobot folder without meta/info.json: one error naming the file, in both modes (the whole
   dataset is unreadable, there is nothing to skip to);
-- a truncated RLDS (TFDS array_record) file: expected skipped per episode naming the file, or an
-  error in strict mode; today the reader fails with a TypeError (strict xfail below).
+- a truncated RLDS (TFDS array_record) file: each episode it held is skipped with a line naming the
+  file, or an error naming it in strict mode.
 """
 
 import dataclasses
@@ -202,10 +202,6 @@ def test_lerobot_folder_without_info_json_is_one_error_naming_it(arms, tmp_path,
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="data_pipelines/readers/rlds.py _ShardRecords.__getitem__ passes ArrayRecordReader's "
-                          "None for an unreadable record to deserialize_example_np (TypeError) instead of a "
-                          "BadInputError naming the file")
 @pytest.mark.parametrize("strict", [False, True], ids=["skip", "strict"])
 def test_truncated_rlds_file_is_skipped_naming_it_or_an_error_when_strict(arms, tmp_path, strict):
     pytest.importorskip("tensorflow_datasets")
