@@ -35,3 +35,20 @@ def test_kernels_gpu_refuses_cpu_without_smoke():
     proc = subprocess.run([sys.executable, "benchmarks/kernels_gpu.py"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_convert_speed_converts_with_each_worker_count_then_resumes(tiny_data_dir, tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/convert_speed.py", f"--source={tiny_data_dir}/reacher", "--episodes=3",
+         "--workers=1,2", "--episodes_per_shard=1", f"--workdir={tmp_path / 'work'}", f"--json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["run"], r["workers"]) for r in runs] == [("convert", 1), ("convert", 2), ("re-run (resume)", 2)]
+    for r in runs:
+        assert r["episodes"] == 3 and r["shards_total"] == 3 and not r["skipped"], r
+    assert [r["shards_resumed"] for r in runs] == [0, 0, 3]
+    assert runs[0]["episodes_per_s"] > 0 and runs[0]["mb_per_s"] > 0
+    assert "| convert | 2 |" in proc.stdout
