@@ -142,11 +142,10 @@ def model_checks_at(num_blocks):
         params = jax.device_put(params_host, setup.param_shardings)
         gb = trainer.global_batch(setup, batch)
         fn = jax.jit(jax.value_and_grad(lambda p, b, gd=setup.graphdef: loss(p, gd, b, rng)[0]))
-        before = dict(context_parallel.TRACE_COUNTS)
-        with activation_sharding(setup.mesh, setup.rules):
+        with count_split_paths() as counts, activation_sharding(setup.mesh, setup.rules):
             text = fn.lower(params, gb).as_text()
             value, grads = fn(params, gb)
-        traced = {k: n - before.get(k, 0) for k, n in context_parallel.TRACE_COUNTS.items() if n > before.get(k, 0)}
+        traced = dict(counts)
         results[name] = {"loss": float(value), "traced": traced,
                          "collective_permute": "collective_permute" in text or "collective-permute" in text,
                          "grads": {jax.tree_util.keystr(p): np.asarray(x) for p, x in
