@@ -228,6 +228,7 @@ print(device.device_kind, *[n in t for t, n in ((t1, "gdn_fwd_gpu"), (t1, "gdn_b
 """
 
 
+@pytest.mark.gpu_aot
 def test_gdn_and_gla_triton_kernels_compile_for_sm90():
     """The chunk-recurrence kernels stay on Pallas Triton (deprecated in jax 0.12, still lowered):
     their forward and backward compile for an H100 through XLA's GPU compiler (jax-cuda12-plugin,

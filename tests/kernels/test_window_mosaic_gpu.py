@@ -103,6 +103,7 @@ print(device.device_kind, text.count('custom_call_target="mosaic_gpu_v2"'),
 """
 
 
+@pytest.mark.gpu_aot
 def test_lowers_and_compiles_for_sm90_with_the_cuda_plugin():
     """XLA's GPU compiler (jax-cuda12-plugin, an H100 target description, no GPU) compiles the op's
     forward and backward: one Mosaic GPU custom call (the forward) and the Triton backward kernels.
