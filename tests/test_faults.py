@@ -243,7 +243,7 @@ mount -t tmpfs -o size=48m tmpfs "$MNT"
 W="$MNT/work"
 "$@" --workdir="$W" --config.train.checkpoint_every=1 --config.train.log_every=100 > "$OUT/full.log" 2>&1 &
 pid=$!
-until [ -d "$W/$PHASE/checkpoints/1" ] || ! kill -0 "$pid" 2>/dev/null; do sleep 0.005; done
+until [ -f "$W/$PHASE/checkpoints/1/commit_success.txt" ] || ! kill -0 "$pid" 2>/dev/null; do sleep 0.005; done
 dd if=/dev/zero of="$MNT/filler" bs=64k 2>/dev/null
 wait "$pid"; echo $? > "$OUT/full.rc"
 cp -a "$W" "$OUT/after_full"
