@@ -125,14 +125,14 @@ class _ShardRecords:
             reader = ArrayRecordReader(storage.readable_path(self.shards[shard]),
                                        "readahead_buffer_size:0,max_parallelism:0")
             self._readers[shard] = reader
-        record = reader.read([int(index - self.starts[shard])])[0]
+        local = int(index - self.starts[shard])
+        record = reader.read([local])[0]
         if record is None:   # ArrayRecord's answer for a record it cannot read (a truncated or corrupt shard)
-            raise ValueError(f"record {index - self.starts[shard]} of the shard cannot be read (truncated or corrupt)")
+            raise ValueError(f"record {local} of the shard cannot be read (truncated or corrupt)")
         try:
             return self.features.deserialize_example_np(record)
         except TypeError as e:   # a damaged record parses into an example with features missing
-            raise ValueError(f"record {index - self.starts[shard]} of the shard does not decode "
-                             f"(truncated or corrupt): {e}") from e
+            raise ValueError(f"record {local} of the shard does not decode (truncated or corrupt): {e}") from e
 
 
 def _text(value, encoding: str) -> str:
