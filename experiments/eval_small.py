@@ -6,13 +6,20 @@ are in benchmarks/RESULTS.md ("World model quality").
 Arguments (`--config=eval_small:<arg>`):
   ""           the curriculum: video 2,000 -> human 2,000 -> robot 3,000 steps
   robot_only   the same 7,000 steps on the robot phase's mixture alone (the curriculum ablation)
+  Either with ",state" appended (e.g. `robot_only,state`, or `state` alone for the curriculum): the
+  robot's proprio state is an input of the action tokens (model.proprio_input), as a policy is
+  usually conditioned.
 """
 
 from experiments import base, sizes
 
 
 def get_config(arg: str = ""):
+    parts = [p for p in arg.split(",") if p]
+    state = "state" in parts
+    arg = ",".join(p for p in parts if p != "state")
     c = base.get_base_config()
+    c.model.proprio_input = state
     sizes.apply_size(c, "embedded")
     c.data.root = "data/small"
     c.train.update(dict(lr=3e-3, warmup_steps=100, log_every=50, checkpoint_every=500))
@@ -25,5 +32,6 @@ def get_config(arg: str = ""):
         c.curriculum = ("phase3_robot",)
         c.phases = base.ml_collections.ConfigDict({"phase3_robot": base.phase3_robot(7_000)})
     else:
-        raise ValueError(f"eval_small: unknown argument {arg!r} (one of '', 'robot_only')")
+        raise ValueError(f"eval_small: unknown argument {arg!r} (one of '', 'robot_only', each optionally "
+                         f"with ',state')")
     return c

@@ -58,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
         # x0 head: the video head predicts the change from each block's previous clean frame (the
         # recorded one in training, the committed one in a rollout); "nothing moved" is its zero output.
         video_residual=True,
+        # The robot's state (proprio, normalised) where each block's action chunk starts is an input
+        # of the block's action tokens (a learned "absent" vector where it is not known).
+        proprio_input=False,
         text_width=128,           # understanding expert (byte-level text transformer)
         text_depth=2,
         text_heads=4,
@@ -111,6 +114,9 @@ def default_config() -> ml_collections.ConfigDict:
         # a std drawn per block from U(0, reference_noise), so the head learns to correct a wrong
         # reference from the history, as it must when a rollout's reference is its own last frame.
         reference_noise=0.0,
+        # model.proprio_input: the fraction of blocks whose state input is hidden in training (shown
+        # as absent), so the model also predicts without one (a generated frame has no state).
+        proprio_input_dropout=0.25,
         text_dropout=0.1,         # drop task text (null token only), for classifier-free guidance
         log_every=10,
         # Steps with a non-finite loss or gradient are skipped (no update; counted and logged as
@@ -206,6 +212,7 @@ def validate(cfg) -> None:
     _req(isinstance(m.video_residual, bool), "model.video_residual", m.video_residual, "True or False")
     _req(not m.video_residual or m.prediction == "x0", "model.video_residual", m.video_residual,
          "True needs model.prediction='x0' (the residual is added to the clean-signal estimate)")
+    _req(isinstance(m.proprio_input, bool), "model.proprio_input", m.proprio_input, "True or False")
 
     # data: the clip geometry is checked by the pipeline that cuts the clips
     clip_spec(d)
@@ -239,6 +246,8 @@ def validate(cfg) -> None:
     _req(t.logit_std > 0, "train.logit_std", t.logit_std, "must be > 0")
     _req(t.loss_target in LOSS_TARGETS, "train.loss_target", t.loss_target, f"one of {LOSS_TARGETS}")
     _req(0.0 < t.loss_min_sigma <= 1.0, "train.loss_min_sigma", t.loss_min_sigma, "must be in (0, 1]")
+    _req(0.0 <= t.proprio_input_dropout <= 1.0, "train.proprio_input_dropout", t.proprio_input_dropout,
+         "must be in [0, 1]")
     _req(0.0 <= t.reference_noise <= 2.0, "train.reference_noise", t.reference_noise,
          "must be in [0, 2] (a std in [-1, 1] token units)")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -372,6 +381,7 @@ def load_saved_config(path: str) -> ml_collections.ConfigDict:
     saved["model"].setdefault("prediction", "velocity")
     saved["model"].setdefault("spatial_rope", False)
     saved["model"].setdefault("video_residual", False)
+    saved["model"].setdefault("proprio_input", False)
     cfg = default_config()
     _merge(cfg, saved)
     return cfg

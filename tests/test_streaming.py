@@ -275,3 +275,46 @@ def test_context_sigma_commits_generated_video_renoised_as_the_full_model_sees_i
     assert rel(other["video_velocity"], got["video_velocity"]) > 1e-3
     with pytest.raises(ValueError, match="context_sigma"):
         StreamingEngine(model, context_sigma=1.0)
+
+
+def test_streaming_state_input_equals_full_sequence():
+    """model.proprio_input: the state committed with block t (its frame's proprio) is block t+1's
+    state input, in the engine as in the full model (state = previous block's proprio); a block
+    committed without one (here block 3, like a generated frame) leaves the next one absent."""
+    cfg = tiny_config(**CONFIGS["scanned"])
+    cfg.model.proprio_input = True
+    cfg.data.num_blocks = T
+    model = random_model(cfg, seed=2)
+    graphdef, params = nnx.split(model)
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(cfg, 2, seed=4).items()}
+    B, P = batch["proprio"].shape[0], batch["proprio"].shape[2]
+    r = np.random.default_rng(1)
+    proprio = jnp.asarray(r.uniform(-1, 1, (B, T, P)), jnp.float32)
+    known = np.ones((B, T), np.float32)
+    known[:, 3] = 0.0
+    state_in = (diffusion.previous_frames(proprio), diffusion.previous_frames(jnp.asarray(known)))
+    noise_a = jnp.asarray(r.normal(size=(B,) + batch["actions"].shape[2:]), jnp.float32)
+    batch = {**batch, "actions": batch["actions"].at[:, 0].set(noise_a)}
+
+    @jax.jit
+    def full(params, video, actions, sv, sa, state_in):
+        out = nnx.merge(graphdef, params)(video, actions, sv, sa, batch["embodiment_id"], batch["action_dim_mask"],
+                                          batch["text"], reference=diffusion.previous_frames(video), state=state_in)
+        return out.video_velocity, out.action_velocity
+
+    engine = StreamingEngine(model, full_capacity=T)
+    state = engine.start(batch["text"], batch["embodiment_id"], batch["action_dim_mask"])
+    for t in range(T):
+        sv_t, sa_t = r.uniform(0.05, 0.95, B), r.uniform(0.05, 0.95, B)
+        noisy_v = batch["video"][:, t] + jnp.asarray(r.normal(size=batch["video"].shape[2:]), jnp.float32)
+        noisy_a = batch["actions"][:, t] + noise_a
+        video, actions, sv, sa = clip_at(batch, t, sv_t, sa_t, noisy_v, noisy_a)
+        ref_v, ref_a = full(params, video, actions, sv, sa, state_in)
+        got = engine.velocity(state, noisy_v, noisy_a, sv_t, sa_t)
+        assert rel(got["action_velocity"], ref_a[:, t]) < RTOL, (t, rel(got["action_velocity"], ref_a[:, t]))
+        assert rel(got["video_velocity"], ref_v[:, t]) < RTOL, t
+        if t == 2:   # the state input is used: another state, another action prediction
+            _, other_a = full(params, video, actions, sv, sa, (state_in[0] + 0.5, state_in[1]))
+            assert rel(other_a[:, t], ref_a[:, t]) > 1e-2
+        state = engine.commit(state, batch["video"][:, t], batch["actions"][:, t], np.zeros(B),
+                              np.full(B, float(t == 0)), proprio=None if t == 3 else proprio[:, t])

@@ -95,6 +95,10 @@ class CheetahRecorder(SuiteControl, Recorder):
     def forward_position(self) -> float:
         return float(self.data.qpos[0])
 
+    def proprio(self) -> np.ndarray:
+        """The proprio state recorded with each frame (and observed in closed loop), raw units."""
+        return np.concatenate([self.data.qpos[1:], self.data.qvel])
+
     def record(self, rng: np.random.Generator, num_frames: int, episode_id: str) -> Episode:
         self.reset_task(rng)
         text = "the cheetah runs forward fast" if self.fast else "the cheetah trots forward slowly"
@@ -102,7 +106,7 @@ class CheetahRecorder(SuiteControl, Recorder):
         for _ in range(num_frames):
             trace.append(self.forward_position())
             frames.append(self.renderer.render(self.data, "side"))
-            proprio.append(np.concatenate([self.data.qpos[1:], self.data.qvel]))
+            proprio.append(self.proprio())
             actions.append(self.apply(self.expert_action()))
         self.task_trace = np.asarray(trace)
         return Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),

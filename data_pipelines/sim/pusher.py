@@ -177,6 +177,10 @@ class PusherRecorder(Recorder):
         step = target - e
         return step * min(1.0, 0.02 / (np.linalg.norm(step) + 1e-9))
 
+    def proprio(self) -> np.ndarray:
+        """The proprio state recorded with each frame (and observed in closed loop), raw units."""
+        return np.concatenate([self.data.qpos[:3], self.data.qvel[:3]])
+
     def record(self, rng: np.random.Generator, num_frames: int, episode_id: str) -> Episode:
         d = self.data
         self.reset_task(rng)
@@ -184,7 +188,7 @@ class PusherRecorder(Recorder):
         for _ in range(num_frames):
             trace.append(self.puck_to_goal())
             frames.append(self.renderer.render(d, "top"))
-            proprio.append(np.concatenate([d.qpos[:3], d.qvel[:3]]))
+            proprio.append(self.proprio())
             actions.append(self.apply(self.expert_action()))
         self.task_trace = np.asarray(trace)
         return Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),

@@ -99,6 +99,10 @@ class ReacherRecorder(SuiteControl, Recorder):
         self.model.geom_pos[self._target, :2] = radius * np.array([np.cos(angle), np.sin(angle)])
         mujoco.mj_forward(self.model, self.data)
 
+    def proprio(self) -> np.ndarray:
+        """The proprio state recorded with each frame (and observed in closed loop), raw units."""
+        return np.concatenate([self.data.qpos, self.data.qvel])
+
     def record(self, rng: np.random.Generator, num_frames: int, episode_id: str) -> Episode:
         self.reset_task(rng)
         self.targets_reached, trace = 0, []
@@ -110,7 +114,7 @@ class ReacherRecorder(SuiteControl, Recorder):
                 self.targets_reached += 1
             trace.append(self.metric())
             frames.append(self.renderer.render(self.data, "fixed"))
-            proprio.append(np.concatenate([self.data.qpos, self.data.qvel]))
+            proprio.append(self.proprio())
             actions.append(self.apply(self.expert_action()))
         self.task_trace = np.asarray(trace)
         return Episode(frames=np.stack(frames), actions=np.asarray(actions, np.float32),

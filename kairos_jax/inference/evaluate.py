@@ -96,7 +96,8 @@ def _commit_true_block(engine, state, batch, t, key, *, actions_absent: bool):
     a = jnp.where(jnp.asarray(known)[:, None, None], a, noise)
     B = a.shape[0]
     return engine.commit(state, jnp.asarray(batch["video"][:, t]), a, np.zeros(B, np.float32),
-                         np.where(known, 0.0, 1.0).astype(np.float32))
+                         np.where(known, 0.0, 1.0).astype(np.float32), proprio=batch["proprio"][:, t],
+                         proprio_mask=batch["proprio_mask"][:, t])
 
 
 def stream_video(engine: StreamingEngine, batch: dict, *, mode: str, context: int, horizon: int,
@@ -211,11 +212,12 @@ def open_loop(engine: StreamingEngine, cfg, batch: dict, settings: Settings, *, 
 # -- closed loop -------------------------------------------------------------------------------------
 
 def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, action_norm: Normalizer, *, episodes: int,
-                         batch: int, seed: int) -> dict:
+                         batch: int, seed: int, proprio_norm: Normalizer | None = None) -> dict:
     """Task success of the model's policy: `episodes` seeded task episodes of `recorder_cls`, run
     `batch` at a time in lockstep (one engine call per block for all of them). Each control block:
     the policy's action chunk from the frames so far, k simulator steps, the new frame committed with
-    the chunk that produced it (block 0: the first frame, its chunk absent)."""
+    the chunk that produced it (block 0: the first frame, its chunk absent) and, given proprio_norm,
+    with the robot's proprio state at that frame (the next chunk's state input)."""
     from data_pipelines.sim.tasks import task_seed_rng
 
     d = cfg.data
@@ -228,6 +230,11 @@ def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, action_norm
     def tokens(frames):
         x = resize_frames(np.stack(frames), d.image_size, d.get("image_width", 0))
         return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)
+
+    def observed(envs) -> dict:
+        if proprio_norm is None:
+            return {}
+        return {"proprio": proprio_norm.normalize(np.stack([env.proprio() for env in envs])).astype(np.float32)}
 
     successes, final = [], []
     key = jax.random.key(seed)
@@ -243,7 +250,7 @@ def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, action_norm
             key, k0 = jax.random.split(key)
             noise = jax.random.normal(k0, (B, k, d.action_dim)) * jnp.asarray(dim_mask)[:, None]
             state = engine.commit(state, tokens([env.frame() for env in live]), noise, np.zeros(B, np.float32),
-                                  np.ones(B, np.float32))
+                                  np.ones(B, np.float32), **observed(live))
             steps = 0
             while steps < recorder_cls.task_steps:
                 key, kb = jax.random.split(key)
@@ -255,7 +262,7 @@ def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, action_norm
                 steps += k
                 if steps < recorder_cls.task_steps:
                     state = engine.commit(state, tokens([env.frame() for env in live]), chunk,
-                                          np.zeros(B, np.float32), np.zeros(B, np.float32))
+                                          np.zeros(B, np.float32), np.zeros(B, np.float32), **observed(live))
             successes += [bool(env.success()) for env in live]
             final += [float(env.metric()) for env in live]
     finally:
@@ -269,8 +276,9 @@ def closed_loop(engine, cfg, source_stats, recorder_cls, settings: Settings, *, 
     from data_pipelines.sim.tasks import expert_policy, random_policy, success_rate
 
     action_norm = Normalizer(source_stats.action)
+    proprio_norm = None if source_stats.proprio is None else Normalizer(source_stats.proprio)
     n = settings.closed_loop_episodes
-    kw = dict(episodes=n, batch=settings.closed_loop_batch, seed=settings.seed)
+    kw = dict(episodes=n, batch=settings.closed_loop_batch, seed=settings.seed, proprio_norm=proprio_norm)
     out = {"episodes": n, "task_steps": recorder_cls.task_steps,
            "success_rate": model_policy_success(engine, cfg, recorder_cls, action_norm, **kw)["rate"]}
     if bc_engine is not None:

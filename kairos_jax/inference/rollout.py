@@ -64,10 +64,13 @@ def rollout(engine: StreamingEngine, cfg, ep: EpisodeClip, *, mode: str, context
         noise = jax.random.normal(key, c["actions"][:, t].shape) * c["action_dim_mask"][:, None]
         return noise, np.ones(1, np.float32)
 
+    def observed(t) -> dict:    # the recorded state with block t's frame (the next chunk's state input)
+        return {"proprio": c["proprio"][:, t], "proprio_mask": c["proprio_mask"][:, t]}
+
     for t in range(context):
         rng, key = jax.random.split(rng)
         a, s_a = context_actions(t, key)
-        state = engine.commit(state, c["video"][:, t], a, np.zeros(1, np.float32), s_a)
+        state = engine.commit(state, c["video"][:, t], a, np.zeros(1, np.float32), s_a, **observed(t))
     pred_video, pred_actions = [], []
     for t in range(context, context + steps):
         rng, key, key_a = jax.random.split(rng, 3)
@@ -75,7 +78,7 @@ def rollout(engine: StreamingEngine, cfg, ep: EpisodeClip, *, mode: str, context
             _, actions, _, _ = engine.denoise(state, key, mode="policy")
             pred_actions.append(np.asarray(actions[0]))
             a, s_a = context_actions(t, key_a)
-            state = engine.commit(state, c["video"][:, t], a, np.zeros(1, np.float32), s_a)
+            state = engine.commit(state, c["video"][:, t], a, np.zeros(1, np.float32), s_a, **observed(t))
         else:
             state, video, _ = engine.step(state, key, mode=mode, actions=c["actions"][:, t])
             pred_video.append(np.asarray(video[0]))
@@ -123,7 +126,8 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
     if d.get("channels", 3) != 3:
         raise RolloutError(f"closed_loop feeds rendered RGB frames; this model takes {d.channels}-channel "
                            f"inputs (latents?), which would need the encoder in the loop")
-    norm = source_spec(root, source, 0, clip_spec(d))[0].embodiments[name].action_norm
+    emb_spec = source_spec(root, source, 0, clip_spec(d))[0].embodiments[name]
+    norm, proprio_norm = emb_spec.action_norm, emb_spec.proprio_norm
     if norm is None:
         raise RolloutError(f"source {source}: no action statistics for {name}, closed_loop cannot "
                            f"denormalise the policy's actions")
@@ -139,6 +143,11 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
         x = resize_frames(frame[None], d.image_size, d.get("image_width", 0))
         return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)        # [1, N, Dp]
 
+    def observed() -> dict:     # the robot's state with the frame: the next chunk's state input
+        if proprio_norm is None:
+            return {}
+        return {"proprio": proprio_norm.normalize(env.proprio()[None]).astype(np.float32)}
+
     with recorders[name](image_size) as env:
         state = engine.start(jnp.asarray(text_tokens(env.control_text, d.text_len))[None],
                              jnp.asarray([emb.id], jnp.int32), jnp.asarray(dim_mask))
@@ -147,7 +156,8 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
         # Block 0: the first frame; its action chunk is unknown (absent, as in training).
         key, k0 = jax.random.split(key)
         noise = jax.random.normal(k0, (1, k, d.action_dim)) * dim_mask[:, None]
-        state = engine.commit(state, tokens(frames[0]), noise, np.zeros(1, np.float32), np.ones(1, np.float32))
+        state = engine.commit(state, tokens(frames[0]), noise, np.zeros(1, np.float32), np.ones(1, np.float32),
+                              **observed())
         for _ in range(blocks):
             key, kb = jax.random.split(key)
             _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
@@ -155,7 +165,8 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
                 applied.append(env.apply(step))
                 metric.append(env.metric())
             frames.append(env.frame())
-            state = engine.commit(state, tokens(frames[-1]), chunk, np.zeros(1, np.float32), np.zeros(1, np.float32))
+            state = engine.commit(state, tokens(frames[-1]), chunk, np.zeros(1, np.float32), np.zeros(1, np.float32),
+                                  **observed())
         metric_name = env.metric_name
     return {"embodiment": name, "frames": np.stack(frames), "actions": np.stack(applied),
             "metric_name": metric_name, "metric": np.asarray(metric), "position": int(state.position)}

@@ -25,9 +25,11 @@ Policy mode (`--mode=policy`), request keys:
 
     "observation/image"  uint8 [H, W, 3], any size: centre-cropped and area-resized to the model's
                          frames exactly as in training (data_pipelines.pipeline.resize_frames)
-    "observation/state"  float [P] raw units, optional, P = the embodiment's proprio dims. The model
-                         takes no proprio input today: the state is checked (shape, float dtype,
-                         finite) and normalised with the checkpoint's statistics, then ignored.
+    "observation/state"  float [P] raw units, optional, P = the embodiment's proprio dims: checked
+                         (shape, float dtype, finite) and normalised with the checkpoint's
+                         statistics. A model trained with model.proprio_input takes it with the
+                         frame (the next chunk's state input; absent when not sent); any other
+                         model ignores it.
     "prompt"             str, the task text (UTF-8 bytes, truncated to the model's text_len)
     "embodiment"         str, a registry name among the metadata's "embodiments"
 
@@ -49,7 +51,7 @@ Simulate mode (`--mode=simulate`: forward dynamics, the world model the other wa
 keys "actions" (float [k, A_embodiment] raw units, normalised with the checkpoint's statistics),
 and on the first request of an episode also "observation/image", "prompt" and "embodiment" (the
 frame to start from; later requests take no image: the model's own frames are the history).
-"observation/state" is accepted and ignored as above. t = 0 commits o_0 as in policy mode; every
+"observation/state" is taken with the first frame as above. t = 0 commits o_0 as in policy mode; every
 request then runs key, kb = split(key); step(kb, mode="simulate", actions) (denoise and commit the
 predicted frame) and answers {"observation/image": uint8 [H_model, W_model, 3], "server_timing"}.
 
@@ -259,7 +261,7 @@ class ServedModel:
             raise RequestError(f"unknown key(s) {unknown}; a {self.mode} request takes {list(allowed)} "
                                f'(or {{"reset": true}})')
         emb, prompt = self._episode_keys(request, episode)
-        self._proprio(request, emb)
+        proprio = self._proprio(request, emb)
         tokens = actions = None
         if self.mode == "policy":
             tokens = self._tokens(self._image(request))
@@ -274,13 +276,15 @@ class ServedModel:
                 raise RequestError(f"{IMAGE!r} is only taken by the first request of a simulate episode (the model's "
                                    f'own frames are the history); send {{"reset": true}} to start from a new frame')
         try:
-            return self._run(episode, emb, prompt, tokens, actions)
+            return self._run(episode, emb, prompt, tokens, actions, proprio)
         except Exception:
             episode.__dict__.update(Episode().__dict__)      # its state may have been consumed (donated)
             raise
 
-    def _run(self, episode: Episode, emb: ServedEmbodiment, prompt: str, tokens, actions) -> dict:
+    def _run(self, episode: Episode, emb: ServedEmbodiment, prompt: str, tokens, actions, proprio=None) -> dict:
         eng = self.engine
+        # the state observed with this frame: the next chunk's state input (models with proprio_input)
+        observed = {} if proprio is None else {"proprio": np.asarray(proprio, np.float32)[None]}
         zeros, ones = np.zeros(1, np.float32), np.ones(1, np.float32)
         dim_mask = np.zeros((1, self.A), np.float32)
         dim_mask[0, :emb.action_dim] = 1.0
@@ -289,10 +293,10 @@ class ServedModel:
             state = eng.start(text, jnp.asarray([emb.id], jnp.int32), jnp.asarray(dim_mask))
             key, k0 = jax.random.split(jax.random.key(self.seed))
             noise = jax.random.normal(k0, (1, self.k, self.A)) * dim_mask[:, None]
-            episode.state = eng.commit(state, tokens, noise, zeros, ones)        # block 0: a_{-1} absent
+            episode.state = eng.commit(state, tokens, noise, zeros, ones, **observed)   # block 0: a_{-1} absent
             episode.key, episode.embodiment, episode.prompt = key, emb, prompt
         elif self.mode == "policy":
-            episode.state = eng.commit(episode.state, tokens, episode.chunk, zeros, zeros)
+            episode.state = eng.commit(episode.state, tokens, episode.chunk, zeros, zeros, **observed)
         episode.key, kb = jax.random.split(episode.key)
         episode.blocks += 1
         if self.mode == "policy":
@@ -363,13 +367,13 @@ class ServedModel:
         return x.astype(np.float32)
 
     def _proprio(self, request: dict, emb: ServedEmbodiment) -> np.ndarray | None:
-        """Checked and normalised; the model takes no proprio input, so the result is not used."""
+        """Checked and normalised (None without a state, or without statistics to normalise it by)."""
         if STATE not in request:
             return None
         if emb.proprio_dim == 0:
             raise RequestError(f"embodiment {emb.name!r} has no proprioception; drop {STATE!r}")
         x = self._float_array(request, STATE, (emb.proprio_dim,), f"{emb.name}'s proprio dims, raw units")
-        return x if emb.proprio_norm is None else emb.proprio_norm.normalize(x)
+        return None if emb.proprio_norm is None else emb.proprio_norm.normalize(x)
 
     def _actions(self, request: dict, emb: ServedEmbodiment) -> np.ndarray:
         if ACTIONS not in request:

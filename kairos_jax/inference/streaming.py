@@ -47,6 +47,10 @@ class StreamState:
     action_dim_mask: jax.Array   # float32 [B', A]
     reference: jax.Array         # float32 [B', N, Dp]: the last committed clean frame (zeros before
                                  # the first, or after a block committed with its video absent)
+    proprio: jax.Array           # float32 [B', P]: the state committed with the last block (normalised,
+                                 # zero-padded), the next block's state input (model.proprio_input)
+    proprio_mask: jax.Array      # float32 [B']: 1 where that state is known (0 before the first block,
+                                 # or after a block committed without one, e.g. a generated frame)
     full_capacity: int = struct.field(pytree_node=False, default=0)   # blocks a "full" layer holds
 
 
@@ -84,14 +88,16 @@ class StreamSpec:
         return StreamState(position=jnp.zeros((), jnp.int32), caches=caches, text_mask=text_mask,
                            embodiment_id=emb, action_dim_mask=self._double(jnp.asarray(action_dim_mask, jnp.float32)),
                            reference=jnp.zeros((emb.shape[0], lay.video_tokens, lay.patch_dim), jnp.float32),
-                           full_capacity=full_capacity)
+                           proprio=jnp.zeros((emb.shape[0], max(lay.proprio_dim, 1)), jnp.float32),
+                           proprio_mask=jnp.zeros((emb.shape[0],), jnp.float32), full_capacity=full_capacity)
 
     def _forward(self, params, state, video, actions, sigma_video, sigma_action):
         model = nnx.merge(self.graphdef, params)
         d = lambda x: self._double(x)[:, None]
         return model.step_block(d(video), d(actions), d(sigma_video), d(sigma_action), state.embodiment_id,
                                 state.action_dim_mask, state.position, state.caches, state.text_mask,
-                                reference=state.reference[:, None])
+                                reference=state.reference[:, None],
+                                state=(state.proprio[:, None], state.proprio_mask[:, None]))
 
     def velocity_fn(self, params, state, video, actions, sigma_video, sigma_action) -> dict:
         """The model's outputs for one block at the given noise levels, against the caches (read only):
@@ -106,16 +112,28 @@ class StreamSpec:
         return {"video_velocity": mix(res["video_velocity"]), "action_velocity": mix(res["action_velocity"]),
                 "proprio": res["proprio"][:B], "progress": res["progress"][:B]}
 
-    def commit_fn(self, params, state, video, actions, sigma_video, sigma_action, reference=None) -> StreamState:
+    def commit_fn(self, params, state, video, actions, sigma_video, sigma_action, reference=None,
+                  proprio=None, proprio_mask=None) -> StreamState:
         """Write one block (committed modalities at sigma = 0) into the caches; advance the index.
         The next block's reference frame is the committed video where it is clean (zeros where it is
-        not), or `reference` [B, N, Dp] when given (a generated frame committed with noise)."""
+        not), or `reference` [B, N, Dp] when given (a generated frame committed with noise).
+        proprio [B, P] (normalised, zero-padded; proprio_mask [B], default all 1): the robot's state
+        observed with this block's frame, the next block's state input; None: unknown."""
         _, caches = self._forward(params, state, video, actions, sigma_video, sigma_action)
         if reference is None:
             clean = (sigma_video == 0)[:, None, None]
             reference = jnp.where(clean, video.astype(jnp.float32), 0.0)
+        B = video.shape[0]
+        P = state.proprio.shape[-1]
+        if proprio is None:
+            proprio, proprio_mask = jnp.zeros((B, P), jnp.float32), jnp.zeros((B,), jnp.float32)
+        else:
+            proprio = jnp.asarray(proprio, jnp.float32)
+            proprio = jnp.pad(proprio, ((0, 0), (0, P - proprio.shape[-1]))) if proprio.shape[-1] < P else proprio[:, :P]
+            proprio_mask = jnp.ones((B,), jnp.float32) if proprio_mask is None else jnp.asarray(proprio_mask, jnp.float32)
         return state.replace(position=state.position + 1, caches=caches,
-                             reference=self._double(reference.astype(jnp.float32)))
+                             reference=self._double(reference.astype(jnp.float32)),
+                             proprio=self._double(proprio), proprio_mask=self._double(proprio_mask))
 
     def denoise_fn(self, params, state, rng, video, actions, *, mode: str, schedule: tuple):
         """Generate the next block in `mode` against the caches (read only), with Euler steps along
@@ -177,8 +195,9 @@ def _velocity(spec, params, state, video, actions, sigma_video, sigma_action):
 # commit and step donate the state: the caches are updated in place (a block's K/V written into its
 # slot) instead of copied; the state passed in must not be used again.
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _commit(spec, params, state, video, actions, sigma_video, sigma_action):
-    return spec.commit_fn(params, state, video, actions, sigma_video, sigma_action)
+def _commit(spec, params, state, video, actions, sigma_video, sigma_action, proprio=None, proprio_mask=None):
+    return spec.commit_fn(params, state, video, actions, sigma_video, sigma_action, proprio=proprio,
+                          proprio_mask=proprio_mask)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("mode", "schedule"))
@@ -239,11 +258,16 @@ class StreamingEngine:
         return _velocity(self.spec, self.params, state, video, actions, jnp.asarray(sigma_video, jnp.float32),
                          jnp.asarray(sigma_action, jnp.float32))
 
-    def commit(self, state, video, actions, sigma_video, sigma_action) -> StreamState:
-        """Commit one block; `state` is consumed (its buffers are reused for the result)."""
+    def commit(self, state, video, actions, sigma_video, sigma_action, proprio=None, proprio_mask=None) -> StreamState:
+        """Commit one block; `state` is consumed (its buffers are reused for the result). proprio
+        [B, P'] (P' <= the model's P, normalised) and proprio_mask [B]: the state observed with the
+        block's frame, the next block's state input (used by a model with model.proprio_input)."""
         state = self._room(state)
+        if proprio is not None:
+            proprio = jnp.asarray(proprio, jnp.float32)
+            proprio_mask = None if proprio_mask is None else jnp.asarray(proprio_mask, jnp.float32)
         return _commit(self.spec, self.params, state, video, actions, jnp.asarray(sigma_video, jnp.float32),
-                       jnp.asarray(sigma_action, jnp.float32))
+                       jnp.asarray(sigma_action, jnp.float32), proprio, proprio_mask)
 
     def denoise(self, state, rng, *, mode: str, video=None, actions=None):
         video, actions = self._block_inputs(state, video, actions)

@@ -119,6 +119,36 @@ class EmbodimentAdapter(nnx.Module):
         return y * dim_mask[:, None, None]
 
 
+class StateAdapter(nnx.Module):
+    """The robot's state where a block's action chunk starts (the proprio of the previous block's
+    frame, normalised, [B, T, P]) -> one vector per block, added to the block's action tokens;
+    per-embodiment weights, like the action adapter. A block without a known state (mask 0: the
+    first block, a source without proprio, a generated frame, or dropped in training) gets a learned
+    per-embodiment "absent" vector instead, so one model serves callers with and without a state.
+
+    This is how a robot policy is usually conditioned (the state is an observation, like the
+    image): position targets are the current joint positions plus a small step, and a torque law
+    needs the joint velocities, neither of which a 64x64 frame shows to the precision the action
+    needs."""
+
+    def __init__(self, num_embodiments: int, proprio_dim: int, width: int, *, rngs, dtype, param_dtype):
+        E, P = num_embodiments, max(proprio_dim, 1)
+        self.w = _param(rngs, (E, P, width), ("embodiment", None, "embed"), param_dtype, std=P ** -0.5)
+        self.present = _param(rngs, (E, width), ("embodiment", "embed"), param_dtype, std=0.02)
+        self.absent = _param(rngs, (E, width), ("embodiment", "embed"), param_dtype, std=0.02)
+        self.proprio_dim = P
+        self.dtype = dtype
+
+    def __call__(self, proprio, mask, embodiment_id):
+        """proprio [B, T, P] (zero-padded), mask [B, T] -> [B, T, W]."""
+        w = jnp.take(self.w.get_value(), embodiment_id, axis=0).astype(self.dtype)             # [B, P, W]
+        x = jnp.einsum("btp,bpw->btw", proprio[..., :self.proprio_dim].astype(self.dtype), w)
+        x = x + jnp.take(self.present.get_value(), embodiment_id, axis=0)[:, None].astype(self.dtype)
+        absent = jnp.take(self.absent.get_value(), embodiment_id, axis=0)[:, None].astype(self.dtype)
+        m = mask[..., None].astype(self.dtype)
+        return m * x + (1 - m) * absent
+
+
 class NoiseConditioner(nnx.Module):
     """sigma [B, T] -> conditioning vector [B, T, C] (sinusoidal features + MLP)."""
 
@@ -339,13 +369,23 @@ class KairosWorldModel(nnx.Module):
                                             **kw) for l in range(cfg.depth)])
         # Created last, so that adding the readouts left every other parameter's init unchanged.
         self.readout = ReadoutHeads(widths, cfg.video_width, lay.num_embodiments, lay.proprio_dim, **kw)
+        # The state input (model.proprio_input), created after everything else for the same reason.
+        self.state_in = (StateAdapter(lay.num_embodiments, lay.proprio_dim, cfg.action_width, **kw)
+                         if cfg.get("proprio_input", False) else None)
 
     # -- pieces shared by training and streaming rollout ---------------------------------------
-    def embed(self, video, actions, embodiment_id, action_dim_mask, reference=None):
+    def embed(self, video, actions, embodiment_id, action_dim_mask, reference=None, state=None):
+        """state: (proprio [B, T, P], mask [B, T]), each block's state where its chunk starts (the
+        previous block's proprio); None: absent everywhere. Used with model.proprio_input only."""
         v = self.video_in(video) + self.video_pos.get_value().astype(self.dtype)
         if self.video_residual and reference is not None:
             v = v + self.reference_in(reference)
         a = self.adapter.embed(actions, embodiment_id, action_dim_mask)
+        if self.state_in is not None:
+            if state is None:
+                B, T = actions.shape[:2]
+                state = (jnp.zeros((B, T, self.state_in.proprio_dim), jnp.float32), jnp.zeros((B, T), jnp.float32))
+            a = a + self.state_in(state[0], state[1], embodiment_id)[:, :, None]
         return (constrain(a, ("act_batch", "act_seq", None, "act_embed")),
                 constrain(v, ("act_batch", "act_seq", None, "act_embed")))
 
@@ -394,18 +434,20 @@ class KairosWorldModel(nnx.Module):
         return streams
 
     def __call__(self, video, actions, sigma_video, sigma_action, embodiment_id, action_dim_mask, text,
-                 positions=None, reference=None) -> WorldModelOutput:
+                 positions=None, reference=None, state=None) -> WorldModelOutput:
         """video: [B, T, N, Dp] noisy video tokens; actions: [B, T, k, A] noisy action chunks;
         sigma_video, sigma_action: [B, T]; embodiment_id: int [B]; action_dim_mask: [B, A];
         text: int [B, L] byte tokens, or with model.text_encoder = "precomputed" the pair
         (text_embedding [B, L, D_ext], text_embedding_mask [B, L]); positions: [B, T] block indices
         (default 0..T-1); reference: [B, T, N, Dp] each block's previous clean frame
-        (diffusion.previous_frames; with model.video_residual the video head adds it; None: zeros)."""
+        (diffusion.previous_frames; with model.video_residual the video head adds it; None: zeros);
+        state: (proprio [B, T, P], mask [B, T]) each block's state where its action chunk starts (with
+        model.proprio_input; None: absent)."""
         B, T = video.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         text_h, text_mask = self.text(text)
-        streams = self.embed(video, actions, embodiment_id, action_dim_mask, reference)
+        streams = self.embed(video, actions, embodiment_id, action_dim_mask, reference, state)
         conds, mods = self.conditioning(sigma_action, sigma_video)
         streams = self.run_layers(streams, mods, positions, text_h, text_mask)
         heads = self.head(streams, conds, embodiment_id, action_dim_mask, (video, actions),
@@ -470,15 +512,16 @@ class KairosWorldModel(nnx.Module):
         return streams, tuple(new)
 
     def step_block(self, video, actions, sigma_video, sigma_action, embodiment_id, action_dim_mask, position,
-                   caches, text_mask, reference=None):
+                   caches, text_mask, reference=None, state=None):
         """One step block at block index `position` against the rollout caches.
 
         video [B, 1, N, Dp], actions [B, 1, k, A], sigma_video / sigma_action [B, 1], position int32 []
         (traced: one compiled step serves every position), reference [B, 1, N, Dp] the previous
-        committed clean frame (residual video head). Returns (WorldModelOutput of the block,
+        committed clean frame (residual video head), state (proprio [B, 1, P], mask [B, 1]) the state
+        where the block's chunk starts (model.proprio_input). Returns (WorldModelOutput of the block,
         the caches with this block committed): a read-only caller drops the second result.
         """
-        streams = self.embed(video, actions, embodiment_id, action_dim_mask, reference)
+        streams = self.embed(video, actions, embodiment_id, action_dim_mask, reference, state)
         conds, mods = self.conditioning(sigma_action, sigma_video)
         streams, caches = self.run_layers_step(streams, mods, position, caches, text_mask)
         heads = self.head(streams, conds, embodiment_id, action_dim_mask, (video, actions),

@@ -158,8 +158,15 @@ def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int):
     reference = diffusion.previous_frames(video)
     if cfg.train.reference_noise > 0:
         reference = diffusion.perturb_reference(jax.random.fold_in(rng, 1), reference, cfg.train.reference_noise)
+    state = None
+    if cfg.model.proprio_input:
+        # each block's chunk starts from the previous block's state; hidden on a random fraction of
+        # blocks (absent), as it is for a generated frame
+        keep = jax.random.uniform(jax.random.fold_in(rng, 2), (B, T)) >= cfg.train.proprio_input_dropout
+        state = (diffusion.previous_frames(batch["proprio"]),
+                 diffusion.previous_frames(batch["proprio_mask"]) * keep)
     out = model(x_v, x_a, lv["sigma_video"], lv["sigma_action"], batch["embodiment_id"], dim_mask, text,
-                reference=reference)
+                reference=reference, state=state)
     x0_head = cfg.model.prediction == "x0"
     video_loss, action_loss, (v_err, a_err) = diffusion.flow_losses(
         out.video_x0 if x0_head else out.video_velocity, out.action_x0 if x0_head else out.action_velocity,
