@@ -155,12 +155,14 @@ def per_block_errors(pred, x0, eps, sigma, *, prediction: str, loss_target: str,
 
 def flow_losses(pred_video, pred_action, x0_video, eps_video, x0_action, eps_action, sigma_video,
                 sigma_action, weight_video, weight_action, action_dim_mask, *, prediction: str = "velocity",
-                loss_target: str = "velocity", min_sigma: float = 0.05):
+                loss_target: str = "velocity", min_sigma: float = 0.05, norms: dict | None = None):
     """Masked rectified-flow MSE per modality (see `per_block_errors` for the parameterisations).
 
     pred_*: the heads' outputs (x0 or velocity, as `prediction` says). Video: mean over tokens and
     patch dims per block; actions: mean over the embodiment's real dims and the k tokens per block.
-    Each modality is averaged over the (block) weights > 0.
+    Each modality is averaged over the (block) weights > 0: divided by the sum of its weights, or by
+    norms["video"] / norms["action"] when given (a micro-batch's share of the whole batch's mean:
+    the sums of `loss_normalizers` over the whole batch, so that the micro-batch losses add up to it).
     Returns (video_loss, action_loss, per-block errors [B, T] for metrics).
     """
     kw = dict(prediction=prediction, loss_target=loss_target, min_sigma=min_sigma)
@@ -168,26 +170,43 @@ def flow_losses(pred_video, pred_action, x0_video, eps_video, x0_action, eps_act
     a_sq = per_block_errors(pred_action, x0_action, eps_action, sigma_action, **kw) * action_dim_mask[:, None, None]
     dims = jnp.maximum(jnp.sum(action_dim_mask, axis=-1), 1.0)[:, None]
     a_err = jnp.mean(jnp.sum(a_sq, axis=-1), axis=-1) / dims                              # [B, T]
-    video_loss = jnp.sum(v_err * weight_video) / jnp.maximum(jnp.sum(weight_video), 1.0)
-    action_loss = jnp.sum(a_err * weight_action) / jnp.maximum(jnp.sum(weight_action), 1.0)
+    norms = norms or {"video": jnp.sum(weight_video), "action": jnp.sum(weight_action)}
+    video_loss = jnp.sum(v_err * weight_video) / jnp.maximum(norms["video"], 1.0)
+    action_loss = jnp.sum(a_err * weight_action) / jnp.maximum(norms["action"], 1.0)
     return video_loss, action_loss, (v_err, a_err)
 
 
-def readout_losses(proprio_pred, progress_pred, batch):
+def readout_masks(batch) -> dict:
+    """The element masks of the readout losses present in `batch` ([B, T, P] and [B, T])."""
+    out = {}
+    if "proprio" in batch:
+        out["proprio"] = batch["proprio_mask"][:, :, None] * batch["proprio_dim_mask"][:, None, :]
+    if "progress" in batch:
+        out["progress"] = batch.get("progress_mask", jnp.ones_like(batch["progress"]))
+    return out
+
+
+def loss_normalizers(weight_video, weight_action, batch) -> dict:
+    """What each loss is divided by: the sums of its weights or masks over `batch` (`flow_losses`,
+    `readout_losses`). Computed over a whole batch and passed to each micro-batch's losses, they make
+    gradient accumulation exact: the micro-batch losses sum to the whole batch's."""
+    out = {"video": jnp.sum(weight_video), "action": jnp.sum(weight_action)}
+    out.update({name: jnp.sum(mask) for name, mask in readout_masks(batch).items()})
+    return out
+
+
+def readout_losses(proprio_pred, progress_pred, batch, norms: dict | None = None):
     """Masked MSE of the readout heads where the batch has labels.
 
     proprio_pred [B, T, P] against batch["proprio"], masked by proprio_mask [B, T] x proprio_dim_mask
     [B, P] and averaged over the masked entries; progress_pred [B, T] against batch["progress"],
     masked by batch["progress_mask"] [B, T] when present (every block otherwise). A loss whose labels
-    are not in the batch is absent from the result.
+    are not in the batch is absent from the result. norms: each loss's divisor (default: the sum of
+    its mask; see `loss_normalizers`).
     """
     out = {}
-    if "proprio" in batch:
-        mask = batch["proprio_mask"][:, :, None] * batch["proprio_dim_mask"][:, None, :]
-        err = jnp.square(proprio_pred - batch["proprio"]) * mask
-        out["proprio"] = jnp.sum(err) / jnp.maximum(jnp.sum(mask), 1.0)
-    if "progress" in batch:
-        mask = batch.get("progress_mask", jnp.ones_like(batch["progress"]))
-        err = jnp.square(progress_pred - batch["progress"]) * mask
-        out["progress"] = jnp.sum(err) / jnp.maximum(jnp.sum(mask), 1.0)
+    preds = {"proprio": proprio_pred, "progress": progress_pred}
+    for name, mask in readout_masks(batch).items():
+        err = jnp.square(preds[name] - batch[name]) * mask
+        out[name] = jnp.sum(err) / jnp.maximum(jnp.sum(mask) if norms is None else norms[name], 1.0)
     return out

@@ -135,46 +135,81 @@ def global_batch(setup: Setup, local_batch: dict) -> dict:
             for k, x in local_batch.items()}
 
 
-def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int):
+def example_draws(rng, index, batch, *, cfg, mode_probs) -> dict:
+    """Every random draw of the loss, made per example from fold_in(rng, its index in the step's
+    batch): noise levels and loss weights (`diffusion.draw_noise_levels`), the video and action
+    noise, text dropout, the reference frame's noise and the state input's dropout. An example gets
+    the same draws whether its batch is split into micro-batches or not. index: int [B]."""
+    video, actions = batch["video"], batch["actions"]
+    T = video.shape[1]
+    has_actions = jnp.sum(batch["action_mask"], axis=-1) > 0
+
+    def one(i, has_actions, action_mask, reference):
+        r_levels, r_ev, r_ea, r_text, r_ref, r_state = jax.random.split(jax.random.fold_in(rng, i), 6)
+        lv = diffusion.draw_noise_levels(r_levels, batch_size=1, num_blocks=T, mode_probs=mode_probs,
+                                         has_actions=has_actions[None], action_mask=action_mask[None],
+                                         train_cfg=cfg.train)
+        out = {k: v[0] for k, v in lv.items()}
+        out["eps_video"] = jax.random.normal(r_ev, video.shape[1:], jnp.float32)
+        out["eps_action"] = jax.random.normal(r_ea, actions.shape[1:], jnp.float32)
+        out["keep_text"] = jax.random.uniform(r_text) >= cfg.train.text_dropout
+        if cfg.train.reference_noise > 0:
+            out["reference"] = diffusion.perturb_reference(r_ref, reference[None], cfg.train.reference_noise)[0]
+        else:
+            out["reference"] = reference
+        out["keep_state"] = jax.random.uniform(r_state, (T,)) >= cfg.train.proprio_input_dropout
+        return out
+
+    # a residual video head adds each block's previous recorded (clean) frame, as a rollout adds the
+    # previous committed one
+    reference = diffusion.previous_frames(video)
+    return jax.vmap(one)(index, has_actions, batch["action_mask"], reference)
+
+
+def batch_normalizers(rng, batch, *, cfg, mode_probs) -> dict:
+    """The loss divisors of a whole batch (`diffusion.loss_normalizers`), from its draws."""
+    B = batch["video"].shape[0]
+    draws = example_draws(rng, jnp.arange(B), batch, cfg=cfg, mode_probs=mode_probs)
+    return diffusion.loss_normalizers(draws["weight_video"], draws["weight_action"], batch)
+
+
+def loss_fn(params, graphdef, batch, rng, *, cfg, mode_probs, num_sources: int, index=None, norms=None):
     """Rectified-flow loss of one (micro)batch plus the readout losses where the batch has labels
-    (proprio, progress); returns (loss, metrics)."""
+    (proprio, progress); returns (loss, metrics).
+
+    index: int [B], each example's place in the step's whole batch (default 0..B-1): its random
+    draws come from fold_in(rng, index) (`example_draws`). norms: the whole batch's loss divisors
+    (`batch_normalizers`; default this batch's own), so that micro-batch losses and gradients sum
+    to the whole batch's exactly."""
     model = nnx.merge(graphdef, params)
     video, actions = batch["video"], batch["actions"]
     B, T = video.shape[:2]
     dim_mask = batch["action_dim_mask"]
-    r_levels, r_ev, r_ea, r_text = jax.random.split(rng, 4)
-    has_actions = jnp.sum(batch["action_mask"], axis=-1) > 0
-    lv = diffusion.draw_noise_levels(r_levels, batch_size=B, num_blocks=T, mode_probs=mode_probs,
-                                     has_actions=has_actions, action_mask=batch["action_mask"],
-                                     train_cfg=cfg.train)
-    eps_v = jax.random.normal(r_ev, video.shape, jnp.float32)
-    eps_a = jax.random.normal(r_ea, actions.shape, jnp.float32) * dim_mask[:, None, None]
+    index = jnp.arange(B) if index is None else index
+    lv = example_draws(rng, index, batch, cfg=cfg, mode_probs=mode_probs)
+    if norms is None:
+        norms = diffusion.loss_normalizers(lv["weight_video"], lv["weight_action"], batch)
+    eps_v = lv["eps_video"]
+    eps_a = lv["eps_action"] * dim_mask[:, None, None]
     x_v = diffusion.add_noise(video, eps_v, lv["sigma_video"])
     x_a = diffusion.add_noise(actions, eps_a, lv["sigma_action"])
-    keep_text = jax.random.uniform(r_text, (B, 1)) >= cfg.train.text_dropout
-    text = drop_text(batch_text(batch, cfg.model.text_encoder), keep_text[:, 0])
-    # a residual video head adds each block's previous recorded (clean) frame, as a rollout adds the
-    # previous committed one
-    reference = diffusion.previous_frames(video)
-    if cfg.train.reference_noise > 0:
-        reference = diffusion.perturb_reference(jax.random.fold_in(rng, 1), reference, cfg.train.reference_noise)
+    text = drop_text(batch_text(batch, cfg.model.text_encoder), lv["keep_text"])
     state = None
     if cfg.model.proprio_input:
         # each block's chunk starts from the previous block's state; hidden on a random fraction of
         # blocks (absent), as it is for a generated frame
-        keep = jax.random.uniform(jax.random.fold_in(rng, 2), (B, T)) >= cfg.train.proprio_input_dropout
         state = (diffusion.previous_frames(batch["proprio"]),
-                 diffusion.previous_frames(batch["proprio_mask"]) * keep)
+                 diffusion.previous_frames(batch["proprio_mask"]) * lv["keep_state"])
     out = model(x_v, x_a, lv["sigma_video"], lv["sigma_action"], batch["embodiment_id"], dim_mask, text,
-                reference=reference, state=state)
+                reference=lv["reference"], state=state)
     x0_head = cfg.model.prediction == "x0"
     video_loss, action_loss, (v_err, a_err) = diffusion.flow_losses(
         out.video_x0 if x0_head else out.video_velocity, out.action_x0 if x0_head else out.action_velocity,
         video, eps_v, actions, eps_a, lv["sigma_video"], lv["sigma_action"], lv["weight_video"],
         lv["weight_action"], dim_mask, prediction=cfg.model.prediction, loss_target=cfg.train.loss_target,
-        min_sigma=cfg.train.loss_min_sigma)
+        min_sigma=cfg.train.loss_min_sigma, norms=norms)
     loss = cfg.train.video_loss_weight * video_loss + cfg.train.action_loss_weight * action_loss
-    readouts = diffusion.readout_losses(out.proprio, out.progress, batch)
+    readouts = diffusion.readout_losses(out.proprio, out.progress, batch, norms)
     for name, value in readouts.items():
         loss = loss + cfg.train[f"{name}_loss_weight"] * value
     # Per-source sums (divided after accumulation) so each source's loss can be followed.
@@ -208,21 +243,25 @@ def make_train_step(cfg, setup: Setup, tx, phase_cfg, num_sources: int):
         if accum == 1:
             (loss, metrics), grads = grad_fn(params, setup.graphdef, batch, rng)
         else:
-            micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+            # Exact accumulation: every example draws its noise from its index in the whole batch, and
+            # every loss is divided by the whole batch's total weight, so the micro-batch losses,
+            # gradients and metrics are summed (not averaged) into the whole batch's.
+            B = batch["video"].shape[0]
+            m = B // accum
+            norms = batch_normalizers(rng, batch, cfg=cfg, mode_probs=mode_probs)
+            micro = jax.tree.map(lambda x: x.reshape((accum, m) + x.shape[1:]), batch)
 
             def body(carry, xs):
                 g_acc, m_acc = carry
                 mb, i = xs
-                (_, m), g = grad_fn(params, setup.graphdef, mb, jax.random.fold_in(rng, i))
-                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
+                (_, mets), g = grad_fn(params, setup.graphdef, mb, rng, index=i * m + jnp.arange(m), norms=norms)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, mets)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, params)
-            m_shape = jax.eval_shape(lambda: grad_fn(params, setup.graphdef,
-                                                     jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+            m_shape = jax.eval_shape(lambda: grad_fn(params, setup.graphdef, jax.tree.map(lambda x: x[0], micro),
+                                                     rng, index=jnp.arange(m), norms=norms)[0][1])
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
             (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            metrics = {k: (v if k.startswith(("src_", "mode_")) else v / accum) for k, v in metrics.items()}
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
