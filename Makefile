@@ -28,7 +28,7 @@ PYTHON312 ?= $(shell \
   elif ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 >/dev/null 2>&1; then ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 | sort -V | tail -1; \
   fi)
 
-.PHONY: train test test-extra test-all lint data install clean-venv eval bc aot-tools
+.PHONY: train test test-extra test-all test-venvs lint data install clean-venv eval bc aot-tools
 
 $(STAMP): setup.py
 	@if [ -z "$(PYTHON312)" ]; then echo "error: no Python 3.12 found (put python3.12 on PATH, install it with pyenv, or pass PYTHON312=/path/to/python3.12)"; exit 1; fi
@@ -87,7 +87,7 @@ test-extra: aot-tools
 	$(PY) -m pytest -q -rs -m '$(EXTRA_MARKERS)' $(PYTEST_ARGS)
 
 # Every marker that runs in .venv: `make test` and `make test-extra` in one session. The diffusers,
-# openpi, lerobot and metaworld markers need their own virtualenvs (targets below) and are left out.
+# openpi, lerobot and metaworld markers need their own virtualenvs and run in `make test-venvs`.
 test-all: aot-tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m 'not diffusers and not openpi and not lerobot and not metaworld' -rs $(PYTEST_ARGS)
@@ -201,3 +201,12 @@ train-metaworld: data/metaworld/metaworld/manifest.json
 
 eval-metaworld: $(METAWORLD_VENV)/.installed $(STAMP)
 	bash launch/metaworld_eval.sh runs/metaworld_eval $(MW_WORKDIR) -- $(MW_EVAL_ARGS)
+
+# The tests against the third-party packages that conflict with .venv, each installed in its own
+# virtualenv by the targets above: openpi-client (the serving protocol), diffusers + torch (the Wan VAE
+# converter), Meta-World (the served evaluation), lerobot (LeRobot v3 interop; torchcodec needs the
+# system FFmpeg libraries named at lerobot-venv). .ci/run runs it after test-extra.
+VENV_MARKERS := openpi or diffusers or metaworld or lerobot
+test-venvs: $(STAMP) $(OPENPI_VENV)/.installed $(DIFFUSERS_VENV)/.installed $(METAWORLD_VENV)/.installed \
+            $(LEROBOT_VENV)/.installed
+	$(PY) -m pytest -q -rs -m '$(VENV_MARKERS)' $(PYTEST_ARGS)
