@@ -21,6 +21,7 @@ def get_config(arg: str = "hybrid"):
     c = base.get_base_config()
     sizes.apply_size(c, "embedded")
     c.model.pattern = PATTERNS[arg]
+    c.model.proprio_input = False     # as the ablation in benchmarks/RESULTS.md was measured
     c.data.root = "data/small"
     c.curriculum = ("phase3_robot",)
     c.phases = base.ml_collections.ConfigDict({"phase3_robot": base.phase3_robot(3000)})

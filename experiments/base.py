@@ -64,6 +64,9 @@ def phase3_robot(steps: int) -> ml_collections.ConfigDict:
 def get_base_config() -> ml_collections.ConfigDict:
     """The schema's defaults with the three-phase curriculum (10k steps each)."""
     c = default_config()
+    # The robot's proprio state is an input of the policy (model.proprio_input; docs/architecture.md
+    # §2): on eval_small it lowered the policy's action MSE on every robot (benchmarks/RESULTS.md).
+    c.model.proprio_input = True
     c.curriculum = ("phase1_video", "phase2_human", "phase3_robot")
     c.phases = ml_collections.ConfigDict({
         "phase1_video": phase1_video(10_000),
