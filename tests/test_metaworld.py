@@ -275,10 +275,11 @@ def test_finetune_starts_from_the_checkpoint_and_exports(served_export, shards, 
         experiment.finetune(other, str(tmp_path / "ft2"), served_export["path"])
 
 
-def reference_actions(model, cfg, frames, prompt, stats, seed):
+def reference_actions(model, cfg, frames, prompt, stats, seed, states=None):
     """The policy episode in process (kairos_jax.inference.serving's protocol): block 0 = the first
     frame with an absent chunk (noise at sigma 1), then each frame committed with the chunk answered
-    before it; answers denormalised with the Meta-World statistics. [n, k, 4] raw units."""
+    before it and its state (raw, normalised with the Meta-World statistics; `states` [n, 21]);
+    answers denormalised with the Meta-World statistics. [n, k, 4] raw units."""
     import jax
     import jax.numpy as jnp
 
@@ -298,7 +299,9 @@ def reference_actions(model, cfg, frames, prompt, stats, seed):
     out = []
     for t, f in enumerate(frames):
         tokens = jnp.asarray(patchify(resize_frames(f[None], d.image_size), d.patch_size) / 127.5 - 1.0)
-        state = engine.commit(state, tokens, chunk, z, o if t == 0 else z)
+        observed = {} if states is None else {
+            "proprio": np.asarray(Normalizer(stats.proprio).normalize(states[t]), np.float32)[None]}
+        state = engine.commit(state, tokens, chunk, z, o if t == 0 else z, **observed)
         key, kb = jax.random.split(key)
         _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
         out.append(norm.denormalize(np.asarray(chunk[0, :, :4])))
@@ -336,6 +339,6 @@ def test_served_episodes_through_the_openpi_client(served_export, shards, tmp_pa
         if not r["successes"]:
             assert n == 3          # 5 steps in chunks of 2: requests at steps 0, 2, 4
         # each episode (after its reset) is the in-process rollout of the frames it sent
-        want = reference_actions(served_export["model"], served_export["cfg"], frames, TEXT, stats, SEED)
+        want = reference_actions(served_export["model"], served_export["cfg"], frames, TEXT, stats, SEED, states)
         np.testing.assert_allclose(actions, want, rtol=1e-5, atol=1e-5)
         assert not np.allclose(actions[0], actions[-1])

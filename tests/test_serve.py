@@ -87,16 +87,21 @@ def frames(seed, n, hw=(20, 28)):
     return np.random.default_rng(seed).integers(0, 256, (n, *hw, 3), dtype=np.uint8)
 
 
-def reference_policy(model, cfg, images, *, embodiment, prompt, seed=SEED) -> np.ndarray:
+def reference_policy(model, cfg, images, *, embodiment, prompt, seed=SEED, state=None) -> np.ndarray:
     """The policy episode in process, as closed_loop runs it: block 0 = the first frame with its
     action chunk absent (noise at sigma 1), then every frame committed with the chunk answered
-    before it; actions denormalised with the training statistics. [n, k, a] raw units."""
+    before it (and with `state`, raw units, normalised with the training statistics, when given);
+    actions denormalised with the training statistics. [n, k, a] raw units."""
     from data_pipelines.embodiments import DEFAULT_REGISTRY
 
     d = cfg.data
     emb = DEFAULT_REGISTRY.get(embodiment)
     source = {"reacher": "reacher", "pusher": "pusher"}[embodiment]
     norm = Normalizer(training_stats()[source][embodiment].action)
+    observed = {}
+    if state is not None:
+        proprio = Normalizer(training_stats()[source][embodiment].proprio).normalize(np.asarray(state, np.float32))
+        observed = {"proprio": np.asarray(proprio, np.float32)[None]}
     engine = make_engine(model, cfg)
     dim_mask = np.zeros((1, d.action_dim), np.float32)
     dim_mask[0, :emb.action_dim] = 1
@@ -108,7 +113,7 @@ def reference_policy(model, cfg, images, *, embodiment, prompt, seed=SEED) -> np
     chunk = jax.random.normal(k0, (1, d.action_chunk, d.action_dim)) * dim_mask[:, None]
     out = []
     for t, f in enumerate(images):
-        state = engine.commit(state, tokens(f), chunk, z, o if t == 0 else z)
+        state = engine.commit(state, tokens(f), chunk, z, o if t == 0 else z, **observed)
         key, kb = jax.random.split(key)
         _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
         out.append(norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim])))
@@ -380,8 +385,12 @@ def test_openpi_episode_equals_the_in_process_rollout(policy_server, checkpoint,
         assert step["answer"]["actions"] == {"dtype": "<f4", "shape": [2, 2]}
         assert step["answer"]["server_timing"]["infer_ms"] > 0
     want = reference_policy(checkpoint["model"], checkpoint["cfg"], frames(0, n), embodiment="reacher",
-                            prompt="reach the target")
+                            prompt="reach the target", state=arrays["state4"])
     np.testing.assert_allclose(actions, want, rtol=1e-5, atol=1e-5)
+    # the model takes the state (model.proprio_input): without it the answers differ
+    blind = reference_policy(checkpoint["model"], checkpoint["cfg"], frames(0, n), embodiment="reacher",
+                             prompt="reach the target")
+    assert np.abs(blind - want).max() > 1e-3
     assert np.all(np.abs(np.diff(actions, axis=0)).max(axis=(1, 2)) > 1e-3)     # each step its own answer
     # raw units: the reacher's statistics (centre 0.5, spread ~2) put the chunk far from [-1, 1]
     norm = Normalizer(training_stats()["reacher"]["reacher"].action)

@@ -128,9 +128,10 @@ class StreamSpec:
         if proprio is None:
             proprio, proprio_mask = jnp.zeros((B, P), jnp.float32), jnp.zeros((B,), jnp.float32)
         else:
-            proprio = jnp.asarray(proprio, jnp.float32)
-            proprio = jnp.pad(proprio, ((0, 0), (0, P - proprio.shape[-1]))) if proprio.shape[-1] < P else proprio[:, :P]
-            proprio_mask = jnp.ones((B,), jnp.float32) if proprio_mask is None else jnp.asarray(proprio_mask, jnp.float32)
+            proprio = jnp.asarray(proprio, jnp.float32)[:, :P]
+            proprio = jnp.pad(proprio, ((0, 0), (0, P - proprio.shape[-1])))
+            proprio_mask = (jnp.ones((B,), jnp.float32) if proprio_mask is None
+                            else jnp.asarray(proprio_mask, jnp.float32))
         return state.replace(position=state.position + 1, caches=caches,
                              reference=self._double(reference.astype(jnp.float32)),
                              proprio=self._double(proprio), proprio_mask=self._double(proprio_mask))
