@@ -81,7 +81,7 @@ def test_open_loop_baselines_match_independent_computations(setup):
 
 def test_streamed_video_equals_sampling_the_same_blocks_one_at_a_time(setup):
     """stream_video generates block t against the committed generated blocks: the first generated
-    block equals the full-sequence sampler's with the same context and noise."""
+    block equals the full-sequence sampler's with the same context, states and noise."""
     import jax
     import jax.numpy as jnp
 
@@ -93,7 +93,8 @@ def test_streamed_video_equals_sampling_the_same_blocks_one_at_a_time(setup):
     batch = ev.heldout_batch(cfg, str(setup["root"] / "heldout"), "reacher", clips=2, num_blocks=3, seed=1)
     got = ev.stream_video(engine, batch, mode="simulate", context=2, horizon=1, seed=0)
     ctx = {k: jnp.asarray(batch[k]) for k in ("video", "actions", "embodiment_id", "action_dim_mask", "text",
-                                              "action_mask")}
+                                              "action_mask", "proprio", "proprio_mask")}
+    assert setup["model"].state_in is not None       # the context's recorded states are inputs too
     # the engine's noise for the generated block: split(seed) twice for the context, once more for the block
     rng = jax.random.key(0)
     for _ in range(2):
@@ -105,7 +106,9 @@ def test_streamed_video_equals_sampling_the_same_blocks_one_at_a_time(setup):
         lambda x, s, _: {"video": nnx.merge(*nnx.split(setup["model"]))(
             x["video"], ctx["actions"], jnp.broadcast_to(jnp.where(jnp.arange(3) < 2, 0.0, s), (2, 3)),
             jnp.where(ctx["action_mask"] > 0, 0.0, 1.0), ctx["embodiment_id"], ctx["action_dim_mask"],
-            ctx["text"], reference=diffusion.previous_frames(x["video"])).video_velocity},
+            ctx["text"], reference=diffusion.previous_frames(x["video"]),
+            state=(diffusion.previous_frames(ctx["proprio"]), diffusion.previous_frames(ctx["proprio_mask"]))
+        ).video_velocity},
         {"video": ctx["video"].at[:, 2].set(eps)}, {"video": (jnp.arange(3) == 2)[None, :, None, None]},
         sampling.sigma_schedule(3))["video"][:, 2]
     np.testing.assert_allclose(got[:, 0], np.asarray(ref), atol=2e-4)
