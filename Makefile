@@ -206,7 +206,9 @@ eval-metaworld: $(METAWORLD_VENV)/.installed $(STAMP)
 # virtualenv by the targets above: openpi-client (the serving protocol), diffusers + torch (the Wan VAE
 # converter), Meta-World (the served evaluation), lerobot (LeRobot v3 interop; torchcodec needs the
 # system FFmpeg libraries named at lerobot-venv). .ci/run runs it after test-extra.
-VENV_MARKERS := openpi or diffusers or metaworld or lerobot
+VENV_MARKERS ?= openpi or diffusers or metaworld or lerobot
+# LEROBOT_VENV_DEP= (empty) leaves the lerobot virtualenv out, with VENV_MARKERS naming the others.
+LEROBOT_VENV_DEP ?= $(LEROBOT_VENV)/.installed
 test-venvs: $(STAMP) $(OPENPI_VENV)/.installed $(DIFFUSERS_VENV)/.installed $(METAWORLD_VENV)/.installed \
-            $(LEROBOT_VENV)/.installed
+            $(LEROBOT_VENV_DEP)
 	$(PY) -m pytest -q -rs -m '$(VENV_MARKERS)' $(PYTEST_ARGS)
