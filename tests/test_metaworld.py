@@ -173,7 +173,7 @@ def shards(recorded, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "data_pipelines.convert", "--format=lerobot", f"--input={recorded}",
                            f"--output={out / 'metaworld'}", "--source=metaworld", "--embodiment=metaworld",
                            "--no_progress"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
