@@ -29,6 +29,10 @@ class Embodiment:
     proprio_dim: int         # 0 when there is no proprioception
     action_semantics: str    # one of ACTION_SEMANTICS
     description: str = ""
+    # For absolute joint targets: action dim i is a target for proprio dim action_reference[i] (-1:
+    # none). With data.delta_actions, such dims are learned relative to that proprio value at the
+    # chunk's start (data_pipelines.normalization.ActionCodec); () for embodiments without one.
+    action_reference: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.action_semantics not in ACTION_SEMANTICS:
@@ -38,6 +42,11 @@ class Embodiment:
             raise ValueError(f"embodiment {self.name}: action_dim=0 exactly when action_semantics='none'")
         if self.id < 0 or self.action_dim < 0 or self.proprio_dim < 0:
             raise ValueError(f"embodiment {self.name}: id and sizes must be >= 0")
+        if self.action_reference and (len(self.action_reference) != self.action_dim or not all(
+                -1 <= i < self.proprio_dim for i in self.action_reference)):
+            raise ValueError(f"embodiment {self.name}: action_reference={self.action_reference} needs one "
+                             f"proprio index (or -1) per action dim ({self.action_dim}), each < proprio_dim="
+                             f"{self.proprio_dim}")
 
 
 class EmbodimentRegistry:
@@ -93,7 +102,8 @@ DEFAULT_REGISTRY = EmbodimentRegistry([
                            "qvel (9)"),
     Embodiment("pusher", 4, action_dim=3, proprio_dim=6, action_semantics="joint_position",
                description="3-link planar arm pushing a puck to a goal (position-controlled joints); "
-                           "proprio = joint angles (3), joint velocities (3)"),
+                           "proprio = joint angles (3), joint velocities (3)",
+               action_reference=(0, 1, 2)),
     # Open X-Embodiment datasets as published (data_pipelines.oxe): actions and state as stored.
     Embodiment("google_robot", 5, action_dim=7, proprio_dim=8, action_semantics="ee_delta",
                description="RT-1 / fractal20220817_data: world_vector (3), rotation_delta (3, roll-pitch-yaw), "

@@ -12,6 +12,18 @@ Normalisation maps the central 98% of each dimension onto [-1, 1]:
 A dimension that never varies maps to 0. Outliers beyond p01 / p99 land slightly outside [-1, 1]
 and are clipped at +-clip (3 by default) so one bad step cannot dominate the loss; `denormalize` is
 the exact inverse for |x_n| <= clip.
+
+Delta actions (`data.delta_actions`, openpi's "delta actions"): an embodiment whose actions are
+absolute joint targets (`Embodiment.action_reference`) can be learned relative to the robot's state
+where each action chunk starts,
+
+    d[s, m] = a[s + m] - q[s][ref],   m = 0 .. k-1   (q: proprio, ref: action_reference; dims with
+                                                     ref = -1 stay absolute: d = a)
+
+normalised by their own statistics (`action_delta`, over every chunk start s of every episode for
+the training's chunk length k, kept with `action_delta_chunk` = k). The informative step of such a
+robot (where to move next) is a few per cent of its joint range; relative to the state it spans the
+unit range. `ActionCodec` maps raw chunks to the model's units and back, given the state.
 """
 
 from __future__ import annotations
@@ -86,6 +98,8 @@ class EmbodimentStats:
     steps: int
     action: NormStats | None
     proprio: NormStats | None
+    action_delta: NormStats | None = None   # delta actions' statistics (module docstring), or None
+    action_delta_chunk: int = 0             # the chunk length k they were computed for
 
 
 class Normalizer:
@@ -118,6 +132,9 @@ def write_stats(directory: str, per_embodiment: dict[str, EmbodimentStats]) -> s
             "action": None if s.action is None else s.action.to_json(),
             "proprio": None if s.proprio is None else s.proprio.to_json(),
         }
+        if s.action_delta is not None:
+            doc["embodiments"][name].update(action_delta=s.action_delta.to_json(),
+                                            action_delta_chunk=s.action_delta_chunk)
     path = storage.join(directory, STATS_FILE)
     storage.write_json_atomic(path, doc, indent=1)    # local or remote (data_pipelines.storage)
     return path
@@ -143,5 +160,89 @@ def load_stats(directory: str) -> dict[str, EmbodimentStats]:
             episodes=int(d.get("episodes", 0)), steps=int(d.get("steps", 0)),
             action=None if d.get("action") is None else NormStats.from_json(d["action"], where + ".action"),
             proprio=None if d.get("proprio") is None else NormStats.from_json(d["proprio"],
-                                                                               where + ".proprio"))
+                                                                               where + ".proprio"),
+            action_delta=None if d.get("action_delta") is None else NormStats.from_json(
+                d["action_delta"], where + ".action_delta"),
+            action_delta_chunk=int(d.get("action_delta_chunk", 0)))
     return out
+
+
+def chunk_deltas(actions: np.ndarray, proprio: np.ndarray, reference, chunk: int) -> np.ndarray:
+    """Every delta action of one episode (module docstring): actions [L, a], proprio [L, p] ->
+    float64 [N, a], one row per (chunk start s, offset m < chunk) with s + m < L."""
+    a = np.asarray(actions, np.float64)
+    q = np.asarray(proprio, np.float64)
+    ref = np.asarray(reference)
+    base = np.where(ref >= 0, q[:, np.maximum(ref, 0)], 0.0)                  # [L, a]
+    return np.concatenate([a[m:] - base[:a.shape[0] - m] for m in range(min(chunk, a.shape[0]))])
+
+
+def delta_action_stats(episodes, reference, chunk: int) -> NormStats:
+    """Statistics of the delta actions of `episodes` (iterable of (actions [L, a], proprio [L, p]))."""
+    rows = [chunk_deltas(a, q, reference, chunk) for a, q in episodes]
+    if not rows:
+        raise ValueError("delta action statistics need at least one episode with actions and proprio")
+    return NormStats.compute(np.concatenate(rows))
+
+
+class ActionCodec:
+    """An embodiment's actions in the model's units and back: normalised absolute actions, or with
+    `delta` statistics, normalised actions relative to the state where their chunk starts (module
+    docstring). Shapes: actions [..., k, a] (raw) or [..., k, a] (model units), state [..., p] (raw
+    proprio at the chunk's start; needed only by a delta codec)."""
+
+    def __init__(self, action: NormStats, delta: NormStats | None = None, reference=()):
+        self.absolute = Normalizer(action)
+        self.delta = None if delta is None else Normalizer(delta)
+        self.reference = np.asarray(reference if delta is not None else (), np.int64)
+        if self.delta is not None and self.reference.shape != (action.dim,):
+            raise ValueError(f"delta actions need one reference index per action dim ({action.dim}), "
+                             f"got {tuple(reference)}")
+
+    @classmethod
+    def from_normalizer(cls, norm: Normalizer) -> ActionCodec:
+        """An absolute codec around an existing normaliser."""
+        codec = cls.__new__(cls)
+        codec.absolute, codec.delta, codec.reference = norm, None, np.zeros(0, np.int64)
+        return codec
+
+    @property
+    def is_delta(self) -> bool:
+        return self.delta is not None
+
+    @property
+    def norm(self) -> Normalizer:
+        """The normaliser of the model's units."""
+        return self.delta if self.delta is not None else self.absolute
+
+    def _base(self, state, shape) -> np.ndarray:
+        if state is None:
+            raise ValueError("this model's actions are relative to the robot's state: the state (proprio) "
+                             "where the action chunk starts is required")
+        q = np.asarray(state, np.float32)
+        if q.ndim == 0 or q.shape[-1] <= int(self.reference.max(initial=-1)):
+            raise ValueError(f"state of shape {q.shape} has no dim {int(self.reference.max())} that the "
+                             f"actions refer to")
+        base = np.where(self.reference >= 0, q[..., np.maximum(self.reference, 0)], 0.0)   # [..., a]
+        return np.broadcast_to(base[..., None, :], shape).astype(np.float32)
+
+    def encode(self, actions: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
+        """Raw action chunks [..., k, a] -> model units (float32, clipped like Normalizer)."""
+        actions = np.asarray(actions, np.float32)
+        if self.delta is None:
+            return self.absolute.normalize(actions)
+        return self.delta.normalize(actions - self._base(state, actions.shape))
+
+    def decode(self, model_actions: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
+        """Model units [..., k, a] -> raw action chunks (float32)."""
+        if self.delta is None:
+            return self.absolute.denormalize(model_actions)
+        raw = self.delta.denormalize(model_actions)
+        return (raw + self._base(state, raw.shape)).astype(np.float32)
+
+    def absolute_error_scale(self) -> np.ndarray:
+        """Per-dim factor that turns an error in model units into one in normalised absolute units
+        (the state cancels in a difference): 1 for an absolute codec."""
+        if self.delta is None:
+            return np.ones_like(self.absolute.half_range)
+        return (self.delta.half_range / self.absolute.half_range).astype(np.float32)

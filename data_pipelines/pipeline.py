@@ -58,6 +58,7 @@ from there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import zlib
@@ -69,7 +70,14 @@ from data_pipelines import episode as episode_lib
 from data_pipelines import storage
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry, UnknownEmbodimentError
 from data_pipelines.mixing import ScheduledMixSelection
-from data_pipelines.normalization import Normalizer, StatsError
+from data_pipelines.normalization import (
+    ActionCodec,
+    EmbodimentStats,
+    Normalizer,
+    NormStats,
+    StatsError,
+    delta_action_stats,
+)
 from data_pipelines.shards import EpisodeDataSource, ShardedSource, ShardError
 
 log = logging.getLogger(__name__)
@@ -202,6 +210,8 @@ class ClipSpec:
     text_len: int
     image_width: int = 0               # 0: square frames (image_size x image_size)
     num_embodiments: int = 0           # size of the model's embodiment tables; 0: not checked
+    delta_actions: bool = False        # actions relative to the chunk's start state where the
+                                       # embodiment has an action_reference (normalization.ActionCodec)
 
     @property
     def width(self) -> int:
@@ -221,6 +231,7 @@ class EmbodimentSpec:
     proprio_dim: int
     action_norm: Normalizer | None
     proprio_norm: Normalizer | None
+    action_codec: ActionCodec | None = None    # raw action chunks <-> the model's units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,10 +262,13 @@ def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: Sourc
     actions = np.zeros((T, k, spec.action_dim), np.float32)
     action_mask = np.zeros(T, np.float32)
     action_dim_mask = np.zeros(spec.action_dim, np.float32)
-    if ep.actions is not None and emb.action_norm is not None:
+    codec = emb.action_codec
+    if ep.actions is not None and codec is not None and (ep.proprio is not None or not codec.is_delta):
         known = idx >= k
         chunks = ep.actions[np.clip(idx[:, None] - k + np.arange(k)[None, :], 0, L - 1)]   # [T, k, a]
-        actions[:, :, :emb.action_dim] = emb.action_norm.normalize(chunks) * known[:, None, None]
+        # a delta codec: relative to the state observed with the frame the chunk starts from
+        start_state = None if ep.proprio is None else ep.proprio[np.clip(idx - k, 0, L - 1)]
+        actions[:, :, :emb.action_dim] = codec.encode(chunks, start_state) * known[:, None, None]
         action_mask[:] = known
         action_dim_mask[:emb.action_dim] = 1.0
 
@@ -298,6 +312,8 @@ class EpisodeClip:
     frames: np.ndarray | None        # uint8 [T, H, W, C]: block t's frame, resized as the model sees it
     raw_actions: np.ndarray | None   # [T, k, a]: block t's action chunk in the embodiment's units
     action_norm: Normalizer | None   # the source's normaliser of those actions
+    action_codec: ActionCodec | None = None   # raw chunks <-> the model's units (delta or absolute)
+    raw_start_state: np.ndarray | None = None  # [T, p]: the proprio where block t's chunk starts
 
 
 def episode_clip(data_cfg, source: str, episode: str | int | None = None, *, start: int = 0,
@@ -340,7 +356,10 @@ def episode_clip(data_cfg, source: str, episode: str | int | None = None, *, sta
         raw = ep.actions[np.clip(idx[:, None] - k + np.arange(k)[None, :], 0, ep.num_frames - 1)]
     return EpisodeClip(source=source, episode_id=ep.episode_id, embodiment=ep.embodiment, fps=float(ep.fps),
                        start=start, clip=clip, frames=frames, raw_actions=raw,
-                       action_norm=sspec.embodiments[ep.embodiment].action_norm)
+                       action_norm=sspec.embodiments[ep.embodiment].action_norm,
+                       action_codec=sspec.embodiments[ep.embodiment].action_codec,
+                       raw_start_state=None if ep.proprio is None or raw is None
+                       else ep.proprio[np.clip(idx - k, 0, ep.num_frames - 1)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,10 +489,14 @@ def _weights(mixture, where: str) -> dict[str, float]:
 
 def clip_spec(data_cfg) -> ClipSpec:
     """The clip geometry of a data config, checked (ConfigError naming the field)."""
-    optional = {"image_width", "num_embodiments"}
+    optional = {"image_width", "num_embodiments", "delta_actions"}
     spec = ClipSpec(**{f.name: _get(data_cfg, f.name) for f in dataclasses.fields(ClipSpec)
                        if f.name not in optional or f.name in data_cfg})
+    if not isinstance(spec.delta_actions, bool):
+        raise ConfigError(f"config.data.delta_actions={spec.delta_actions!r} is invalid: must be True or False")
     for f in dataclasses.fields(ClipSpec):
+        if f.name == "delta_actions":
+            continue
         v = getattr(spec, f.name)
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f.name in optional else 1):
             raise ConfigError(f"config.data.{f.name}={v!r} is invalid: must be an integer >= "
@@ -483,6 +506,59 @@ def clip_spec(data_cfg) -> ClipSpec:
             raise ConfigError(f"config.data.{name}={v} is invalid: must be a multiple of data.patch_size="
                               f"{spec.patch_size}" + (" (or 0: square frames)" if name == "image_width" else ""))
     return spec
+
+
+# Delta action statistics are computed from at most this many episodes of an embodiment (evenly
+# spaced over the source), once per process: a few seconds for thousands of episodes.
+MAX_DELTA_STATS_EPISODES = 1000
+
+
+@functools.lru_cache(maxsize=64)
+def _delta_stats(directory: str, embodiment: str, reference: tuple, chunk: int, cache) -> NormStats:
+    src = ShardedSource(directory)
+    mine = [i for i, e in enumerate(src.episode_embodiments) if e == embodiment]
+    if len(mine) > MAX_DELTA_STATS_EPISODES:
+        mine = [mine[int(j)] for j in np.linspace(0, len(mine) - 1, MAX_DELTA_STATS_EPISODES)]
+    ds = src.data_source(cache)
+
+    def episodes():
+        for i in mine:
+            try:
+                ep = ds[i]
+            except episode_lib.EpisodeError as e:       # counted by the pipeline when it meets it
+                log.warning("delta action statistics: skipping %s", e)
+                continue
+            if ep.actions is not None and ep.proprio is not None:
+                yield ep.actions, ep.proprio
+
+    try:
+        return delta_action_stats(episodes(), reference, chunk)
+    except ValueError as e:
+        raise ConfigError(f"{directory}: data.delta_actions for {embodiment}: {e}") from None
+
+
+def with_delta_stats(src: ShardedSource, embodiment: str, stats: EmbodimentStats, reference, chunk: int,
+                     cache: str | None = None) -> EmbodimentStats:
+    """`stats` with the delta actions' statistics for chunk length `chunk` (normalization docstring)."""
+    delta = _delta_stats(src.directory, embodiment, tuple(reference), int(chunk), cache)
+    log.info("%s/%s: delta action statistics over %d steps (chunk %d)", src.name, embodiment, delta.count, chunk)
+    return dataclasses.replace(stats, action_delta=delta, action_delta_chunk=int(chunk))
+
+
+def training_stats(root: str, name: str, data_cfg, registry: EmbodimentRegistry = DEFAULT_REGISTRY) -> dict:
+    """{embodiment: EmbodimentStats} of one source as training normalises it: its stats.json, plus
+    the delta actions' statistics where data.delta_actions applies (what a run saves beside its
+    checkpoints, for inference to normalise exactly as training did)."""
+    spec = clip_spec(data_cfg)
+    directory = storage.join(root, name)
+    src = ShardedSource(directory)
+    out = dict(src.stats)
+    if spec.delta_actions:
+        for e_name, s in out.items():
+            ref = registry.get(e_name).action_reference if e_name in registry else ()
+            if ref and s.action is not None:
+                out[e_name] = with_delta_stats(src, e_name, s, ref, spec.action_chunk, _cache_dir(data_cfg))
+    return out
 
 
 def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
@@ -538,10 +614,19 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
             if st is not None and st.dim != dim:
                 raise ConfigError(f"source {name!r}: {label} statistics of {e_name} have {st.dim} "
                                       f"dims, the registry says {dim}")
+        codec = None
+        if s.action is not None:
+            delta = None
+            if spec.delta_actions and emb.action_reference:
+                if s.action_delta is None or s.action_delta_chunk != spec.action_chunk:
+                    s = with_delta_stats(src, e_name, s, emb.action_reference, spec.action_chunk, cache)
+                    stats = {**stats, e_name: s}
+                delta = s.action_delta
+            codec = ActionCodec(s.action, delta, emb.action_reference)
         embodiments[e_name] = EmbodimentSpec(
             id=emb.id, action_dim=emb.action_dim, proprio_dim=emb.proprio_dim,
             action_norm=None if s.action is None else Normalizer(s.action),
-            proprio_norm=None if s.proprio is None else Normalizer(s.proprio))
+            proprio_norm=None if s.proprio is None else Normalizer(s.proprio), action_codec=codec)
     usable = np.flatnonzero(src.episode_frames >= spec.min_frames)
     short = src.num_episodes - usable.size
     if short:

@@ -8,7 +8,8 @@ Arguments (`--config=eval_small:<arg>`):
   robot_only   the same 7,000 steps on the robot phase's mixture alone (the curriculum ablation)
   Either with ",state" appended (e.g. `robot_only,state`, or `state` alone for the curriculum): the
   robot's proprio state is an input of the action tokens (model.proprio_input), as a policy is
-  usually conditioned.
+  usually conditioned; and with ",delta": joint-target actions (the pusher's) are learned relative
+  to the state where their chunk starts (data.delta_actions).
 """
 
 from experiments import base, sizes
@@ -16,10 +17,11 @@ from experiments import base, sizes
 
 def get_config(arg: str = ""):
     parts = [p for p in arg.split(",") if p]
-    state = "state" in parts
-    arg = ",".join(p for p in parts if p != "state")
+    state, delta = "state" in parts, "delta" in parts
+    arg = ",".join(p for p in parts if p not in ("state", "delta"))
     c = base.get_base_config()
     c.model.proprio_input = state
+    c.data.delta_actions = delta
     sizes.apply_size(c, "embedded")
     c.data.root = "data/small"
     c.train.update(dict(lr=3e-3, warmup_steps=100, log_every=50, checkpoint_every=500))
@@ -33,5 +35,5 @@ def get_config(arg: str = ""):
         c.phases = base.ml_collections.ConfigDict({"phase3_robot": base.phase3_robot(7_000)})
     else:
         raise ValueError(f"eval_small: unknown argument {arg!r} (one of '', 'robot_only', each optionally "
-                         f"with ',state')")
+                         f"with ',state' and ',delta')")
     return c

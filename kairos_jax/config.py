@@ -86,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
         proprio_dim=32,
         text_len=64,              # task text, as bytes
         num_embodiments=16,       # size of the embodiment embedding table
+        # joint-target actions (Embodiment.action_reference) learned relative to the state where
+        # their chunk starts, with their own statistics (data_pipelines.normalization.ActionCodec)
+        delta_actions=False,
         worker_count=0,           # Grain multiprocess prefetch workers (0: in-process)
         prefetch=2,
         strict=False,             # bad input: skip and count (False) or raise (True)
@@ -382,6 +385,7 @@ def load_saved_config(path: str) -> ml_collections.ConfigDict:
     saved["model"].setdefault("spatial_rope", False)
     saved["model"].setdefault("video_residual", False)
     saved["model"].setdefault("proprio_input", False)
+    saved["data"].setdefault("delta_actions", False)
     cfg = default_config()
     _merge(cfg, saved)
     return cfg

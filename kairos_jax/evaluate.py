@@ -101,7 +101,13 @@ def main(argv) -> None:
     if _CONTEXT.value < 2:
         raise cli.UsageError("--context must be >= 2 (linear extrapolation needs two frames)")
     engine, cfg, ref = load_engine(cli.CHECKPOINT.value, _NUM_STEPS.value, _CONTEXT_SIGMA.value, _SHIFT.value)
-    bc_engine = load_engine(_BC.value, _NUM_STEPS.value)[0] if _BC.value else None
+    bc_engine = None
+    if _BC.value:
+        bc_engine, bc_cfg, _ = load_engine(_BC.value, _NUM_STEPS.value)
+        delta = bool(cfg.data.get("delta_actions", False)), bool(bc_cfg.data.get("delta_actions", False))
+        if delta[0] != delta[1]:
+            raise cli.UsageError(f"--bc_checkpoint was trained with data.delta_actions={delta[1]} and the model "
+                                 f"with {delta[0]}: both must learn actions in the same units to be compared")
     train_stats = load_training_stats(ref)
     if not train_stats:
         log.warning("%s has no training statistics (an older run): normalising with the held-out data's own",

@@ -131,10 +131,12 @@ def main(argv) -> None:
         print(f"wrote {out}, {stem}_metrics.png, {stem}_metrics.json; mean PSNR {mean('psnr'):.2f} dB "
               f"(copy last frame {mean('copy_last_psnr'):.2f} dB), mean SSIM {mean('ssim'):.3f}")
     if "actions" in result:
-        if ep.raw_actions is None or ep.action_norm is None:
+        if ep.raw_actions is None or ep.action_codec is None:
             raise RolloutError(f"source {source} has no actions to compare the policy with")
         a = ep.raw_actions.shape[-1]
-        pred = ep.action_norm.denormalize(result["actions"][..., :a])          # [steps, k, a]
+        states = None if ep.raw_start_state is None else ep.raw_start_state[context:context + _STEPS.value]
+        # [steps, k, a]; a delta model's chunk is relative to the recorded state where it starts
+        pred = ep.action_codec.decode(result["actions"][..., :a], states)
         truth = ep.raw_actions[context:context + _STEPS.value]
         known = np.asarray(ep.clip["action_mask"][context:context + _STEPS.value]) > 0
         err = (pred - truth)[known]

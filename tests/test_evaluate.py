@@ -157,3 +157,39 @@ def test_cli_writes_the_report_and_ends_with_the_json_summary(setup, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kairos_jax.evaluate", f"--checkpoint={tmp_path / 'nowhere'}"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_action_errors_of_a_delta_model_are_reported_in_absolute_units(tmp_path):
+    """data.delta_actions: the model's action units are normalised deltas from the chunk's start
+    state; the reported MSEs are in normalised absolute units, as for every other model. Checked for
+    the zero prediction, whose absolute actions are computed from the raw episode: the delta
+    statistics' centre added to the joint angles where each chunk starts."""
+    from data_pipelines.embodiments import DEFAULT_REGISTRY
+    from data_pipelines.pipeline import training_stats
+
+    emb = DEFAULT_REGISTRY.get("pusher")
+    r = np.random.default_rng(3)
+    episodes = [make_episode(r, T=20, hw=(16, 16), embodiment="pusher", action_dim=3, proprio_dim=6,
+                             episode_id=f"ep{i}") for i in range(4)]
+    write_episodes(str(tmp_path / "pusher"), "pusher", episodes)
+    cfg = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
+    cfg.data.update(dict(action_dim=3, proprio_dim=6, num_embodiments=8, delta_actions=True))
+    stats = training_stats(str(tmp_path), "pusher", cfg.data)
+    c, H, k = SETTINGS.context, SETTINGS.horizon, cfg.data.action_chunk
+    batch = ev.heldout_batch(cfg, str(tmp_path), "pusher", clips=3, num_blocks=c + H, seed=0, stats=stats)
+    res = ev.open_loop(make_engine(random_model(cfg, seed=5, scale=0.2), cfg, num_steps=2), cfg, batch, SETTINGS,
+                       train_stats=stats["pusher"])
+    s = stats["pusher"]
+    absolute, delta = Normalizer(s.action), Normalizer(s.action_delta)
+    ep = {e.episode_id: e for e in episodes}
+    errors = []
+    for b, eid in enumerate(batch["episode_ids"]):
+        e = ep[eid]
+        start = int(round(batch["progress"][b, 0] * (e.num_frames - 1)))
+        for t in range(c, c + H):
+            f = start + k * t                       # block t: the chunk of frames f - k .. f - 1
+            truth = absolute.normalize(e.actions[f - k:f])
+            zero = absolute.normalize(delta.center[None] + e.proprio[f - k, list(emb.action_reference)][None])
+            errors.append((zero - truth) ** 2)
+    np.testing.assert_allclose(res["zero_action_mse"], np.mean(errors), rtol=1e-4)
+    assert np.isfinite(res["policy_action_mse"]) and res["policy_action_mse"] > 0

@@ -260,23 +260,32 @@ def test_closed_loop_drives_the_pusher_and_the_cheetah(tmp_path, embodiment, met
             closed_loop(small_engine, small, str(tmp_path), embodiment, blocks=1, seed=0)
 
 
+def _pusher_source(tmp_path, *, seed: int, delta_actions: bool = False):
+    """A pusher source of 3 synthetic episodes under tmp_path and a tiny model config with the
+    state input for it; returns (the pusher's Embodiment, cfg)."""
+    from data_pipelines.embodiments import DEFAULT_REGISTRY
+
+    emb = DEFAULT_REGISTRY.get("pusher")
+    r = np.random.default_rng(seed)
+    episodes = [make_episode(r, T=24, hw=(16, 16), embodiment="pusher", action_dim=emb.action_dim,
+                             proprio_dim=emb.proprio_dim, episode_id=f"ep{i}") for i in range(3)]
+    write_episodes(str(tmp_path / "pusher"), "pusher", episodes)
+    cfg = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
+    cfg.data.update(dict(action_dim=emb.action_dim, proprio_dim=emb.proprio_dim, num_embodiments=8,
+                         delta_actions=delta_actions))
+    cfg.model.proprio_input = True
+    return emb, cfg
+
+
 def test_closed_loop_commits_the_robots_state_with_each_frame(tmp_path, monkeypatch):
     """model.proprio_input: every frame the loop commits carries the robot's proprio at that frame,
     normalised with the source's statistics (checked against replaying the logged actions), and the
     policy's actions depend on it."""
     pytest.importorskip("dm_control")
-    from data_pipelines.embodiments import DEFAULT_REGISTRY
     from data_pipelines.pipeline import clip_spec, source_spec
     from kairos_jax.inference.streaming import StreamingEngine
 
-    emb = DEFAULT_REGISTRY.get("pusher")
-    r = np.random.default_rng(1)
-    episodes = [make_episode(r, T=24, hw=(16, 16), embodiment="pusher", action_dim=emb.action_dim,
-                             proprio_dim=emb.proprio_dim, episode_id=f"ep{i}") for i in range(3)]
-    write_episodes(str(tmp_path / "pusher"), "pusher", episodes)
-    cfg = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
-    cfg.data.update(dict(action_dim=emb.action_dim, proprio_dim=emb.proprio_dim, num_embodiments=8))
-    cfg.model.proprio_input = True
+    emb, cfg = _pusher_source(tmp_path, seed=1)
     model = random_model(cfg, seed=5, scale=0.2)
     committed = []
     commit = StreamingEngine.commit
@@ -303,3 +312,38 @@ def test_closed_loop_commits_the_robots_state_with_each_frame(tmp_path, monkeypa
     monkeypatch.setattr(StreamingEngine, "commit", lambda self, *a, proprio=None, proprio_mask=None: commit(self, *a))
     blind = closed_loop(engine_of(model, cfg), cfg, str(tmp_path), "pusher", blocks=3, seed=3)
     assert np.abs(blind["actions"][:k] - result["actions"][:k]).max() > 1e-3     # from the first chunk on
+
+
+def test_closed_loop_applies_delta_actions_from_the_state_where_each_chunk_starts(tmp_path, monkeypatch):
+    """data.delta_actions: each chunk the policy returns is the pusher's joint targets minus its joint
+    angles where the chunk starts; the loop applies denormalised delta + those angles (the state read
+    back by replaying the applied actions), clipped to the actuators' range as the simulator does."""
+    pytest.importorskip("dm_control")
+    from data_pipelines.pipeline import clip_spec, source_spec
+    from kairos_jax.inference.streaming import StreamingEngine
+
+    emb, cfg = _pusher_source(tmp_path, seed=2, delta_actions=True)
+    model = random_model(cfg, seed=6, scale=0.2)
+    chunks = []
+    denoise = StreamingEngine.denoise
+
+    def spy(self, *a, **kw):
+        out = denoise(self, *a, **kw)
+        chunks.append(np.asarray(out[1])[0])
+        return out
+
+    monkeypatch.setattr(StreamingEngine, "denoise", spy)
+    result = closed_loop(engine_of(model, cfg), cfg, str(tmp_path), "pusher", blocks=3, seed=4)
+    codec = source_spec(str(tmp_path), "pusher", 0, clip_spec(cfg.data))[0].embodiments["pusher"].action_codec
+    assert codec.is_delta
+    k = cfg.data.action_chunk
+    assert len(chunks) == 3 and result["actions"].shape == (3 * k, emb.action_dim)
+    with control_recorders()["pusher"](64) as env:
+        env.reset_control(np.random.default_rng(4))
+        for t, chunk in enumerate(chunks):
+            angles = env.proprio()[:3]                 # joint angles where the chunk starts
+            want = codec.delta.denormalize(chunk[:, :emb.action_dim]) + angles[None, :]
+            np.testing.assert_allclose(result["actions"][t * k:(t + 1) * k],
+                                       np.clip(want, env._ctrl_lo, env._ctrl_hi), rtol=1e-5, atol=1e-5)
+            for a in result["actions"][t * k:(t + 1) * k]:
+                env.apply(a)

@@ -87,19 +87,23 @@ def frames(seed, n, hw=(20, 28)):
     return np.random.default_rng(seed).integers(0, 256, (n, *hw, 3), dtype=np.uint8)
 
 
-def reference_policy(model, cfg, images, *, embodiment, prompt, seed=SEED, state=None) -> np.ndarray:
+def reference_policy(model, cfg, images, *, embodiment, prompt, seed=SEED, state=None, delta=None) -> np.ndarray:
     """The policy episode in process, as closed_loop runs it: block 0 = the first frame with its
     action chunk absent (noise at sigma 1), then every frame committed with the chunk answered
     before it (and with `state`, raw units, normalised with the training statistics, when given);
-    actions denormalised with the training statistics. [n, k, a] raw units."""
+    actions denormalised with the training statistics; with `delta` (NormStats of delta actions),
+    denormalised with those and added to the joint angles of `state` [n, p] at each chunk's start.
+    [n, k, a] raw units."""
     from data_pipelines.embodiments import DEFAULT_REGISTRY
 
     d = cfg.data
     emb = DEFAULT_REGISTRY.get(embodiment)
     source = {"reacher": "reacher", "pusher": "pusher"}[embodiment]
     norm = Normalizer(training_stats()[source][embodiment].action)
-    observed = {}
-    if state is not None:
+    observed, raw_states = {}, None
+    if state is not None and np.ndim(state) == 2:      # one state per request
+        raw_states = np.asarray(state, np.float32)
+    elif state is not None:
         proprio = Normalizer(training_stats()[source][embodiment].proprio).normalize(np.asarray(state, np.float32))
         observed = {"proprio": np.asarray(proprio, np.float32)[None]}
     engine = make_engine(model, cfg)
@@ -112,11 +116,18 @@ def reference_policy(model, cfg, images, *, embodiment, prompt, seed=SEED, state
     key, k0 = jax.random.split(jax.random.key(seed))
     chunk = jax.random.normal(k0, (1, d.action_chunk, d.action_dim)) * dim_mask[:, None]
     out = []
+    proprio_norm = Normalizer(training_stats()[source][embodiment].proprio)
     for t, f in enumerate(images):
+        if raw_states is not None:
+            observed = {"proprio": proprio_norm.normalize(raw_states[t])[None]}
         state = engine.commit(state, tokens(f), chunk, z, o if t == 0 else z, **observed)
         key, kb = jax.random.split(key)
         _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
-        out.append(norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim])))
+        if delta is None:
+            out.append(norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim])))
+        else:       # this request's joint angles (the reference of the pusher's joint targets)
+            out.append(Normalizer(delta).denormalize(np.asarray(chunk[0, :, :emb.action_dim]))
+                       + np.asarray(raw_states[t], np.float32)[None, list(emb.action_reference)])
     return np.stack(out)
 
 
@@ -194,6 +205,40 @@ def test_served_embodiments_follow_the_statistics_and_the_model():
     assert served["reacher"].source == "reacher" and served["reacher"].proprio_norm is not None
 
 
+def test_delta_action_model_answers_absolute_targets_from_the_requests_state():
+    """A model trained with data.delta_actions: its pusher chunks are relative to the joint angles of
+    the request's observation/state; the server answers delta + those angles (raw units), equal to an
+    in-process reference, says so in its metadata, and refuses a request without the state."""
+    from kairos_jax.inference.serving import Episode, RequestError
+
+    cfg = config()
+    cfg.model.proprio_input = True
+    cfg.data.delta_actions = True
+    r = np.random.default_rng(7)
+    stats = training_stats()
+    delta = NormStats.compute(r.normal(0.0, 0.05, (500, 3)))
+    stats["pusher"]["pusher"] = EmbodimentStats(5, 500, stats["pusher"]["pusher"].action,
+                                                stats["pusher"]["pusher"].proprio, delta, cfg.data.action_chunk)
+    embodiments, refused = served_embodiments(cfg, stats)
+    assert embodiments["pusher"].describe()["state_required"]
+    assert not embodiments["reacher"].describe()["state_required"]
+    net = random_model(cfg, seed=5, scale=0.2)
+    model = ServedModel(make_engine(net, cfg), cfg, embodiments, seed=SEED, name="tiny", refused=refused)
+    images, states = frames(11, 3), r.normal(0, 1, (3, 6)).astype(np.float32)
+    episode = Episode()
+    with pytest.raises(RequestError, match="relative to the robot's state"):
+        model.handle(episode, {"observation/image": images[0], "prompt": "push", "embodiment": "pusher"})
+    got = [model.handle(episode, {"observation/image": f, "observation/state": q, "prompt": "push",
+                                  "embodiment": "pusher"})["actions"] for f, q in zip(images, states)]
+    want = reference_policy(net, cfg, images, embodiment="pusher", prompt="push", state=states, delta=delta)
+    np.testing.assert_allclose(np.stack(got), want, rtol=1e-4, atol=1e-4)
+    # without the state term the answer would differ by the joint angles
+    assert np.abs(np.stack(got)[0] - Normalizer(delta).denormalize(np.zeros((2, 3)))).max() > 0.05
+    # statistics without delta entries cannot serve a delta model's pusher
+    _, refused = served_embodiments(cfg, training_stats())
+    assert "action_delta" in refused["pusher"]
+
+
 def test_server_answers_bad_messages_with_errors_and_keeps_serving(in_process_server):
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
@@ -224,9 +269,9 @@ def test_server_answers_bad_messages_with_errors_and_keeps_serving(in_process_se
         assert meta["model"] == "tiny" and meta["mode"] == "policy" and meta["action_horizon"] == 2
         assert meta["embodiments"] == {
             "pusher": {"id": 4, "action_dim": 3, "proprio_dim": 6, "action_semantics": "joint_position",
-                       "source": "pusher"},
+                       "source": "pusher", "state_required": False},
             "reacher": {"id": 2, "action_dim": 2, "proprio_dim": 4, "action_semantics": "joint_torque",
-                        "source": "reacher"}}
+                        "source": "reacher", "state_required": False}}
         assert meta["image_size"] == [8, 8] and meta["max_message_bytes"] == 4096
         for message, match in bad:          # one connection: each error keeps it open
             ws.send(message)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.embodiments import DEFAULT_REGISTRY
-from data_pipelines.normalization import Normalizer
+from data_pipelines.normalization import ActionCodec, Normalizer
 from data_pipelines.pipeline import clip_spec, episode_clip, patchify, resize_frames, text_tokens, unpatchify
 from data_pipelines.shards import ShardedSource
 from kairos_jax.inference import quality
@@ -77,6 +77,14 @@ def heldout_batch(cfg, root: str, source: str, *, clips: int, num_blocks: int, s
     batch["frames"] = np.stack([c.frames for c in out])
     batch["episode_ids"] = [c.episode_id for c in out]
     batch["embodiment"] = out[0].embodiment
+    # [B, A]: an action error in the model's units times this is one in normalised absolute units
+    # (1 unless the model learned delta actions), so action MSEs compare across action codecs
+    scale = np.ones((len(out), batch["actions"].shape[-1]), np.float32)
+    for b, c in enumerate(out):
+        if c.action_codec is not None:
+            s = c.action_codec.absolute_error_scale()
+            scale[b, :s.shape[0]] = s
+    batch["action_error_scale"] = scale
     return batch
 
 
@@ -160,19 +168,25 @@ def baseline_frames(frames: np.ndarray, context: int, horizon: int) -> dict:
 
 
 def action_mse(pred: np.ndarray, batch: dict, context: int, horizon: int) -> float:
-    """MSE in normalised units over real action dims of known chunks; pred [B, H, k, A]."""
+    """MSE in normalised absolute units (see heldout_batch's action_error_scale) over real action
+    dims of known chunks; pred [B, H, k, A] in the model's units."""
     true = np.asarray(batch["actions"][:, context:context + horizon])
+    if "action_error_scale" in batch:
+        scale = np.asarray(batch["action_error_scale"])[:, None, None, :]
+        pred, true = pred * scale, true * scale
     known = np.asarray(batch["action_mask"][:, context:context + horizon]) > 0                # [B, H]
     mask = known[:, :, None, None] * np.asarray(batch["action_dim_mask"])[:, None, None, :]
     mask = np.broadcast_to(mask, true.shape)
     return float(np.sum((pred - true) ** 2 * mask) / max(mask.sum(), 1.0))
 
 
-def mean_action(stats, action_dim: int) -> np.ndarray:
-    """The training data's mean action, normalised, zero-padded to [A]."""
+def mean_action(stats, action_dim: int, delta: bool = False) -> np.ndarray:
+    """The training data's mean action in the model's units (with `delta`, the mean delta action
+    where the statistics have one), zero-padded to [A]."""
     out = np.zeros(action_dim, np.float32)
     if stats is not None and stats.action is not None:
-        out[:stats.action.dim] = Normalizer(stats.action).normalize(stats.action.mean)
+        s = stats.action_delta if delta and stats.action_delta is not None else stats.action
+        out[:s.dim] = Normalizer(s).normalize(s.mean)
     return out
 
 
@@ -204,14 +218,14 @@ def open_loop(engine: StreamingEngine, cfg, batch: dict, settings: Settings, *, 
             pred = stream_actions(bc_engine, batch, mode="policy", context=c, horizon=H, seed=settings.seed)
             res["bc_action_mse"] = action_mse(pred, batch, c, H)
         res["zero_action_mse"] = action_mse(np.zeros_like(batch["actions"][:, c:c + H]), batch, c, H)
-        mean = mean_action(train_stats, d.action_dim)
+        mean = mean_action(train_stats, d.action_dim, bool(d.get("delta_actions", False)))
         res["mean_action_mse"] = action_mse(np.broadcast_to(mean, batch["actions"][:, c:c + H].shape), batch, c, H)
     return res
 
 
 # -- closed loop -------------------------------------------------------------------------------------
 
-def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, action_norm: Normalizer, *, episodes: int,
+def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, codec: ActionCodec, *, episodes: int,
                          batch: int, seed: int, proprio_norm: Normalizer | None = None) -> dict:
     """Task success of the model's policy: `episodes` seeded task episodes of `recorder_cls`, run
     `batch` at a time in lockstep (one engine call per block for all of them). Each control block:
@@ -255,7 +269,8 @@ def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, action_norm
             while steps < recorder_cls.task_steps:
                 key, kb = jax.random.split(key)
                 _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
-                raw = action_norm.denormalize(np.asarray(chunk)[:, :, :emb.action_dim])     # [B, k, a]
+                start = np.stack([env.proprio() for env in live]) if codec.is_delta else None   # [B, p]
+                raw = codec.decode(np.asarray(chunk)[:, :, :emb.action_dim], start)              # [B, k, a]
                 for i in range(min(k, recorder_cls.task_steps - steps)):
                     for j, env in enumerate(live):
                         env.apply(raw[j, i])
@@ -275,14 +290,19 @@ def closed_loop(engine, cfg, source_stats, recorder_cls, settings: Settings, *, 
     """Success rates of the model, the BC policy, the scripted expert and random actions."""
     from data_pipelines.sim.tasks import expert_policy, random_policy, success_rate
 
-    action_norm = Normalizer(source_stats.action)
+    delta = bool(cfg.data.get("delta_actions", False))
+    ref = DEFAULT_REGISTRY.get(recorder_cls.embodiment).action_reference
+    if delta and ref and source_stats.action_delta is None:
+        raise ValueError(f"{recorder_cls.embodiment}: the model learned delta actions but the training statistics "
+                         f"have no action_delta entry")
+    codec = ActionCodec(source_stats.action, source_stats.action_delta if delta and ref else None, ref)
     proprio_norm = None if source_stats.proprio is None else Normalizer(source_stats.proprio)
     n = settings.closed_loop_episodes
     kw = dict(episodes=n, batch=settings.closed_loop_batch, seed=settings.seed, proprio_norm=proprio_norm)
     out = {"episodes": n, "task_steps": recorder_cls.task_steps,
-           "success_rate": model_policy_success(engine, cfg, recorder_cls, action_norm, **kw)["rate"]}
+           "success_rate": model_policy_success(engine, cfg, recorder_cls, codec, **kw)["rate"]}
     if bc_engine is not None:
-        out["bc_success_rate"] = model_policy_success(bc_engine, cfg, recorder_cls, action_norm, **kw)["rate"]
+        out["bc_success_rate"] = model_policy_success(bc_engine, cfg, recorder_cls, codec, **kw)["rate"]
     out["expert_success_rate"] = success_rate(recorder_cls, expert_policy, n, seed=settings.seed)["rate"]
     out["random_success_rate"] = success_rate(recorder_cls, random_policy, n, seed=settings.seed)["rate"]
     return out
@@ -349,7 +369,7 @@ class HeldoutProbe:
     copy-last-frame's. `batches` are also the inputs of the held-out loss the loop computes."""
 
     def __init__(self, cfg, phase_cfg):
-        from data_pipelines.normalization import load_stats
+        from data_pipelines.pipeline import training_stats
 
         e = cfg.eval
         self.cfg, self.batches = cfg, {}
@@ -358,7 +378,7 @@ class HeldoutProbe:
         for source in sorted(phase_cfg.mixture):
             if source not in robot_sources_of(e.root, [source]):
                 continue
-            stats = load_stats(os.path.join(cfg.data.root, source))
+            stats = training_stats(cfg.data.root, source, cfg.data)    # as the training pipeline normalises
             self.batches[source] = heldout_batch(cfg, e.root, source, clips=e.clips_per_source,
                                                  num_blocks=cfg.data.num_blocks, seed=0, stats=stats)
 

@@ -127,8 +127,8 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
         raise RolloutError(f"closed_loop feeds rendered RGB frames; this model takes {d.channels}-channel "
                            f"inputs (latents?), which would need the encoder in the loop")
     emb_spec = source_spec(root, source, 0, clip_spec(d))[0].embodiments[name]
-    norm, proprio_norm = emb_spec.action_norm, emb_spec.proprio_norm
-    if norm is None:
+    codec, proprio_norm = emb_spec.action_codec, emb_spec.proprio_norm
+    if codec is None:
         raise RolloutError(f"source {source}: no action statistics for {name}, closed_loop cannot "
                            f"denormalise the policy's actions")
     k = d.action_chunk
@@ -161,7 +161,8 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
         for _ in range(blocks):
             key, kb = jax.random.split(key)
             _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
-            for step in norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim])):
+            start_state = env.proprio() if codec.is_delta else None       # where the chunk starts
+            for step in codec.decode(np.asarray(chunk[0, :, :emb.action_dim]), start_state):
                 applied.append(env.apply(step))
                 metric.append(env.metric())
             frames.append(env.frame())

@@ -86,7 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry
-from data_pipelines.normalization import Normalizer
+from data_pipelines.normalization import ActionCodec, Normalizer
 from data_pipelines.pipeline import patchify, resize_frames, text_tokens, unpatchify
 from kairos_jax.inference import wire
 from kairos_jax.inference.checkpoints import CheckpointError
@@ -120,10 +120,18 @@ class ServedEmbodiment:
     source: str                        # the training source whose statistics are used
     action_norm: Normalizer
     proprio_norm: Normalizer | None
+    action_codec: ActionCodec | None = None   # the model's action units (delta or absolute)
+
+    @property
+    def codec(self) -> ActionCodec:
+        return self.action_codec if self.action_codec is not None else ActionCodec.from_normalizer(self.action_norm)
 
     def describe(self) -> dict:
+        # state_required: the model's actions are relative to the robot's state (data.delta_actions),
+        # so every request needs observation/state; answers are absolute, in raw units, regardless
         return {"id": self.id, "action_dim": self.action_dim, "proprio_dim": self.proprio_dim,
-                "action_semantics": self.action_semantics, "source": self.source}
+                "action_semantics": self.action_semantics, "source": self.source,
+                "state_required": bool(self.codec.is_delta)}
 
 
 def served_embodiments(cfg, train_stats: dict, registry: EmbodimentRegistry = DEFAULT_REGISTRY
@@ -144,6 +152,7 @@ def served_embodiments(cfg, train_stats: dict, registry: EmbodimentRegistry = DE
             refused[name] = "not in the embodiment registry"
             continue
         e = registry.get(name)
+        delta = bool(cfg.data.get("delta_actions", False)) and bool(e.action_reference)
         if e.action_dim == 0 or s.action is None:
             refused[name] = "no actions (action-free source)"
         elif e.id >= cfg.data.num_embodiments:
@@ -152,10 +161,15 @@ def served_embodiments(cfg, train_stats: dict, registry: EmbodimentRegistry = DE
             refused[name] = f"{e.action_dim} action dims > the model's data.action_dim {cfg.data.action_dim}"
         elif s.action.dim != e.action_dim:
             refused[name] = f"its action statistics have {s.action.dim} dims, the registry says {e.action_dim}"
+        elif delta and s.action_delta is None:
+            refused[name] = ("the model learned delta actions (data.delta_actions) but its statistics have no "
+                             "action_delta entry")
         else:
             proprio = s.proprio if s.proprio is not None and s.proprio.dim == e.proprio_dim else None
+            codec = ActionCodec(s.action, s.action_delta if delta else None, e.action_reference)
             served[name] = ServedEmbodiment(name, e.id, e.action_dim, e.proprio_dim, e.action_semantics, source,
-                                            Normalizer(s.action), None if proprio is None else Normalizer(proprio))
+                                            Normalizer(s.action), None if proprio is None else Normalizer(proprio),
+                                            codec)
     return served, refused
 
 
@@ -261,7 +275,11 @@ class ServedModel:
             raise RequestError(f"unknown key(s) {unknown}; a {self.mode} request takes {list(allowed)} "
                                f'(or {{"reset": true}})')
         emb, prompt = self._episode_keys(request, episode)
-        proprio = self._proprio(request, emb)
+        raw_state = self._state(request, emb)
+        proprio = None if raw_state is None or emb.proprio_norm is None else emb.proprio_norm.normalize(raw_state)
+        if raw_state is None and emb.codec.is_delta:
+            raise RequestError(f"missing key {STATE!r} (float [{emb.proprio_dim}], raw units): this model's "
+                               f"{emb.name} actions are relative to the robot's state, so every request needs it")
         tokens = actions = None
         if self.mode == "policy":
             tokens = self._tokens(self._image(request))
@@ -276,12 +294,13 @@ class ServedModel:
                 raise RequestError(f"{IMAGE!r} is only taken by the first request of a simulate episode (the model's "
                                    f'own frames are the history); send {{"reset": true}} to start from a new frame')
         try:
-            return self._run(episode, emb, prompt, tokens, actions, proprio)
+            return self._run(episode, emb, prompt, tokens, actions, proprio, raw_state)
         except Exception:
             episode.__dict__.update(Episode().__dict__)      # its state may have been consumed (donated)
             raise
 
-    def _run(self, episode: Episode, emb: ServedEmbodiment, prompt: str, tokens, actions, proprio=None) -> dict:
+    def _run(self, episode: Episode, emb: ServedEmbodiment, prompt: str, tokens, actions, proprio=None,
+             raw_state=None) -> dict:
         eng = self.engine
         # the state observed with this frame: the next chunk's state input (models with proprio_input)
         observed = {} if proprio is None else {"proprio": np.asarray(proprio, np.float32)[None]}
@@ -302,10 +321,10 @@ class ServedModel:
         if self.mode == "policy":
             _, chunk, _, _ = eng.denoise(episode.state, kb, mode="policy")
             episode.chunk = chunk
-            raw = emb.action_norm.denormalize(np.asarray(chunk[0, :, :emb.action_dim]))
+            raw = emb.codec.decode(np.asarray(chunk[0, :, :emb.action_dim]), raw_state)   # from this state
             return {ACTIONS: np.ascontiguousarray(raw, np.float32)}
         a = np.zeros((1, self.k, self.A), np.float32)
-        a[0, :, :emb.action_dim] = emb.action_norm.normalize(actions)
+        a[0, :, :emb.action_dim] = emb.codec.encode(actions, raw_state)    # the chunk starts at this state
         episode.state, video, _ = eng.step(episode.state, kb, mode="simulate", actions=a)
         d = self.cfg.data
         frame = unpatchify(np.asarray(video), d.image_size, d.patch_size, 3, d.get("image_width", 0))[0]
@@ -366,14 +385,13 @@ class ServedModel:
             raise RequestError(f"{key!r} holds NaN or inf")
         return x.astype(np.float32)
 
-    def _proprio(self, request: dict, emb: ServedEmbodiment) -> np.ndarray | None:
-        """Checked and normalised (None without a state, or without statistics to normalise it by)."""
+    def _state(self, request: dict, emb: ServedEmbodiment) -> np.ndarray | None:
+        """The request's state, checked, in raw units (None without one)."""
         if STATE not in request:
             return None
         if emb.proprio_dim == 0:
             raise RequestError(f"embodiment {emb.name!r} has no proprioception; drop {STATE!r}")
-        x = self._float_array(request, STATE, (emb.proprio_dim,), f"{emb.name}'s proprio dims, raw units")
-        return None if emb.proprio_norm is None else emb.proprio_norm.normalize(x)
+        return self._float_array(request, STATE, (emb.proprio_dim,), f"{emb.name}'s proprio dims, raw units")
 
     def _actions(self, request: dict, emb: ServedEmbodiment) -> np.ndarray:
         if ACTIONS not in request:

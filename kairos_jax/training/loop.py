@@ -21,7 +21,8 @@ import time
 import jax
 import numpy as np
 
-from data_pipelines.normalization import load_stats, write_stats
+from data_pipelines.normalization import write_stats
+from data_pipelines.pipeline import training_stats
 from kairos_jax.config import ConfigError, check_data_sources, check_workdir, validate
 from kairos_jax.model import diffusion
 from kairos_jax.model.world_model import count_params
@@ -364,7 +365,7 @@ def save_training_stats(cfg, directory: str) -> None:
     for source in sources:
         out = os.path.join(directory, source)
         os.makedirs(out, exist_ok=True)
-        write_stats(out, load_stats(os.path.join(cfg.data.root, source)))
+        write_stats(out, training_stats(cfg.data.root, source, cfg.data))
 
 
 SMOKE_RUN = ("Not every source beats copy-last-frame one block ahead on held-out episodes: this model is not "

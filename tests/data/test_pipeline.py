@@ -91,8 +91,21 @@ def raw(tiny_data_dir):
     return _Raw(tiny_data_dir, 32, 8)
 
 
-def _check_element(batch, b, raw, cfg, names):
-    """Re-derives element b of `batch` from the raw episode it was cut from; returns the episode."""
+def _oracle_delta_stats(episodes, reference, k):
+    """p01 / p99 of a[s + m] - q[s][ref] over every chunk start s and offset m < k, by loops."""
+    rows = []
+    for ep in episodes:
+        for s in range(ep.num_frames):
+            for m in range(min(k, ep.num_frames - s)):
+                rows.append([ep.actions[s + m, i] - ep.proprio[s, r] for i, r in enumerate(reference)])
+    p01, p99 = np.percentile(np.asarray(rows, np.float64), [1, 99], axis=0)
+    return {"p01": p01, "p99": p99}
+
+
+def _check_element(batch, b, raw, cfg, names, delta_stats=None):
+    """Re-derives element b of `batch` from the raw episode it was cut from; returns the episode.
+    delta_stats: {embodiment: oracle stats} of data.delta_actions (actions relative to the state at
+    the chunk's start)."""
     T, k, A, P = cfg.num_blocks, cfg.action_chunk, cfg.action_dim, cfg.proprio_dim
     name = names[int(batch["source_id"][b])]
     hits = raw.locate(name, batch["video"][b], k)
@@ -109,7 +122,11 @@ def _check_element(batch, b, raw, cfg, names):
             for t in range(T):
                 if f[t] >= k:       # a_{t-1}: the k actions applied between frame f_{t-1} and f_t
                     chunk = ep.actions[f[t] - k:f[t]]
-                    want_actions[t, :, :emb.action_dim] = _oracle_norm(chunk, st["action"])
+                    if delta_stats and ep.embodiment in delta_stats:      # from the state at frame f_{t-1}
+                        chunk = chunk - ep.proprio[f[t] - k][list(emb.action_reference)]
+                        want_actions[t, :, :emb.action_dim] = _oracle_norm(chunk, delta_stats[ep.embodiment])
+                    else:
+                        want_actions[t, :, :emb.action_dim] = _oracle_norm(chunk, st["action"])
                     want_mask[t] = 1
         want_proprio = np.zeros((T, P))
         if ep.proprio is not None:
@@ -180,6 +197,32 @@ def test_block_zero_is_masked_exactly_when_the_clip_starts_before_one_chunk(tiny
     for b in range(8):
         _check_element(batches[0], b, raw, cfg, ["reacher"])
     assert starts.min() == 0.0
+
+
+def test_delta_actions_are_relative_to_the_state_where_each_chunk_starts(tiny_data_dir, raw, tmp_path):
+    """data.delta_actions: the pusher's joint targets minus its joint angles at the chunk's first
+    frame, normalised by the statistics of exactly that quantity (loops over every chunk start of
+    every episode); the reacher's torques have no reference and stay absolute. The run's saved
+    statistics carry the same delta statistics, for inference to normalise as training did."""
+    from data_pipelines.normalization import load_stats, write_stats
+    from data_pipelines.pipeline import training_stats
+
+    cfg = _cfg(tiny_data_dir, num_blocks=4, action_chunk=4, delta_actions=True)
+    ref = DEFAULT_REGISTRY.get("pusher").action_reference
+    oracle = {"pusher": _oracle_delta_stats(raw.episodes["pusher"], ref, 4)}
+    batch = next(iter(build_dataset(cfg, _phase(pusher=1.0, reacher=1.0), seed=2, batch_size=8)))
+    sources = sorted(["pusher", "reacher"])
+    assert {sources[i] for i in batch["source_id"]} == set(sources)
+    for b in range(8):
+        _check_element(batch, b, raw, cfg, sources, delta_stats=oracle)
+    saved = training_stats(tiny_data_dir, "pusher", cfg)["pusher"]
+    assert saved.action_delta_chunk == 4
+    np.testing.assert_allclose(saved.action_delta.p99, oracle["pusher"]["p99"], rtol=1e-5, atol=1e-6)
+    write_stats(str(tmp_path), {"pusher": saved})
+    back = load_stats(str(tmp_path))["pusher"]
+    assert back.action_delta_chunk == 4
+    np.testing.assert_array_equal(back.action_delta.p01, saved.action_delta.p01)
+    assert training_stats(tiny_data_dir, "reacher", cfg)["reacher"].action_delta is None
 
 
 def test_same_seed_same_batches_and_another_seed_differs(tiny_data_dir):
