@@ -139,7 +139,7 @@ def main(argv=None) -> None:
 
     from kairos_jax import cli
 
-    workdir = flags.DEFINE_string("workdir", None, "Where the fine-tune writes (resumes from) its checkpoints.")
+    workdir = cli.WORKDIR       # where the fine-tune writes (resumes from) its checkpoints
     init_from = flags.DEFINE_string("init_from", None, "Workdir / phase folder / export to start from "
                                     "(default: config.finetune.init_from; empty: a fresh init).")
 

@@ -25,6 +25,7 @@ CONFIG = config_flags.DEFINE_config_file(
     "file (experiments/embedded.py[:arg]); override any field with --config.<field>=<value>.")
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir, one of its phase folders, or an export "
                                  "folder (params/ + config.json).")
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 DATA_ROOT = flags.DEFINE_string("data_root", None, "Folder of source shard folders (default: the config's "
                                 "data.root).")
 OUT = flags.DEFINE_string("out", None, "Output file or folder.")

@@ -40,7 +40,7 @@ from kairos_jax import cli
 from kairos_jax.training.checkpointing import CheckpointWriteError
 from kairos_jax.training.loop import TrainingDiverged, format_summary, train_curriculum
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
+_WORKDIR = cli.WORKDIR
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Call jax.distributed.initialize(): auto = when a cluster environment "
                                  "(TPU pod, SLURM, JAX_COORDINATOR_ADDRESS) is detected.")
