@@ -174,15 +174,20 @@ lerobot-venv: $(LEROBOT_VENV)/.installed
 
 # Meta-World (issue 14): metaworld==3.1.1 pins mujoco==3.3.0, so recording and the served evaluation's
 # client live in .venv-metaworld (launch/metaworld_venv.sh); the fine-tune and the server use .venv.
-# `make metaworld-venv data-metaworld train-metaworld eval-metaworld`; tests: `.venv/bin/python -m
-# pytest -m metaworld tests/test_metaworld.py`. MW_INIT names the pre-trained run to fine-tune from.
+# `make metaworld-venv data-metaworld train-metaworld train-metaworld-bc eval-metaworld`; tests:
+# `.venv/bin/python -m pytest -m metaworld tests/test_metaworld.py`. MW_INIT names the pre-trained run
+# to fine-tune from (RESULTS.md's MT10 x 50 table: MW_INIT=runs/robot_only_state); eval-metaworld
+# serves the fine-tune and the BC baseline in turn, beside the expert and random actions.
 METAWORLD_VENV := .venv-metaworld
 MW_PYTHON ?= $(PYTHON311)
 MW_INIT ?= runs/embedded
 MW_WORKDIR ?= runs/metaworld
+MW_BC_WORKDIR ?= runs/metaworld_bc
+MW_DEMOS ?= 20
+MW_STEPS ?= 1500
 MW_EVAL_ARGS ?= --tasks=mt10 --episodes=50 --seed=1 --videos=2
 
-.PHONY: metaworld-venv data-metaworld train-metaworld eval-metaworld
+.PHONY: metaworld-venv data-metaworld train-metaworld train-metaworld-bc eval-metaworld
 $(METAWORLD_VENV)/.installed:
 	PYTHON=$(MW_PYTHON) bash launch/metaworld_venv.sh $(METAWORLD_VENV)
 
@@ -190,17 +195,22 @@ metaworld-venv: $(METAWORLD_VENV)/.installed
 
 data/metaworld/metaworld/manifest.json: $(METAWORLD_VENV)/.installed $(STAMP)
 	MUJOCO_GL=egl $(METAWORLD_VENV)/bin/python -m data_pipelines.generate --preset=metaworld \
-	  --output=data/metaworld_lerobot --tasks=mt10 --episodes=10 --seed=0
+	  --output=data/metaworld_lerobot --tasks=mt10 --episodes=$(MW_DEMOS) --seed=0
 	$(PY) -m data_pipelines.convert --format=lerobot --input=data/metaworld_lerobot \
 	  --output=data/metaworld/metaworld --embodiment=metaworld
 
 data-metaworld: data/metaworld/metaworld/manifest.json
 
 train-metaworld: data/metaworld/metaworld/manifest.json
-	$(PY) -m experiments.metaworld --workdir=$(MW_WORKDIR) --init_from=$(MW_INIT)
+	$(PY) -m experiments.metaworld --workdir=$(MW_WORKDIR) --init_from=$(MW_INIT) \
+	  --config.phases.metaworld.steps=$(MW_STEPS)
+
+train-metaworld-bc: data/metaworld/metaworld/manifest.json
+	$(PY) -m experiments.metaworld --config=experiments/metaworld.py:bc --workdir=$(MW_BC_WORKDIR) \
+	  --config.phases.metaworld.steps=$(MW_STEPS)
 
 eval-metaworld: $(METAWORLD_VENV)/.installed $(STAMP)
-	bash launch/metaworld_eval.sh runs/metaworld_eval $(MW_WORKDIR) -- $(MW_EVAL_ARGS)
+	bash launch/metaworld_eval.sh runs/metaworld_eval $(MW_WORKDIR) $(MW_BC_WORKDIR) -- $(MW_EVAL_ARGS)
 
 # The tests against the third-party packages that conflict with .venv, each installed in its own
 # virtualenv by the targets above: openpi-client (the serving protocol), diffusers + torch (the Wan VAE
