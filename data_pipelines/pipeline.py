@@ -520,6 +520,7 @@ def _delta_stats(directory: str, embodiment: str, reference: tuple, chunk: int, 
     if len(mine) > MAX_DELTA_STATS_EPISODES:
         mine = [mine[int(j)] for j in np.linspace(0, len(mine) - 1, MAX_DELTA_STATS_EPISODES)]
     ds = src.data_source(cache)
+    stateless = []
 
     def episodes():
         for i in mine:
@@ -530,11 +531,17 @@ def _delta_stats(directory: str, embodiment: str, reference: tuple, chunk: int, 
                 continue
             if ep.actions is not None and ep.proprio is not None:
                 yield ep.actions, ep.proprio
+            elif ep.actions is not None:
+                stateless.append(ep.episode_id)
 
     try:
-        return delta_action_stats(episodes(), reference, chunk)
+        stats = delta_action_stats(episodes(), reference, chunk)
     except ValueError as e:
         raise ConfigError(f"{directory}: data.delta_actions for {embodiment}: {e}") from None
+    if stateless:       # make_clip cannot make their actions relative: they train without actions
+        log.warning("%s: %d %s episodes have actions but no proprio; with data.delta_actions their actions "
+                    "are left out (masked), e.g. %s", directory, len(stateless), embodiment, stateless[0])
+    return stats
 
 
 def with_delta_stats(src: ShardedSource, embodiment: str, stats: EmbodimentStats, reference, chunk: int,
