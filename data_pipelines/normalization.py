@@ -200,11 +200,16 @@ class ActionCodec:
                              f"got {tuple(reference)}")
 
     @classmethod
-    def from_normalizer(cls, norm: Normalizer) -> ActionCodec:
-        """An absolute codec around an existing normaliser."""
-        codec = cls.__new__(cls)
-        codec.absolute, codec.delta, codec.reference = norm, None, np.zeros(0, np.int64)
-        return codec
+    def for_stats(cls, stats: EmbodimentStats, reference, delta: bool) -> ActionCodec:
+        """The codec a model trained with data.delta_actions=`delta` uses for an embodiment with
+        these statistics and `Embodiment.action_reference`; ValueError when it needs delta
+        statistics the stats lack."""
+        if stats.action is None:
+            raise ValueError("no action statistics")
+        if delta and reference and stats.action_delta is None:
+            raise ValueError("the model learned delta actions (data.delta_actions) but the statistics have no "
+                             "action_delta entry")
+        return cls(stats.action, stats.action_delta if delta and reference else None, reference)
 
     @property
     def is_delta(self) -> bool:

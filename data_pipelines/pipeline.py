@@ -229,9 +229,8 @@ class EmbodimentSpec:
     id: int
     action_dim: int
     proprio_dim: int
-    action_norm: Normalizer | None
+    action_codec: ActionCodec | None   # raw action chunks <-> the model's units (delta or absolute)
     proprio_norm: Normalizer | None
-    action_codec: ActionCodec | None = None    # raw action chunks <-> the model's units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,8 +310,7 @@ class EpisodeClip:
     clip: dict                       # make_clip's element (no batch axis): exactly a training element
     frames: np.ndarray | None        # uint8 [T, H, W, C]: block t's frame, resized as the model sees it
     raw_actions: np.ndarray | None   # [T, k, a]: block t's action chunk in the embodiment's units
-    action_norm: Normalizer | None   # the source's normaliser of those actions
-    action_codec: ActionCodec | None = None   # raw chunks <-> the model's units (delta or absolute)
+    action_codec: ActionCodec | None  # raw chunks <-> the model's units (delta or absolute)
     raw_start_state: np.ndarray | None = None  # [T, p]: the proprio where block t's chunk starts
 
 
@@ -356,7 +354,6 @@ def episode_clip(data_cfg, source: str, episode: str | int | None = None, *, sta
         raw = ep.actions[np.clip(idx[:, None] - k + np.arange(k)[None, :], 0, ep.num_frames - 1)]
     return EpisodeClip(source=source, episode_id=ep.episode_id, embodiment=ep.embodiment, fps=float(ep.fps),
                        start=start, clip=clip, frames=frames, raw_actions=raw,
-                       action_norm=sspec.embodiments[ep.embodiment].action_norm,
                        action_codec=sspec.embodiments[ep.embodiment].action_codec,
                        raw_start_state=None if ep.proprio is None or raw is None
                        else ep.proprio[np.clip(idx - k, 0, ep.num_frames - 1)])
@@ -623,17 +620,13 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
                                       f"dims, the registry says {dim}")
         codec = None
         if s.action is not None:
-            delta = None
-            if spec.delta_actions and emb.action_reference:
-                if s.action_delta is None or s.action_delta_chunk != spec.action_chunk:
-                    s = with_delta_stats(src, e_name, s, emb.action_reference, spec.action_chunk, cache)
-                    stats = {**stats, e_name: s}
-                delta = s.action_delta
-            codec = ActionCodec(s.action, delta, emb.action_reference)
+            if spec.delta_actions and emb.action_reference and (
+                    s.action_delta is None or s.action_delta_chunk != spec.action_chunk):
+                s = with_delta_stats(src, e_name, s, emb.action_reference, spec.action_chunk, cache)
+            codec = ActionCodec.for_stats(s, emb.action_reference, spec.delta_actions)
         embodiments[e_name] = EmbodimentSpec(
             id=emb.id, action_dim=emb.action_dim, proprio_dim=emb.proprio_dim,
-            action_norm=None if s.action is None else Normalizer(s.action),
-            proprio_norm=None if s.proprio is None else Normalizer(s.proprio), action_codec=codec)
+            action_codec=codec, proprio_norm=None if s.proprio is None else Normalizer(s.proprio))
     usable = np.flatnonzero(src.episode_frames >= spec.min_frames)
     short = src.num_episodes - usable.size
     if short:

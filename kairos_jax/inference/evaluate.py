@@ -290,12 +290,8 @@ def closed_loop(engine, cfg, source_stats, recorder_cls, settings: Settings, *, 
     """Success rates of the model, the BC policy, the scripted expert and random actions."""
     from data_pipelines.sim.tasks import expert_policy, random_policy, success_rate
 
-    delta = bool(cfg.data.get("delta_actions", False))
-    ref = DEFAULT_REGISTRY.get(recorder_cls.embodiment).action_reference
-    if delta and ref and source_stats.action_delta is None:
-        raise ValueError(f"{recorder_cls.embodiment}: the model learned delta actions but the training statistics "
-                         f"have no action_delta entry")
-    codec = ActionCodec(source_stats.action, source_stats.action_delta if delta and ref else None, ref)
+    codec = ActionCodec.for_stats(source_stats, DEFAULT_REGISTRY.get(recorder_cls.embodiment).action_reference,
+                                  bool(cfg.data.get("delta_actions", False)))
     proprio_norm = None if source_stats.proprio is None else Normalizer(source_stats.proprio)
     n = settings.closed_loop_episodes
     kw = dict(episodes=n, batch=settings.closed_loop_batch, seed=settings.seed, proprio_norm=proprio_norm)

@@ -118,20 +118,15 @@ class ServedEmbodiment:
     proprio_dim: int
     action_semantics: str
     source: str                        # the training source whose statistics are used
-    action_norm: Normalizer
+    action_codec: ActionCodec          # raw action chunks <-> the model's units (delta or absolute)
     proprio_norm: Normalizer | None
-    action_codec: ActionCodec | None = None   # the model's action units (delta or absolute)
-
-    @property
-    def codec(self) -> ActionCodec:
-        return self.action_codec if self.action_codec is not None else ActionCodec.from_normalizer(self.action_norm)
 
     def describe(self) -> dict:
         # state_required: the model's actions are relative to the robot's state (data.delta_actions),
         # so every request needs observation/state; answers are absolute, in raw units, regardless
         return {"id": self.id, "action_dim": self.action_dim, "proprio_dim": self.proprio_dim,
                 "action_semantics": self.action_semantics, "source": self.source,
-                "state_required": bool(self.codec.is_delta)}
+                "state_required": bool(self.action_codec.is_delta)}
 
 
 def served_embodiments(cfg, train_stats: dict, registry: EmbodimentRegistry = DEFAULT_REGISTRY
@@ -152,7 +147,7 @@ def served_embodiments(cfg, train_stats: dict, registry: EmbodimentRegistry = DE
             refused[name] = "not in the embodiment registry"
             continue
         e = registry.get(name)
-        delta = bool(cfg.data.get("delta_actions", False)) and bool(e.action_reference)
+        delta = bool(cfg.data.get("delta_actions", False))
         if e.action_dim == 0 or s.action is None:
             refused[name] = "no actions (action-free source)"
         elif e.id >= cfg.data.num_embodiments:
@@ -161,15 +156,15 @@ def served_embodiments(cfg, train_stats: dict, registry: EmbodimentRegistry = DE
             refused[name] = f"{e.action_dim} action dims > the model's data.action_dim {cfg.data.action_dim}"
         elif s.action.dim != e.action_dim:
             refused[name] = f"its action statistics have {s.action.dim} dims, the registry says {e.action_dim}"
-        elif delta and s.action_delta is None:
-            refused[name] = ("the model learned delta actions (data.delta_actions) but its statistics have no "
-                             "action_delta entry")
         else:
+            try:
+                codec = ActionCodec.for_stats(s, e.action_reference, delta)
+            except ValueError as err:
+                refused[name] = str(err)
+                continue
             proprio = s.proprio if s.proprio is not None and s.proprio.dim == e.proprio_dim else None
-            codec = ActionCodec(s.action, s.action_delta if delta else None, e.action_reference)
             served[name] = ServedEmbodiment(name, e.id, e.action_dim, e.proprio_dim, e.action_semantics, source,
-                                            Normalizer(s.action), None if proprio is None else Normalizer(proprio),
-                                            codec)
+                                            codec, None if proprio is None else Normalizer(proprio))
     return served, refused
 
 
@@ -277,7 +272,7 @@ class ServedModel:
         emb, prompt = self._episode_keys(request, episode)
         raw_state = self._state(request, emb)
         proprio = None if raw_state is None or emb.proprio_norm is None else emb.proprio_norm.normalize(raw_state)
-        if raw_state is None and emb.codec.is_delta:
+        if raw_state is None and emb.action_codec.is_delta:
             raise RequestError(f"missing key {STATE!r} (float [{emb.proprio_dim}], raw units): this model's "
                                f"{emb.name} actions are relative to the robot's state, so every request needs it")
         tokens = actions = None
@@ -321,10 +316,10 @@ class ServedModel:
         if self.mode == "policy":
             _, chunk, _, _ = eng.denoise(episode.state, kb, mode="policy")
             episode.chunk = chunk
-            raw = emb.codec.decode(np.asarray(chunk[0, :, :emb.action_dim]), raw_state)   # from this state
+            raw = emb.action_codec.decode(np.asarray(chunk[0, :, :emb.action_dim]), raw_state)   # from this state
             return {ACTIONS: np.ascontiguousarray(raw, np.float32)}
         a = np.zeros((1, self.k, self.A), np.float32)
-        a[0, :, :emb.action_dim] = emb.codec.encode(actions, raw_state)    # the chunk starts at this state
+        a[0, :, :emb.action_dim] = emb.action_codec.encode(actions, raw_state)    # the chunk starts at this state
         episode.state, video, _ = eng.step(episode.state, kb, mode="simulate", actions=a)
         d = self.cfg.data
         frame = unpatchify(np.asarray(video), d.image_size, d.patch_size, 3, d.get("image_width", 0))[0]
