@@ -56,7 +56,7 @@ def write_checkpoint(directory: str) -> dict:
     c.model.update(dict(video_width=32, action_width=16, depth=2, num_heads=2, head_dim=8, text_width=16,
                         text_depth=1, text_heads=2, cond_dim=16, dtype="float32", mlp_ratio=2.0, window=2,
                         dilation=2, gdn_chunk_size=8, pattern=("swa", "gdn"), scan_layers=False))
-    c.data.update(dict(image_size=8, patch_size=4, num_blocks=6, action_chunk=2, action_dim=3, proprio_dim=4,
+    c.data.update(dict(image_size=8, patch_size=4, num_blocks=6, action_chunk=2, action_dim=3, proprio_dim=16,
                        text_len=8, num_embodiments=5))
     c.curriculum = ("phase3_robot",)
     abstract = nnx.eval_shape(lambda: KairosWorldModel(c.model, c.data, rngs=nnx.Rngs(0)))

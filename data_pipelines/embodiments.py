@@ -94,15 +94,16 @@ DEFAULT_REGISTRY = EmbodimentRegistry([
                action_semantics="keypoints",
                description="human behaviour: the next body pose as keypoints "
                            f"{', '.join(HUMAN_KEYPOINTS)} (xyz in the pelvis frame, metres)"),
-    Embodiment("reacher", 2, action_dim=2, proprio_dim=4, action_semantics="joint_torque",
+    Embodiment("reacher", 2, action_dim=2, proprio_dim=6, action_semantics="joint_torque",
                description="dm_control reacher: 2-link planar arm; proprio = joint angles (2), "
-                           "joint velocities (2)"),
+                           "joint velocities (2), fingertip-to-target vector (2, m)"),
     Embodiment("cheetah", 3, action_dim=6, proprio_dim=17, action_semantics="joint_torque",
                description="dm_control cheetah: planar runner; proprio = qpos without root x (8), "
                            "qvel (9)"),
-    Embodiment("pusher", 4, action_dim=3, proprio_dim=6, action_semantics="joint_position",
+    Embodiment("pusher", 4, action_dim=3, proprio_dim=14, action_semantics="joint_position",
                description="3-link planar arm pushing a puck to a goal (position-controlled joints); "
-                           "proprio = joint angles (3), joint velocities (3)",
+                           "proprio = joint angles (3), joint velocities (3), then in the table plane "
+                           "(m): fingertip (2), puck (2), puck velocity (2, m/s), goal (2)",
                action_reference=(0, 1, 2)),
     # Open X-Embodiment datasets as published (data_pipelines.oxe): actions and state as stored.
     Embodiment("google_robot", 5, action_dim=7, proprio_dim=8, action_semantics="ee_delta",

@@ -43,7 +43,7 @@ def tiny_config(**model):
                         text_depth=1, text_heads=2, cond_dim=16, dtype="float32", mlp_ratio=2.0, window=2,
                         dilation=2, gdn_chunk_size=8))
     c.model.update(model)
-    c.data.update(dict(image_size=8, patch_size=4, num_blocks=6, action_chunk=2, action_dim=3, proprio_dim=4,
+    c.data.update(dict(image_size=8, patch_size=4, num_blocks=6, action_chunk=2, action_dim=3, proprio_dim=16,
                        text_len=8, num_embodiments=4))
     c.train.update(dict(batch_size=4, warmup_steps=2, log_every=1, checkpoint_every=2,
                         async_checkpointing=False, measure_peak_flops=False))

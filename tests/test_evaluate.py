@@ -169,11 +169,11 @@ def test_action_errors_of_a_delta_model_are_reported_in_absolute_units(tmp_path)
 
     emb = DEFAULT_REGISTRY.get("pusher")
     r = np.random.default_rng(3)
-    episodes = [make_episode(r, T=20, hw=(16, 16), embodiment="pusher", action_dim=3, proprio_dim=6,
+    episodes = [make_episode(r, T=20, hw=(16, 16), embodiment="pusher", action_dim=3, proprio_dim=14,
                              episode_id=f"ep{i}") for i in range(4)]
     write_episodes(str(tmp_path / "pusher"), "pusher", episodes)
     cfg = tiny_config(pattern=("swa", "gdn"), depth=2, scan_layers=False)
-    cfg.data.update(dict(action_dim=3, proprio_dim=6, num_embodiments=8, delta_actions=True))
+    cfg.data.update(dict(action_dim=3, proprio_dim=14, num_embodiments=8, delta_actions=True))
     stats = training_stats(str(tmp_path), "pusher", cfg.data)
     c, H, k = SETTINGS.context, SETTINGS.horizon, cfg.data.action_chunk
     batch = ev.heldout_batch(cfg, str(tmp_path), "pusher", clips=3, num_blocks=c + H, seed=0, stats=stats)

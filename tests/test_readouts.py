@@ -63,7 +63,7 @@ def test_loss_fn_adds_the_masked_readout_losses():
     B, T, P = 4, cfg.data.num_blocks, cfg.data.proprio_dim
     batch.update(proprio=r.normal(size=(B, T, P)).astype(np.float32),
                  proprio_mask=np.array([[1] * T, [0] * T, [1] * T, [1] * T], np.float32),
-                 proprio_dim_mask=np.array([[1, 1, 0, 0]] * 2 + [[1, 1, 1, 1]] * 2, np.float32),
+                 proprio_dim_mask=(np.arange(P)[None] < np.array([[2], [2], [P], [P]])).astype(np.float32),
                  progress=r.uniform(size=(B, T)).astype(np.float32))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     loss, m = _loss(cfg, model, batch, (0.3, 0.7))

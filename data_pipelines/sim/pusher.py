@@ -178,8 +178,15 @@ class PusherRecorder(Recorder):
         return step * min(1.0, 0.02 / (np.linalg.norm(step) + 1e-9))
 
     def proprio(self) -> np.ndarray:
-        """The proprio state recorded with each frame (and observed in closed loop), raw units."""
-        return np.concatenate([self.data.qpos[:3], self.data.qvel[:3]])
+        """The state recorded with each frame (and observed in closed loop), raw units: joint angles
+        (3), joint velocities (3), then the task's positions in the table plane (metres): fingertip
+        (2), puck (2), puck velocity (2, m/s) and goal (2), as Gym's Pusher observation holds the
+        object and goal. Without them the puck and the goal are only in the frames. The positions are
+        those of the last physics substep's kinematics, which the expert acts on (at most one 5 ms
+        substep behind the joint angles)."""
+        d = self.data
+        return np.concatenate([d.qpos[:3], d.qvel[:3], d.geom_xpos[self._tip, :2], d.xpos[self._puck, :2],
+                               d.qvel[3:5], self.model.geom_pos[self._goal, :2]])
 
     def record(self, rng: np.random.Generator, num_frames: int, episode_id: str) -> Episode:
         d = self.data

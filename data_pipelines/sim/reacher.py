@@ -100,8 +100,10 @@ class ReacherRecorder(SuiteControl, Recorder):
         mujoco.mj_forward(self.model, self.data)
 
     def proprio(self) -> np.ndarray:
-        """The proprio state recorded with each frame (and observed in closed loop), raw units."""
-        return np.concatenate([self.data.qpos, self.data.qvel])
+        """The state recorded with each frame (and observed in closed loop), raw units: joint angles
+        (2), joint velocities (2) and the fingertip-to-target vector (2, metres), the quantities of
+        dm_control's own reacher observation. Without the last, the target is only in the frames."""
+        return np.concatenate([self.data.qpos, self.data.qvel, self.finger_to_target()])
 
     def record(self, rng: np.random.Generator, num_frames: int, episode_id: str) -> Episode:
         self.reset_task(rng)

@@ -119,7 +119,9 @@ def arm_episodes(n: int = 3, steps: int = 20, size: tuple[int, int] = (32, 32), 
         frames, actions, proprio = [], [], []
         for _ in range(steps):
             frames.append(_render(model, data, renderer, "top"))
-            proprio.append(np.concatenate([data.qpos, data.qvel]))
+            finger = np.array([0.3 * np.cos(data.qpos[0]) + 0.25 * np.cos(data.qpos.sum()),
+                               0.3 * np.sin(data.qpos[0]) + 0.25 * np.sin(data.qpos.sum())])
+            proprio.append(np.concatenate([data.qpos, data.qvel, tip[:2] - finger]))  # as the reacher's
             a = np.clip(1.0 * (goal - data.qpos) - 0.3 * data.qvel + rng.normal(0, 0.1, 2), -1, 1)
             actions.append(a)
             data.ctrl[:] = a

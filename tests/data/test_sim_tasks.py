@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("dm_control")
 
+from data_pipelines.embodiments import DEFAULT_REGISTRY  # noqa: E402
 from data_pipelines.generate import SOURCES, episode_rng  # noqa: E402
 from data_pipelines.sim import tasks  # noqa: E402
 from data_pipelines.sim.cheetah import MIN_TASK_SPEED, CheetahRecorder  # noqa: E402
@@ -21,7 +22,9 @@ ROBOTS = {"reacher": ReacherRecorder, "pusher": PusherRecorder, "cheetah": Cheet
 # sha256 (first 32 hex digits) of actions, proprio (float32 bytes) and text of
 # `record(episode_rng(0, source, 0), num_frames=60)` at image size 16, computed with the recorders as
 # they were before reset_task / expert_action existed (the scripted expert inlined in `record`), so a
-# change here means the training data of a given seed changed.
+# change here means the training data of a given seed changed. The proprio covers the dims it had then
+# (joint angles and velocities; cheetah all); the task positions appended since are checked below.
+JOINT_DIMS = {"reacher": 4, "pusher": 6, "cheetah": 17}
 RECORD_FINGERPRINTS = {"reacher": "88f1a5791123723159c3e0f895fed34f",
                        "pusher": "02abbef4319c4860ea614bf90818f1ab",
                        "cheetah": "aee275f5ee26e9c214a43ac3e62c17cf"}
@@ -34,10 +37,35 @@ def test_record_is_bit_identical_to_the_recorders_before_the_task_interface(sour
         if source == "reacher":
             assert rec.targets_reached >= 2          # the fingerprint covers target moves
     h = hashlib.sha256()
-    for a in (ep.actions, ep.proprio):
+    for a in (ep.actions, ep.proprio[:, :JOINT_DIMS[source]]):
         h.update(np.ascontiguousarray(a).tobytes())
     h.update(ep.text.encode())
     assert h.hexdigest()[:32] == RECORD_FINGERPRINTS[source]
+
+
+@pytest.mark.parametrize("source", ["reacher", "pusher"])
+def test_proprio_holds_the_task_positions(source):
+    """The appended task dims agree with the task metric the recorder traces at every frame (the
+    fingertip-target distance, the puck-goal distance), and the pusher's fingertip with its arm's
+    forward kinematics (link lengths from the MJCF)."""
+    with ROBOTS[source](16) as rec:
+        ep = rec.record(episode_rng(0, source, 0), 60, "e0")
+        assert ep.proprio.shape == (60, DEFAULT_REGISTRY.get(source).proprio_dim)
+        if source == "reacher":
+            distance = np.linalg.norm(ep.proprio[:, 4:6], axis=1)
+        else:
+            tip, puck, goal = ep.proprio[:, 6:8], ep.proprio[:, 8:10], ep.proprio[:, 12:14]
+            distance = np.linalg.norm(goal - puck, axis=1)
+            q = ep.proprio[:, :3].astype(np.float64)
+            angles = np.cumsum(q, axis=1)
+            fk = sum(length * np.stack([np.cos(angles[:, i]), np.sin(angles[:, i])], 1)
+                     for i, length in enumerate((0.22, 0.18, 0.08)))
+            # Positions come from the last physics substep's kinematics (what the expert acts on): exact
+            # at the reset, then at most one 5 ms substep behind the joint angles.
+            np.testing.assert_allclose(tip[0], fk[0], atol=1e-6)
+            np.testing.assert_allclose(tip, fk, atol=3e-3)
+            assert np.ptp(puck, axis=0).max() > 0.01            # the puck was pushed
+    np.testing.assert_allclose(distance, rec.task_trace, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("source", sorted(ROBOTS))
