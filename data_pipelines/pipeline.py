@@ -617,7 +617,8 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
         for label, st, dim in (("action", s.action, emb.action_dim), ("proprio", s.proprio, emb.proprio_dim)):
             if st is not None and st.dim != dim:
                 raise ConfigError(f"source {name!r}: {label} statistics of {e_name} have {st.dim} "
-                                      f"dims, the registry says {dim}")
+                                      f"dims, the registry says {dim} ({emb.description}); the data "
+                                      f"was written for another registry: regenerate or reconvert it")
         codec = None
         if s.action is not None:
             if spec.delta_actions and emb.action_reference and (
