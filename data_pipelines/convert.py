@@ -3,7 +3,8 @@ resumably.
 
     python -m data_pipelines.convert --format={video_folder,human,rlds,lerobot,shards} \\
         --input=DIR|URL --output=DIR|URL [--spec=NAME] [--embodiment=NAME] [--strict] \\
-        [--workers=N] [--episodes_per_shard=N] [--encoder=module:function] [--no_progress]
+        [--workers=N] [--episodes_per_shard=N] [--encoder=module:function | --encoder=tokenizer:DIR]
+        [--encode_batch=N] [--encode_chunk=N] [--no_progress]
 
 Reads with data_pipelines.readers.<format>; --input and --output may be local paths or URLs
 (gs://, s3://, memory://: data_pipelines.storage).
@@ -32,10 +33,25 @@ object, also written to OUTPUT/convert_summary.json:
      "skipped": [{"file": str, "reason": str}], "shards": [file names], "embodiments": [names],
      "video": "frames" | "latents", "workers": int, "shards_total": int, "shards_resumed": int,
      "seconds": float, "episodes_per_s": float, "mb_per_s": float,   # of this run's new shards
-     "episode_bytes": int, "shard_bytes": int}                       # all shards: raw records, on disk
+     "episode_bytes": int, "shard_bytes": int,                       # all shards: raw records, on disk
+     "frames_trimmed": int,                                          # --encoder=tokenizer: frames dropped
+     "latents": {...}}                                               # --encoder=tokenizer: the manifest's record
 
 --encoder=module:function pre-encodes frames: the function maps uint8 [T, H, W, C] to float
 [T, h, w, c], stored as Episode.latents instead of the frames.
+
+--encoder=tokenizer:DIR pre-encodes frames with a video tokenizer folder (kairos_jax.tokenizer: a
+converted or self-trained causal VAE of temporal stride s, spatial stride r), on this process's
+accelerators (kairos_jax/tokenizer/pre_encode.py: --encode_batch episodes at a time, sharded over
+the devices, --encode_chunk latent frames per encoder call, so long episodes take bounded memory).
+Each episode is trimmed to 1 + s n frames (the dropped tail, actions and proprio included, is counted
+in "frames_trimmed"); its actions and proprio stay at the full frame rate, and its latents (the
+posterior mean, float32 [1 + n, H/r, W/r, C]) stand for frames 0, s, 2s, ... (data_pipelines/latents.py).
+The manifest records the strides, the channels, the tokenizer folder and its digest (sha256 of its
+tokenizer.json and weights); latent_stats.json beside the shards holds the exact per-channel mean and std over
+every latent position, which training normalises with. Frame sizes must be multiples of r (--size).
+A re-run resumes only with the same tokenizer (its digest is part of the plan). Runs with --workers=1:
+the devices are shared by the batch, not by processes.
 
 Exit status: 0 done, 2 a user mistake or bad input (one line `error: ...` on stderr).
 """
@@ -60,6 +76,7 @@ import numpy as np
 from data_pipelines import storage
 from data_pipelines.embodiments import EmbodimentRegistry
 from data_pipelines.episode import Episode, EpisodeError, serialize
+from data_pipelines.latents import LATENT_STATS_FILE, LatentInfo, LatentMoments, write_latent_stats
 from data_pipelines.normalization import EmbodimentStats, NormStats, write_stats
 from data_pipelines.readers import READERS
 from data_pipelines.readers.base import BadInputError, default_registry
@@ -78,6 +95,19 @@ FORMATS = tuple(READERS)
 WORK_DIR = ".convert"
 SUMMARY_FILE = "convert_summary.json"
 DEFAULT_EPISODES_PER_SHARD = 64
+TOKENIZER_PREFIX = "tokenizer:"
+DEFAULT_ENCODE_BATCH = 8
+DEFAULT_ENCODE_CHUNK = 2
+
+
+def tokenizer_dir(spec: str | None) -> str | None:
+    """The folder of --encoder=tokenizer:DIR (None for no encoder or a module:function one)."""
+    if not spec or not spec.startswith(TOKENIZER_PREFIX):
+        return None
+    directory = spec[len(TOKENIZER_PREFIX):]
+    if not directory:
+        raise ValueError(f"--encoder={spec!r}: expected tokenizer:DIR (a tokenizer folder)")
+    return directory
 
 
 def load_encoder(spec: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -142,6 +172,24 @@ class _Task:
     encoder: str | None
     options: dict
     registry: EmbodimentRegistry | None
+    encode_batch: int = DEFAULT_ENCODE_BATCH
+    encode_chunk: int = DEFAULT_ENCODE_CHUNK
+
+
+_ENCODER_CACHE: dict = {}
+
+
+def _tokenizer_encoder(task: _Task):
+    """The process's EpisodeEncoder for the task's tokenizer (loaded once per process)."""
+    from kairos_jax.tokenizer.pre_encode import EpisodeEncoder
+
+    key = (tokenizer_dir(task.encoder), task.encode_batch, task.encode_chunk)
+    enc = _ENCODER_CACHE.get(key)
+    if enc is None:
+        _ENCODER_CACHE.clear()
+        enc = EpisodeEncoder(key[0], batch_size=task.encode_batch, chunk=task.encode_chunk)
+        _ENCODER_CACHE[key] = enc
+    return enc
 
 
 _READER_CACHE: dict = {}
@@ -168,11 +216,14 @@ def _run_task(task: _Task) -> dict:
 
     registry = task.registry if task.registry is not None else default_registry()
     reader = _reader(task, registry)
-    encode_fn = load_encoder(task.encoder) if task.encoder else None
+    tokenizer = _tokenizer_encoder(task) if tokenizer_dir(task.encoder) else None
+    encode_fn = load_encoder(task.encoder) if task.encoder and tokenizer is None else None
+    moments = LatentMoments(tokenizer.info.channels) if tokenizer is not None else None
     name = shard_name(task.index, task.count)
     entry = {"file": name, "episodes": 0, "frames": 0, "episode_ids": [], "episode_frames": [],
              "episode_embodiments": []}
     skipped, fps, shapes, kinds = [], set(), set(), set()
+    frames_trimmed = 0
     actions: dict[str, list[np.ndarray]] = {}
     proprio: dict[str, list[np.ndarray]] = {}
     episode_bytes = 0
@@ -191,8 +242,16 @@ def _run_task(task: _Task) -> dict:
                 stream = reader.episodes(strict=task.strict, on_skip=lambda s: skip(s.file, s.reason))
             else:
                 stream = _episodes_of(reader, task.keys, skip)
-            for ep in stream:
+            if tokenizer is not None:
+                stream = tokenizer.encode_episodes(stream, on_bad=lambda ep, why: skip(ep.episode_id or "<no id>", why))
+            else:
+                stream = ((ep, 0) for ep in stream)
+            for ep, trimmed in stream:
                 try:
+                    if ep.latent_stride != 1 and tokenizer is None:
+                        raise EpisodeError(f"episode {ep.source}/{ep.episode_id}: holds tokenizer latents (stride "
+                                           f"{ep.latent_stride}); re-shard a tokenizer source by converting its frames "
+                                           f"with --encoder=tokenizer:DIR")
                     if encode_fn is not None:
                         ep = encode_latents(ep, encode_fn, task.encoder)
                     check_episode(ep, registry, task.source)
@@ -200,6 +259,9 @@ def _run_task(task: _Task) -> dict:
                 except EpisodeError as e:
                     skip(ep.episode_id or "<no id>", str(e))
                     continue
+                frames_trimmed += trimmed
+                if moments is not None:
+                    moments.add(ep.latents)
                 if writer is None:
                     writer = ArrayRecordWriter(local, DEFAULT_OPTIONS)
                 writer.write(data)
@@ -234,7 +296,9 @@ def _run_task(task: _Task) -> dict:
     storage.write_bytes_atomic(_record_path(task.output, task.index, "npz"), buf)
     record = {"shard": entry, "skipped": skipped, "fps": sorted(fps), "frame_shapes": sorted(shapes),
               "video": sorted(kinds), "episode_bytes": episode_bytes, "shard_bytes": shard_bytes,
-              "seconds": time.perf_counter() - t0}
+              "seconds": time.perf_counter() - t0, "frames_trimmed": frames_trimmed}
+    if moments is not None:
+        record["latent_moments"] = moments.to_json()
     # Written last: its presence marks the shard finished (a resumed run skips it).
     storage.write_json_atomic(_record_path(task.output, task.index, "json"), record)
     return record
@@ -264,17 +328,21 @@ def _load_npz(path) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _plan(fmt, input_dir, keys, per_shard, random_access: bool, options: dict, embodiment, encoder, source) -> dict:
+def _plan(fmt, input_dir, keys, per_shard, random_access: bool, options: dict, embodiment, encoder, source,
+          latents: LatentInfo | None = None) -> dict:
     digest = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
     count = max(1, -(-len(keys) // per_shard)) if random_access else 1
-    return {"format": fmt, "input": input_dir, "options": json.loads(json.dumps(options, default=str)),
+    plan = {"format": fmt, "input": input_dir, "options": json.loads(json.dumps(options, default=str)),
             "embodiment": embodiment, "encoder": encoder, "source": source, "episodes_per_shard": per_shard,
             "num_keys": len(keys), "keys_sha256": digest, "shards": count, "random_access": random_access}
+    if latents is not None:      # a resumed run must encode with the very same tokenizer
+        plan["latents"] = latents.to_json()
+    return plan
 
 
 def _clear(output: str) -> None:
     for name in storage.listdir(output):
-        if name.startswith("shard-") or name in (MANIFEST_FILE, "stats.json", SUMMARY_FILE):
+        if name.startswith("shard-") or name in (MANIFEST_FILE, "stats.json", LATENT_STATS_FILE, SUMMARY_FILE):
             storage.remove(storage.join(output, name))
     work = storage.join(output, WORK_DIR)
     if storage.isdir(work):
@@ -333,11 +401,14 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
             source: str | None = None, encoder: str | None = None,
             registry: EmbodimentRegistry | None = None, overwrite: bool = False, workers: int = 1,
             episodes_per_shard: int = DEFAULT_EPISODES_PER_SHARD, progress: bool = False,
+            encode_batch: int = DEFAULT_ENCODE_BATCH, encode_chunk: int = DEFAULT_ENCODE_CHUNK,
             **options) -> dict:
     """Converts one dataset; returns the summary (the CLI's JSON line). Raises on bad input if strict.
 
     options: the reader's keyword arguments (see `reader_options`). workers > 1 runs the shards in
     that many spawned processes. A custom `registry` must be picklable when workers > 1.
+    encoder: "module:function" or "tokenizer:DIR" (module docstring); encode_batch / encode_chunk:
+    episodes per tokenizer batch and latent frames per encoder call.
     """
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
@@ -347,7 +418,17 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
     registry = registry if registry is not None else default_registry()
     if embodiment is not None:
         registry.get(embodiment)  # an unknown name fails here, listing the registered ones
-    if encoder:
+    latents = None
+    tok_dir = tokenizer_dir(encoder)
+    if tok_dir is not None:
+        if int(encode_batch) < 1 or int(encode_chunk) < 1:
+            raise ValueError(f"--encode_batch={encode_batch} and --encode_chunk={encode_chunk} must be >= 1")
+        if int(workers) != 1:
+            raise ValueError(f"--encoder={encoder} encodes on this process's devices (batched over them): "
+                             f"use --workers=1, not {workers}")
+        latents = LatentInfo.of_tokenizer(tok_dir)       # not a tokenizer folder: fails here
+        encoder = TOKENIZER_PREFIX + latents.tokenizer
+    elif encoder:
         load_encoder(encoder)
     input_dir = storage.abspath(input_dir)
     output = storage.abspath(output_dir)
@@ -355,13 +436,15 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
     source = source or storage.basename(input_dir)
     keys = list(reader.keys())
     random_access = not getattr(reader, "streaming", False)
-    plan = _plan(fmt, input_dir, keys, int(episodes_per_shard), random_access, options, embodiment, encoder, source)
+    plan = _plan(fmt, input_dir, keys, int(episodes_per_shard), random_access, options, embodiment, encoder, source,
+                 latents)
     _prepare_output(output, plan, overwrite)
 
     count = plan["shards"]
     tasks = [_Task(fmt, input_dir, output, u, count,
                    tuple(keys[u * episodes_per_shard:(u + 1) * episodes_per_shard]) if random_access else None,
-                   embodiment, source, strict, encoder, options, registry_in) for u in range(count)]
+                   embodiment, source, strict, encoder, options, registry_in, int(encode_batch), int(encode_chunk))
+             for u in range(count)]
     records: dict[int, dict] = {}
     for t in tasks:
         path = _record_path(output, t.index, "json")
@@ -394,8 +477,9 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
     finally:
         meter.close()
         _READER_CACHE.clear()
+        _ENCODER_CACHE.clear()
     seconds = time.perf_counter() - t0
-    summary = _merge(output, plan, [records[u] for u in range(count)], registry, fmt, input_dir, source)
+    summary = _merge(output, plan, [records[u] for u in range(count)], registry, fmt, input_dir, source, latents)
     new = [records[t.index] for t in todo]
     new_bytes = sum(r["episode_bytes"] for r in new)
     summary.update({
@@ -407,8 +491,9 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
     return summary
 
 
-def _merge(output: str, plan: dict, records: list[dict], registry, fmt, input_dir, source) -> dict:
-    """stats.json and manifest.json from the shard records (in shard order)."""
+def _merge(output: str, plan: dict, records: list[dict], registry, fmt, input_dir, source,
+           latents: LatentInfo | None = None) -> dict:
+    """stats.json (and latent_stats.json) and manifest.json from the shard records (in shard order)."""
     skipped = [s for r in records for s in r["skipped"]]
     for s in skipped:
         log.warning("skipped %s: %s", s["episode"], s["reason"])
@@ -443,8 +528,14 @@ def _merge(output: str, plan: dict, records: list[dict], registry, fmt, input_di
             action=NormStats.compute(np.concatenate(acts)) if acts else None,
             proprio=NormStats.compute(np.concatenate(prop)) if prop else None)
     write_stats(output, stats)
+    if latents is not None and entries:
+        moments = LatentMoments(latents.channels)
+        for r in records:
+            moments.merge(LatentMoments.from_json(r["latent_moments"], latents.channels))
+        write_latent_stats(output, moments.stats(), latents.tokenizer_digest)
     manifest = manifest_document(source, embodiments, entries, skipped, {f for r in records for f in r["fps"]},
-                                 {tuple(s) for r in records for s in r["frame_shapes"]}, kinds, DEFAULT_OPTIONS)
+                                 {tuple(s) for r in records for s in r["frame_shapes"]}, kinds, DEFAULT_OPTIONS,
+                                 latents=latents if entries else None)
     storage.write_json_atomic(storage.join(output, MANIFEST_FILE), manifest)   # last: the folder is complete
     log.info("wrote %d episodes (%d frames) of source %s to %d shard(s) in %s; skipped %d",
              manifest["num_episodes"], manifest["num_frames"], source, len(entries), output, len(skipped))
@@ -461,6 +552,8 @@ def _merge(output: str, plan: dict, records: list[dict], registry, fmt, input_di
         "video": manifest["video"],
         "episode_bytes": sum(r["episode_bytes"] for r in records),
         "shard_bytes": sum(r["shard_bytes"] for r in records),
+        "frames_trimmed": sum(r.get("frames_trimmed", 0) for r in records),
+        **({"latents": latents.to_json()} if latents is not None else {}),
     }
 
 
@@ -497,7 +590,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--embodiment", help="embodiment name in the registry (default: what the format names)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad episode, naming its file")
     p.add_argument("--source", help="source name in the manifest (default: the input folder's name)")
-    p.add_argument("--encoder", help="module:function mapping uint8 [T,H,W,C] to float latents [T,h,w,c]")
+    p.add_argument("--encoder", help="module:function mapping uint8 [T,H,W,C] to float latents [T,h,w,c], or "
+                                     "tokenizer:DIR, a video tokenizer folder (kairos_jax.tokenizer)")
+    p.add_argument("--encode_batch", type=int, default=DEFAULT_ENCODE_BATCH,
+                   help="tokenizer:DIR: episodes encoded together (sharded over the devices when it divides)")
+    p.add_argument("--encode_chunk", type=int, default=DEFAULT_ENCODE_CHUNK,
+                   help="tokenizer:DIR: latent frames per encoder call (memory per call: encode_batch x "
+                        "(encode_chunk x stride + 1) frames)")
     p.add_argument("--fps", type=float, help="video_folder / human: resample to this rate; "
                                              "rlds: the rate the dataset was recorded at")
     p.add_argument("--size", type=_size, help="HxW: resize (aspect kept) and center-crop the frames")
@@ -522,7 +621,8 @@ def main(argv=None) -> dict:
         summary = convert(args.format, args.input, args.output, embodiment=args.embodiment,
                           strict=args.strict, source=args.source, encoder=args.encoder,
                           overwrite=args.overwrite, workers=args.workers,
-                          episodes_per_shard=args.episodes_per_shard, progress=not args.no_progress, **options)
+                          episodes_per_shard=args.episodes_per_shard, progress=not args.no_progress,
+                          encode_batch=args.encode_batch, encode_chunk=args.encode_chunk, **options)
     except (ValueError, KeyError, OSError, ImportError) as e:
         error = UserError(f"error: {e}")
         print(error.message, file=sys.stderr)

@@ -2,12 +2,15 @@
 
 An episode is one continuous recording:
 
-    frames   uint8   [T, H, W, C]   (or `latents` float [T, h, w, c] pre-encoded by a video encoder)
+    frames   uint8   [T, H, W, C]   (or `latents` float [T', h, w, c] pre-encoded by a video encoder)
+    latent_stride int               frames per latent after the first (1 for frames and per-frame
+                                    encoders; a causal tokenizer's temporal stride s, e.g. 4: latent j
+                                    stands for frame s j and T = 1 + s (T' - 1); data_pipelines.latents)
     actions  float32 [T, A] | None  actions[t] is the command applied after observing frames[t]
     proprio  float32 [T, P] | None  proprioceptive state observed with frames[t]
     text     str                    task / caption
     embodiment str                  a name in the embodiment registry
-    fps      float                  frames per second of `frames`
+    fps      float                  frames per second of `frames` (of the frames latents were encoded from)
     source   str                    source id (dataset name)
     episode_id str                  unique within its source (file name, index, ...)
 
@@ -46,11 +49,16 @@ class Episode:
     source: str
     episode_id: str = ""
     latents: np.ndarray | None = None
+    latent_stride: int = 1
 
     @property
     def num_frames(self) -> int:
-        video = self.frames if self.frames is not None else self.latents
-        return 0 if video is None else int(video.shape[0])
+        """T: frames of the episode (for strided latents, of the video they encode: 1 + s (T' - 1))."""
+        if self.frames is not None:
+            return int(self.frames.shape[0])
+        if self.latents is None or self.latents.shape[0] == 0:
+            return 0
+        return 1 + self.latent_stride * (int(self.latents.shape[0]) - 1)
 
     def validate(self) -> Episode:
         """Checks the schema; raises EpisodeError naming the episode and the field. Returns self."""
@@ -75,6 +83,11 @@ class Episode:
                      f"{getattr(z, 'shape', '')}")
             if not np.all(np.isfinite(z)):
                 fail("latents contain NaN or inf")
+        s = self.latent_stride
+        if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 1:
+            fail(f"latent_stride must be an integer >= 1, got {s!r}")
+        if s != 1 and self.latents is None:
+            fail(f"latent_stride={s} applies to latents only (frames have one entry per frame)")
         T = self.num_frames
         if T == 0:
             fail("has no frames")
@@ -129,6 +142,8 @@ def serialize(episode: Episode) -> bytes:
                  "source": episode.source, "episode_id": episode.episode_id},
         "arrays": {},
     }
+    if episode.latent_stride != 1:          # absent: 1 (records written before strided latents)
+        header["meta"]["latent_stride"] = int(episode.latent_stride)
     # Offsets depend on the header's length, which depends on the offsets: lay the arrays out after
     # a header padded to a fixed budget that grows until it fits.
     budget = 512
@@ -188,5 +203,9 @@ def deserialize(data: bytes) -> Episode:
         if offset < 0 or offset + nbytes > n:
             raise EpisodeError(f"record is truncated: {name} needs bytes [{offset}, {offset + nbytes}) of {n}")
         arrays[name] = np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
+    try:
+        stride = int(meta.get("latent_stride", 1))
+    except (TypeError, ValueError):
+        raise EpisodeError(f"record has a damaged header: latent_stride {meta.get('latent_stride')!r}") from None
     return Episode(text=meta["text"], embodiment=meta["embodiment"], fps=meta["fps"], source=meta["source"],
-                   episode_id=meta["episode_id"], **arrays)
+                   episode_id=meta["episode_id"], latent_stride=stride, **arrays)

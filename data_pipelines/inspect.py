@@ -70,7 +70,7 @@ def _picture(ep: Episode, t: int) -> np.ndarray:
     if ep.frames is not None:
         f = ep.frames[t]
         return np.repeat(f, 3, axis=-1) if f.shape[-1] == 1 else f
-    z = np.asarray(ep.latents[t], np.float64)[..., :3]
+    z = np.asarray(ep.latents[-(-t // ep.latent_stride)], np.float64)[..., :3]   # the latent that covers frame t
     if z.shape[-1] < 3:
         z = np.concatenate([z, np.repeat(z[..., -1:], 3 - z.shape[-1], axis=-1)], axis=-1)
     lo, hi = z.min(), z.max()

@@ -10,7 +10,8 @@ Dp = patch_size^2 * channels, A = action_dim, P = proprio_dim, L = text_len):
 
     video            float32 [B, T, N, Dp]  block t's frame (clip frame t*k), patches row-major over
                                             (patch_row, patch_col), each flattened (ph, pw, c), in [-1, 1]
-                                            (x / 127.5 - 1); latents are patchified as they are
+                                            (x / 127.5 - 1); latents of a per-frame encoder are patchified
+                                            as they are, a tokenizer's are normalised per channel first
     actions          float32 [B, T, k, A]   block t holds a_{t-1} = actions[f_t - k : f_t] (f_t = block t's
                                             frame index in the episode), normalised, zero-padded
     action_mask      float32 [B, T]         1 where block t's chunk is known (0 for block 0 if f_0 < k; 0
@@ -31,6 +32,17 @@ with the count). Frames are centre-cropped to the aspect ratio of image_size x w
 data.image_width, or image_size when 0), then area-resized to it
 (exact box filter in float, numpy; a plain block mean when the size divides evenly). Actions and
 proprio are normalised with the source's stats.json (normalization.Normalizer: p01/p99 -> [-1, 1]).
+
+Tokenizer latents (data.tokenizer = the folder; data_pipelines/latents.py). A source converted with
+`--encoder=tokenizer:DIR` stores one latent per s frames (s = the tokenizer's temporal stride; latent
+j stands for frame s j) and its actions at the full frame rate. Its clips start on multiples of s and
+need k % s == 0 (a ConfigError naming data.action_chunk otherwise), so that every f_t has a latent:
+block t's video is latents[f_t / s], normalised per channel with the source's latent_stats.json
+((z - mean) / std, or the statistics a trained model was trained with), then patchified; actions,
+proprio and progress are taken at f_t exactly as for frames. data.tokenizer must name the tokenizer
+the source was encoded with (a digest of its manifest and weights is checked), data.channels its
+latent channels and data.image_size / data.image_width the latent frame size; a phase cannot mix
+pixel and latent sources. Each is a ConfigError saying what to set.
 
 Mixing. Each source is an infinite stream of its episodes (a fresh permutation every epoch, drawn
 from (seed, epoch); see _EpochShuffledPick); the streams are mixed by `mixing.ScheduledMixSelection`, a deterministic
@@ -69,6 +81,7 @@ import numpy as np
 from data_pipelines import episode as episode_lib
 from data_pipelines import storage
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry, UnknownEmbodimentError
+from data_pipelines.latents import LatentStats, read_tokenizer_manifest, tokenizer_digest
 from data_pipelines.mixing import ScheduledMixSelection
 from data_pipelines.normalization import (
     ActionCodec,
@@ -180,13 +193,19 @@ def patchify(x: np.ndarray, patch: int) -> np.ndarray:
     return x.reshape(T, (H // patch) * (W // patch), patch * patch * C)
 
 
-def unpatchify(video: np.ndarray, image_size: int, patch: int, channels: int, width: int = 0) -> np.ndarray:
-    """The inverse of `patchify` on model tokens: [T, N, p p C] in [-1, 1] -> uint8 [T, H, W, C]
-    (H = image_size, W = width or image_size), rounded and clipped to [0, 255]."""
+def unpatch(video: np.ndarray, image_size: int, patch: int, channels: int, width: int = 0) -> np.ndarray:
+    """The exact inverse of `patchify`: [T, N, p p C] -> float32 [T, H, W, C] (H = image_size,
+    W = width or image_size), values as they are (e.g. normalised latents)."""
     T, width = video.shape[0], width or image_size
     gh, gw = image_size // patch, width // patch
     x = np.asarray(video, np.float32).reshape(T, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(T, image_size, width, channels)
+    return x.reshape(T, image_size, width, channels)
+
+
+def unpatchify(video: np.ndarray, image_size: int, patch: int, channels: int, width: int = 0) -> np.ndarray:
+    """The inverse of `patchify` on model tokens: [T, N, p p C] in [-1, 1] -> uint8 [T, H, W, C]
+    (H = image_size, W = width or image_size), rounded and clipped to [0, 255]."""
+    x = unpatch(video, image_size, patch, channels, width)
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -212,6 +231,7 @@ class ClipSpec:
     num_embodiments: int = 0           # size of the model's embodiment tables; 0: not checked
     delta_actions: bool = False        # actions relative to the chunk's start state where the
                                        # embodiment has an action_reference (normalization.ActionCodec)
+    tokenizer: str = ""                # "": pixel frames; else the tokenizer folder the latents came from
 
     @property
     def width(self) -> int:
@@ -241,6 +261,9 @@ class SourceSpec:
     source_id: int
     paths: tuple[str, ...]
     embodiments: dict[str, EmbodimentSpec]
+    video: str = "frames"                      # "frames" | "latents"
+    latent_stride: int = 1                     # frames per stored latent (a tokenizer's temporal stride)
+    latent_norm: LatentStats | None = None     # a tokenizer source's per-channel statistics
 
 
 def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: SourceSpec) -> dict:
@@ -256,7 +279,15 @@ def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: Sourc
                                            f"{frames.shape[-1]} channels, data.channels={spec.channels}")
         video = patchify(resize_frames(frames, spec.image_size, spec.width), spec.patch_size) / 127.5 - 1.0
     else:
-        video = patchify(ep.latents[idx].astype(np.float32), spec.patch_size)
+        s = ep.latent_stride
+        if s != source.latent_stride or start % s or k % s:
+            raise episode_lib.EpisodeError(
+                f"episode {ep.source}/{ep.episode_id}: latents of stride {s} (the source's: {source.latent_stride}) "
+                f"have no latent for the clip's frames {start} + {k} t")
+        z = ep.latents[idx // s].astype(np.float32)
+        if source.latent_norm is not None:
+            z = source.latent_norm.normalize(z)
+        video = patchify(z, spec.patch_size)
 
     actions = np.zeros((T, k, spec.action_dim), np.float32)
     action_mask = np.zeros(T, np.float32)
@@ -316,16 +347,21 @@ class EpisodeClip:
 
 def episode_clip(data_cfg, source: str, episode: str | int | None = None, *, start: int = 0,
                  num_blocks: int | None = None, root: str | None = None,
-                 registry: EmbodimentRegistry = DEFAULT_REGISTRY, stats: dict | None = None) -> EpisodeClip:
+                 registry: EmbodimentRegistry = DEFAULT_REGISTRY, stats: dict | None = None,
+                 latent_stats: LatentStats | None = None) -> EpisodeClip:
     """The clip of `num_blocks` step blocks (default data.num_blocks) from frame `start` of episode
     `episode` (an id, an index into the source, or None for the last) of `source` under `root`
     (default data.root), tokenised exactly as the training pipeline does (`make_clip` with the
-    source's own statistics). Training, rollout and evaluation all cut their clips here."""
+    source's own statistics, or `stats` / `latent_stats` when given: a trained model's). Training,
+    rollout and evaluation all cut their clips here. For a tokenizer source `start` must be a
+    multiple of its temporal stride, and `frames` is None (decode the clip's video to see it:
+    kairos_jax.inference.latents)."""
     spec = clip_spec(data_cfg)
     if num_blocks is not None:
         spec = dataclasses.replace(spec, num_blocks=int(num_blocks))
     root = str(root or _get(data_cfg, "root"))
-    sspec, _ = source_spec(root, source, 0, spec, registry, stats, cache=_cache_dir(data_cfg))
+    sspec, _ = source_spec(root, source, 0, spec, registry, stats, cache=_cache_dir(data_cfg),
+                           latent_stats=latent_stats)
     src = ShardedSource(storage.join(root, source))
     if episode is None:
         index = src.num_episodes - 1
@@ -344,6 +380,9 @@ def episode_clip(data_cfg, source: str, episode: str | int | None = None, *, sta
     if start < 0 or start + span > ep.num_frames:
         raise ClipError(f"episode {ep.episode_id} has {ep.num_frames} frames: {T} blocks of {k} steps from "
                         f"frame {start} need {start + span}; at most {(ep.num_frames - start - 1) // k + 1} blocks")
+    if start % sspec.latent_stride:
+        raise ClipError(f"source {source} stores one latent per {sspec.latent_stride} frames: a clip starts at a "
+                        f"multiple of {sspec.latent_stride}, not at frame {start}")
     clip = make_clip(ep, start, spec, sspec)
     idx = start + k * np.arange(T)
     frames = None
@@ -391,7 +430,8 @@ class ClipTransform(grain.transforms.RandomMap):
             if ep.num_frames < span:
                 raise episode_lib.EpisodeError(f"episode {ep.source}/{ep.episode_id}: {ep.num_frames} "
                                                f"frames, the manifest said more")
-            start = int(rng.integers(0, ep.num_frames - span + 1))
+            s = source.latent_stride           # starts on frames that have a latent (1: any frame)
+            start = s * int(rng.integers(0, (ep.num_frames - span) // s + 1))
             clip = make_clip(ep, start, self.spec, source)
             for key in ("video", "actions", "proprio"):     # a shard not written by ShardWriter's checks
                 if not np.isfinite(clip[key]).all():
@@ -486,13 +526,16 @@ def _weights(mixture, where: str) -> dict[str, float]:
 
 def clip_spec(data_cfg) -> ClipSpec:
     """The clip geometry of a data config, checked (ConfigError naming the field)."""
-    optional = {"image_width", "num_embodiments", "delta_actions"}
+    optional = {"image_width", "num_embodiments", "delta_actions", "tokenizer"}
     spec = ClipSpec(**{f.name: _get(data_cfg, f.name) for f in dataclasses.fields(ClipSpec)
                        if f.name not in optional or f.name in data_cfg})
     if not isinstance(spec.delta_actions, bool):
         raise ConfigError(f"config.data.delta_actions={spec.delta_actions!r} is invalid: must be True or False")
+    if not isinstance(spec.tokenizer, str):
+        raise ConfigError(f"config.data.tokenizer={spec.tokenizer!r} is invalid: '' (pixel frames) or the folder "
+                          f"of the video tokenizer the sources were encoded with")
     for f in dataclasses.fields(ClipSpec):
-        if f.name == "delta_actions":
+        if f.name in ("delta_actions", "tokenizer"):
             continue
         v = getattr(spec, f.name)
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f.name in optional else 1):
@@ -565,9 +608,70 @@ def training_stats(root: str, name: str, data_cfg, registry: EmbodimentRegistry 
     return out
 
 
+def check_tokenizer(spec: ClipSpec) -> dict | None:
+    """The manifest of data.tokenizer (None when it is "": pixel frames), checked against the clip
+    geometry: its latent channels are data.channels and data.action_chunk is a multiple of its
+    temporal stride. ConfigError saying what to set."""
+    if not spec.tokenizer:
+        return None
+    try:
+        m = read_tokenizer_manifest(spec.tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"config.data.tokenizer={spec.tokenizer!r}: {e}") from None
+    C, s = int(m["latent_channels"]), int(m["temporal_compression"])
+    if spec.channels != C:
+        raise ConfigError(f"config.data.channels={spec.channels}, but the tokenizer {spec.tokenizer} has {C} latent "
+                          f"channels: set data.channels={C}")
+    if spec.action_chunk % s:
+        raise ConfigError(f"config.data.action_chunk={spec.action_chunk} must be a multiple of the tokenizer's "
+                          f"temporal stride {s}: block t's video is the latent of frame start + {spec.action_chunk} t, "
+                          f"and there is one latent per {s} frames (set data.action_chunk={s} or a multiple)")
+    return m
+
+
+def _latent_checks(name: str, src: ShardedSource, spec: ClipSpec, latent_stats: LatentStats | None
+                   ) -> LatentStats | None:
+    """A source's kind of video against data.tokenizer; returns the statistics its latents are
+    normalised with (None for frames and for latents of a per-frame encoder)."""
+    info, kind = src.latent_info, src.manifest.get("video", "frames")
+    encode = (f"`python -m data_pipelines.convert --format=shards --input=<its frames> --output={src.directory} "
+              f"--encoder=tokenizer:{spec.tokenizer or 'DIR'}`")
+    if spec.tokenizer:
+        check_tokenizer(spec)
+        if info is None:
+            what = "frames" if kind == "frames" else "latents of a per-frame encoder (no tokenizer record)"
+            raise ConfigError(f"source {name!r} holds {what}, but data.tokenizer={spec.tokenizer!r}: a model on "
+                              f"tokenizer latents trains on latent sources only; encode it with {encode}, or set "
+                              f"data.tokenizer='' for a pixel model")
+        digest = tokenizer_digest(spec.tokenizer)
+        if info.tokenizer_digest != digest:
+            raise ConfigError(f"source {name!r} was encoded with the tokenizer {info.tokenizer} (digest "
+                              f"{info.tokenizer_digest[:12]}), not with data.tokenizer={spec.tokenizer!r} "
+                              f"(digest {digest[:12]}): set data.tokenizer={info.tokenizer!r}, or re-encode the "
+                              f"source with {encode}")
+    elif info is not None:
+        raise ConfigError(f"source {name!r} holds latents of the tokenizer {info.tokenizer}: set "
+                          f"data.tokenizer={info.tokenizer!r} (and data.channels={info.channels}) to train on them; "
+                          f"rollout, evaluation and serving decode with it")
+    if info is None:
+        return None
+    if spec.action_chunk % info.temporal_stride:
+        raise ConfigError(f"source {name!r}: data.action_chunk={spec.action_chunk} must be a multiple of its "
+                          f"latents' temporal stride {info.temporal_stride}")
+    try:
+        norm = latent_stats if latent_stats is not None else src.latent_stats
+    except StatsError as e:
+        raise ConfigError(f"source {name!r}: {e}") from None
+    if norm.channels != info.channels:
+        raise ConfigError(f"source {name!r}: latent statistics of {norm.channels} channels for latents of "
+                          f"{info.channels}")
+    return norm
+
+
 def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
                 registry: EmbodimentRegistry = DEFAULT_REGISTRY,
-                stats: dict | None = None, cache: str | None = None) -> tuple[SourceSpec, np.ndarray]:
+                stats: dict | None = None, cache: str | None = None,
+                latent_stats: LatentStats | None = None) -> tuple[SourceSpec, np.ndarray]:
     """Opens and checks one source folder; returns its spec (embodiments, normalisers) and the
     records long enough for a clip. The normalisers come from the folder's stats.json, or from
     `stats` ({embodiment: EmbodimentStats}) when given: a trained model's own statistics, so that
@@ -575,7 +679,9 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
 
     `root` may be a URL (data_pipelines.storage): manifest and statistics are read remotely, and
     the spec's shard paths are what ArrayRecord opens: local paths and gs:// URLs as they are,
-    other URLs' shards staged into `cache` (default $KAIROS_DATA_CACHE or ~/.cache/kairos_jax)."""
+    other URLs' shards staged into `cache` (default $KAIROS_DATA_CACHE or ~/.cache/kairos_jax).
+    A tokenizer source is checked against data.tokenizer and normalised with its latent_stats.json,
+    or with `latent_stats` when given (a trained model's)."""
     directory = storage.join(root, name)
     if not storage.isdir(directory):
         present = [d for d in storage.listdir(root) if storage.isdir(storage.join(root, d))]
@@ -589,6 +695,7 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
     except (ShardError, StatsError) as e:
         raise ConfigError(f"source {name!r}: {e}") from e
     kind = src.manifest.get("video", "frames")
+    latent_norm = _latent_checks(name, src, spec, latent_stats)
     for shape in src.manifest["frame_shapes"]:
         h, w, c = shape
         if kind == "latents" and (h != spec.image_size or w != spec.width or c != spec.channels):
@@ -634,8 +741,8 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
         example = src.episode_ids[int(np.flatnonzero(src.episode_frames < spec.min_frames)[0])]
         log.warning("source %s: skipping %d of %d episodes shorter than num_blocks*action_chunk=%d frames "
                     "(e.g. %s)", name, short, src.num_episodes, spec.min_frames, example)
-    return SourceSpec(name=name, source_id=source_id, paths=tuple(paths),
-                      embodiments=embodiments), usable
+    return SourceSpec(name=name, source_id=source_id, paths=tuple(paths), embodiments=embodiments, video=kind,
+                      latent_stride=src.latent_stride, latent_norm=latent_norm), usable
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -651,6 +758,7 @@ def build_dataset(data_cfg, phase_cfg, *, seed: int, batch_size: int, process_in
                   registry: EmbodimentRegistry = DEFAULT_REGISTRY) -> grain.IterDataset:
     """The infinite, batched, resumable dataset of one curriculum phase (see the module docstring)."""
     spec = clip_spec(data_cfg)
+    check_tokenizer(spec)
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not (isinstance(process_count, int) and process_count >= 1 and 0 <= process_index < process_count):
@@ -690,6 +798,13 @@ def build_dataset(data_cfg, phase_cfg, *, seed: int, batch_size: int, process_in
                        .map_with_index(_EpochShuffledPick(source_id, mine, shuffle_seed)))
         w_start.append(start[name])
         w_end.append(end[name] if end is not None else start[name])
+    kinds = {s.video for s in sources}
+    if len(kinds) > 1:
+        pixels = [s.name for s in sources if s.video == "frames"]
+        latent = [s.name for s in sources if s.video != "frames"]
+        raise ConfigError(f"the mixture mixes pixel sources {pixels} with latent sources {latent}: a model trains on "
+                          f"one kind of video; encode the pixel sources with `python -m data_pipelines.convert "
+                          f"--encoder=tokenizer:DIR` (or leave one kind out)")
 
     selection = ScheduledMixSelection(w_start, None if end is None else w_end, steps=steps,
                                       batch_size=batch_size)

@@ -18,7 +18,13 @@ manifest.json:
                  "episode_ids": [str], "episode_frames": [int], "episode_embodiments": [int]}],
                                                      # episode_embodiments index `embodiments`
      "skipped": [{"episode": str, "reason": str}],
-     "options": str}                                 # ArrayRecord writer options
+     "options": str,                                 # ArrayRecord writer options
+     "latents": {...}}                               # only for sources encoded by a video tokenizer:
+                                                     # strides, channels, the tokenizer and its digest,
+                                                     # the statistics file (data_pipelines.latents)
+
+For latents, "frame_shape(s)" are the latents' [h, w, C] and "num_frames" / "episode_frames" count
+the frames they encode (Episode.num_frames), so clip geometry is in frames for every kind of source.
 
 Records are numbered globally in shard order, then record order inside a shard; the manifest's
 per-episode lists follow that numbering, so a reader knows every episode's length and embodiment
@@ -40,6 +46,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from data_pipelines import episode as episode_lib
 from data_pipelines import storage
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry, UnknownEmbodimentError
+from data_pipelines.latents import LatentInfo, LatentStats, load_latent_stats
 from data_pipelines.normalization import EmbodimentStats, NormStats, load_stats, write_stats
 
 log = logging.getLogger(__name__)
@@ -149,6 +156,10 @@ class ShardWriter:
             raise episode_lib.EpisodeError(f"{where}: episode_id is empty")
         if ep.episode_id in self._ids:
             raise episode_lib.EpisodeError(f"{where}: duplicate episode_id in source {self.source}")
+        if ep.latent_stride != 1:
+            raise episode_lib.EpisodeError(
+                f"{where}: latents of temporal stride {ep.latent_stride} are written by `python -m "
+                f"data_pipelines.convert --encoder=tokenizer:DIR`, which records their tokenizer and statistics")
         try:
             emb = self.registry.get(ep.embodiment)
         except UnknownEmbodimentError as e:
@@ -269,12 +280,13 @@ class ShardWriter:
 
 
 def manifest_document(source: str, embodiments: list[str], shards: list[dict], skipped: list[dict], fps_values,
-                      frame_shapes, video_kinds, options: str) -> dict:
+                      frame_shapes, video_kinds, options: str, latents: LatentInfo | None = None) -> dict:
     """manifest.json's contents (module docstring); `shards` entries as the writer keeps them, with
-    episode_embodiments already turned into indices of `embodiments`."""
+    episode_embodiments already turned into indices of `embodiments`; `latents` for a source encoded
+    by a video tokenizer."""
     fps = sorted(fps_values)
     shapes = sorted(tuple(s) for s in frame_shapes)
-    return {
+    doc = {
         "format": MANIFEST_FORMAT,
         "schema_version": episode_lib.SCHEMA_VERSION,
         "source": source,
@@ -290,6 +302,9 @@ def manifest_document(source: str, embodiments: list[str], shards: list[dict], s
         "skipped": skipped,
         "options": options,
     }
+    if latents is not None:
+        doc["latents"] = latents.to_json()
+    return doc
 
 
 def check_episode(ep: episode_lib.Episode, registry: EmbodimentRegistry, source: str) -> None:
@@ -414,6 +429,28 @@ class ShardedSource:
             raise ShardError(f"{path}: lists {len(self.episode_ids)} episodes but num_episodes="
                              f"{m['num_episodes']}")
         self._stats = None
+        self._latent_stats = None
+        self.latent_info: LatentInfo | None = None
+        if m.get("latents") is not None:
+            try:
+                self.latent_info = LatentInfo.from_json(m["latents"], path)
+            except ValueError as e:
+                raise ShardError(str(e)) from None
+
+    @property
+    def latent_stride(self) -> int:
+        """Frames per stored latent after the first (1 for frames and per-frame latents)."""
+        return 1 if self.latent_info is None else self.latent_info.temporal_stride
+
+    @property
+    def latent_stats(self) -> LatentStats | None:
+        """The per-channel latent statistics written beside the shards (None for a source that has
+        none: frames, or latents of a per-frame encoder). StatsError when the file is missing."""
+        if self.latent_info is None:
+            return None
+        if self._latent_stats is None:
+            self._latent_stats = load_latent_stats(self.directory, self.latent_info.stats)
+        return self._latent_stats
 
     @property
     def num_episodes(self) -> int:

@@ -16,7 +16,7 @@ import tempfile
 
 import ml_collections
 
-from data_pipelines.pipeline import ConfigError, clip_spec
+from data_pipelines.pipeline import ConfigError, check_tokenizer, clip_spec
 from kairos_jax.model.diffusion import LOSS_TARGETS, MODES, SIGMA_SAMPLERS
 from kairos_jax.model.mixers import MIXERS
 from kairos_jax.model.world_model import PREDICTIONS, REMAT_POLICIES, TEXT_ENCODERS
@@ -80,6 +80,12 @@ def default_config() -> ml_collections.ConfigDict:
         image_width=0,            # frame width; 0: square frames (image_size x image_size)
         patch_size=8,             # video tokens: (image_size / patch_size) (width / patch_size) per frame
         channels=3,               # 3 for RGB frames; the latent channels for pre-encoded sources
+        # "": the model sees pixel frames. Else the folder of the video tokenizer (kairos_jax.tokenizer) the
+        # sources were encoded with (`python -m data_pipelines.convert --encoder=tokenizer:DIR`): the model
+        # trains on its normalised latents (channels = its latent channels, image_size x image_width = the
+        # latent frame size, action_chunk a multiple of its temporal stride), and rollout, evaluation and
+        # serving decode them to frames with it (data_pipelines/latents.py).
+        tokenizer="",
         num_blocks=8,             # step blocks per clip
         action_chunk=4,           # k: control steps (action tokens) per block; frame stride in a clip
         action_dim=32,            # actions are zero-padded to this size (max over embodiments)
@@ -295,8 +301,10 @@ def validate(cfg) -> None:
 
 
 def check_data_sources(cfg) -> None:
-    """Every source a phase names must be a folder under data.root, and the held-out root of
-    eval.every must exist (checked before compiling)."""
+    """Every source a phase names must be a folder under data.root, the held-out root of
+    eval.every must exist, and data.tokenizer (when set) must be a tokenizer folder that fits the
+    data config (checked before compiling)."""
+    check_tokenizer(clip_spec(cfg.data))
     if cfg.eval.every and not os.path.isdir(cfg.eval.root):
         raise ConfigError(f"config.eval.root={cfg.eval.root!r}: directory does not exist (held-out episodes: "
                           f"`make data` writes data/heldout; or set config.eval.every=0)")

@@ -7,6 +7,8 @@
 Writes into --out (default <checkpoint>/eval): eval.json (every figure), report.md (the tables),
 psnr_<source>.png (PSNR per horizon step: the model's simulate and video prediction against
 copy-last-frame and linear extrapolation) and frames_<source>.png (true frames over predicted ones).
+A model on tokenizer latents (config data.tokenizer) is scored on decoded frames: predictions decoded
+after the true context, against the true latents decoded alike (kairos_jax/inference/evaluate.py).
 The last stdout line is one JSON object:
 {"sources": {NAME: {"simulate_psnr_by_step": [...], "copy_last_psnr_by_step": [...], "policy_action_mse": x,
 "bc_action_mse": x, "zero_action_mse": x, ...}}, "closed_loop": {EMBODIMENT: {"success_rate": x,
@@ -26,7 +28,13 @@ from absl import flags
 from kairos_jax import cli
 from kairos_jax.inference import evaluate as ev
 from kairos_jax.inference import media
-from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model, load_training_stats
+from kairos_jax.inference.checkpoints import (
+    find_checkpoint,
+    load_config,
+    load_model,
+    load_training_latent_stats,
+    load_training_stats,
+)
 from kairos_jax.inference.rollout import make_engine
 
 _BC = flags.DEFINE_string("bc_checkpoint", None, "A behaviour-cloning run (experiments/bc.py) to compare with.")
@@ -117,7 +125,7 @@ def main(argv) -> None:
                            closed_loop_episodes=_EPISODES.value, seed=cli.SEED.value)
     t0 = time.time()
     result = ev.evaluate(engine, cfg, root, settings, train_stats=train_stats, sources=_SOURCES.value,
-                         bc_engine=bc_engine)
+                         bc_engine=bc_engine, latent_stats=load_training_latent_stats(ref))
     result["checkpoint"], result["bc_checkpoint"], result["data_root"] = ref.path, _BC.value, root
     result["seconds"] = round(time.time() - t0, 1)
     out = cli.OUT.value or os.path.join(os.path.dirname(ref.config_path), "eval")

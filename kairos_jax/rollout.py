@@ -16,6 +16,10 @@ data/heldout (episodes recorded from other seeds than training's).
 - simulate (forward dynamics) / video_prediction: frames generated from the episode's actions
   (simulate) or without them. Writes --out (mp4: ground truth left, prediction right),
   <stem>_metrics.png (PSNR and SSIM per step, with the copy-last-frame baseline) and <stem>_metrics.json.
+  A model on tokenizer latents (config data.tokenizer): the predicted latents are decoded to frames
+  with the run's tokenizer after the context's true latents (kairos_jax/inference/latents.py), the
+  ground truth is the clip's true latents decoded the same way, the video holds every decoded frame
+  (s per block) and the metrics compare block frames in pixel space.
 - policy: each step predicts a_{t-1} from the true frames before it; writes <stem>_actions.json
   (predicted and true actions in the embodiment's units) and <stem>_actions.png.
 - closed_loop: the policy drives the simulated reacher, cheetah or pusher (--source); writes --out
@@ -35,8 +39,9 @@ from absl import flags
 from data_pipelines.pipeline import episode_clip, unpatchify
 from kairos_jax import cli
 from kairos_jax.inference import media, quality
-from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model
-from kairos_jax.inference.rollout import RolloutError, closed_loop, make_engine, rollout
+from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model, load_training_latent_stats
+from kairos_jax.inference.latents import video_codec
+from kairos_jax.inference.rollout import RolloutError, closed_loop, make_engine, rollout, source_latent_stats
 
 MODES = ("simulate", "forward_dynamics", "video_prediction", "policy", "closed_loop")
 _STEPS = flags.DEFINE_integer("steps", None, "Blocks to generate after the context.")
@@ -92,8 +97,11 @@ def main(argv) -> None:
     out = cli.OUT.value
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = os.path.splitext(out)[0]
+    trained_latents = load_training_latent_stats(ref)
     if mode == "closed_loop":
-        result = closed_loop(engine, cfg, root, _SOURCE.value or "reacher", blocks=_STEPS.value, seed=cli.SEED.value)
+        source = _SOURCE.value or "reacher"
+        result = closed_loop(engine, cfg, root, source, blocks=_STEPS.value, seed=cli.SEED.value,
+                             latent_stats=trained_latents.get(source))
         media.write_mp4(out, result["frames"], 25.0 / cfg.data.action_chunk, scale=2)
         metric = result["metric_name"]
         with open(stem + "_closed_loop.json", "w") as f:
@@ -103,20 +111,32 @@ def main(argv) -> None:
               f"{result['metric'][0]:.3f} -> {result['metric'][-1]:.3f}")
         return
     source = _SOURCE.value or default_source(cfg, root, needs_actions=mode != "video_prediction")
-    ep = episode_clip(cfg.data, source, _EPISODE.value, num_blocks=context + _STEPS.value, root=root)
+    latent_stats = source_latent_stats(cfg, root, source, trained_latents.get(source))
+    ep = episode_clip(cfg.data, source, _EPISODE.value, num_blocks=context + _STEPS.value, root=root,
+                      latent_stats=latent_stats)
     log.info("episode %s of %s (%s): %d context blocks, %d generated", ep.episode_id, source, ep.embodiment,
              context, _STEPS.value)
     result = rollout(engine, cfg, ep, mode=mode, context=context, steps=_STEPS.value, seed=cli.SEED.value)
     d = cfg.data
     if "video" in result:
-        if ep.frames is None:
-            raise RolloutError(f"episode {ep.episode_id} of {source} stores latents; the video needs frames")
-        pred = unpatchify(result["video"], d.image_size, d.patch_size, d.channels, d.get("image_width", 0))
-        truth, last = ep.frames[context:], ep.frames[context - 1]
+        codec = video_codec(cfg, latent_stats)
+        if codec.latent:        # decode the predicted latents after the context's true ones (module docstring)
+            true_video = codec.video(ep.clip["video"][None])[0]                  # [1 + s (T - 1), H, W, 3]
+            pred_video = codec.video(np.concatenate([ep.clip["video"][:context], result["video"]])[None])[0]
+            blocks = true_video[::codec.stride]
+            truth, last, pred = blocks[context:], blocks[context - 1], pred_video[::codec.stride][context:]
+            shown_truth, shown_pred, fps = true_video, pred_video, ep.fps * codec.stride / d.action_chunk
+        else:
+            if ep.frames is None:
+                raise RolloutError(f"episode {ep.episode_id} of {source} stores latents of a per-frame encoder "
+                                   f"(no tokenizer to decode them with); the video needs frames")
+            pred = unpatchify(result["video"], d.image_size, d.patch_size, d.channels, d.get("image_width", 0))
+            truth, last = ep.frames[context:], ep.frames[context - 1]
+            shown_truth = np.concatenate([ep.frames[:context], truth])
+            shown_pred, fps = np.concatenate([ep.frames[:context], pred]), ep.fps / d.action_chunk
         per_step = [{"step": i + 1, "block": context + i, "psnr": quality.psnr(t, p), "ssim": quality.ssim(t, p),
                      "copy_last_psnr": quality.psnr(t, last)} for i, (t, p) in enumerate(zip(truth, pred))]
-        media.write_side_by_side_mp4(out, np.concatenate([ep.frames[:context], truth]),
-                                     np.concatenate([ep.frames[:context], pred]), ep.fps / d.action_chunk)
+        media.write_side_by_side_mp4(out, shown_truth, shown_pred, fps)
         finite = lambda v: v if math.isfinite(v) else None
         with open(stem + "_metrics.json", "w") as f:
             json.dump({"checkpoint": ref.path, "source": source, "episode": ep.episode_id, "mode": mode,

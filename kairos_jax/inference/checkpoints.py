@@ -83,6 +83,19 @@ def load_training_stats(ref: CheckpointRef) -> dict:
             if os.path.isfile(os.path.join(directory, source, "stats.json"))}
 
 
+def load_training_latent_stats(ref: CheckpointRef) -> dict:
+    """{source: LatentStats}: the latent statistics a model on tokenizer latents was trained with
+    (beside its training statistics), to normalise and denormalise latents as training did. Empty
+    for a pixel model or a run that predates them."""
+    from data_pipelines.latents import LATENT_STATS_FILE, load_latent_stats
+
+    directory = os.path.join(os.path.dirname(ref.config_path), "stats")
+    if not os.path.isdir(directory):
+        return {}
+    return {source: load_latent_stats(os.path.join(directory, source)) for source in sorted(os.listdir(directory))
+            if os.path.isfile(os.path.join(directory, source, LATENT_STATS_FILE))}
+
+
 def load_config(ref: CheckpointRef):
     """The run's config (kairos_jax.config.load_saved_config of its config.json)."""
     return load_saved_config(ref.config_path)

@@ -21,6 +21,12 @@ lockstep through one streaming engine.
 Every clip is cut with `data_pipelines.pipeline.episode_clip` and normalised with the statistics the
 model was trained with. `evaluate(...)` returns one dict; `python -m kairos_jax.evaluate` writes it
 as JSON with plots and a markdown report.
+
+A model on tokenizer latents (config data.tokenizer) is scored in pixel space: its predicted latents
+are decoded with the run's tokenizer after the clip's true context latents, and the ground truth is
+the clip's true latents decoded the same way (kairos_jax/inference/latents.py), so the tokenizer's own
+reconstruction error is not counted against the world model; copy-last-frame and linear extrapolation
+work on those decoded true frames. Its closed loop observes through the tokenizer's encoder.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.embodiments import DEFAULT_REGISTRY
+from data_pipelines.latents import LatentStats
 from data_pipelines.normalization import ActionCodec, Normalizer
-from data_pipelines.pipeline import clip_spec, episode_clip, patchify, resize_frames, text_tokens, unpatchify
+from data_pipelines.pipeline import clip_spec, episode_clip, text_tokens, unpatchify
 from data_pipelines.shards import ShardedSource
 from kairos_jax.inference import quality
+from kairos_jax.inference.latents import VideoCodec, video_codec
 from kairos_jax.inference.streaming import StreamingEngine
 
 VIDEO_MODES = ("simulate", "video_prediction")
@@ -57,10 +65,13 @@ class Settings:
 # -- clips -----------------------------------------------------------------------------------------
 
 def heldout_batch(cfg, root: str, source: str, *, clips: int, num_blocks: int, seed: int,
-                  stats: dict | None = None) -> dict:
+                  stats: dict | None = None, latent_stats: LatentStats | None = None,
+                  codec: VideoCodec | None = None) -> dict:
     """`clips` clips of `num_blocks` blocks from distinct episodes of `source` (cycling when it has
-    fewer), each from a start drawn uniformly among the valid ones, stacked into one batch: the
-    make_clip arrays plus "frames" uint8 [B, T, H, W, C] and "episode_ids"."""
+    fewer), each from a start drawn uniformly among the valid ones (multiples of a latent source's
+    temporal stride), stacked into one batch: the make_clip arrays plus "frames" uint8 [B, T, H, W, C]
+    (for a tokenizer source: the true latents decoded by `codec`, the model's VideoCodec with the same
+    `latent_stats`) and "episode_ids"."""
     src = ShardedSource(os.path.join(root, source))
     k = cfg.data.action_chunk
     span = (num_blocks - 1) * k + 1
@@ -68,13 +79,21 @@ def heldout_batch(cfg, root: str, source: str, *, clips: int, num_blocks: int, s
     if not usable:
         raise ValueError(f"{source} under {root}: no episode has the {span} frames {num_blocks} blocks need")
     rng = np.random.default_rng([seed, len(source), num_blocks])
+    s = src.latent_stride
     out = []
     for j in range(clips):
         index = usable[j % len(usable)]
-        start = int(rng.integers(0, int(src.episode_frames[index]) - span + 1))
-        out.append(episode_clip(cfg.data, source, index, start=start, num_blocks=num_blocks, root=root, stats=stats))
+        start = s * int(rng.integers(0, (int(src.episode_frames[index]) - span) // s + 1))
+        out.append(episode_clip(cfg.data, source, index, start=start, num_blocks=num_blocks, root=root, stats=stats,
+                                latent_stats=latent_stats))
     batch = {key: np.stack([c.clip[key] for c in out]) for key in out[0].clip}
-    batch["frames"] = np.stack([c.frames for c in out])
+    if out[0].frames is not None:
+        batch["frames"] = np.stack([c.frames for c in out])
+    elif codec is not None and codec.latent:
+        batch["frames"] = codec.block_frames(batch["video"])
+    else:
+        raise ValueError(f"{source} under {root} stores latents: scoring its clips needs the model's tokenizer "
+                         f"(config data.tokenizer) to decode them")
     batch["episode_ids"] = [c.episode_id for c in out]
     batch["embodiment"] = out[0].embodiment
     # [B, A]: an action error in the model's units times this is one in normalised absolute units
@@ -190,15 +209,24 @@ def mean_action(stats, action_dim: int, delta: bool = False) -> np.ndarray:
     return out
 
 
+def predicted_frames(codec: VideoCodec, batch: dict, video: np.ndarray, context: int) -> np.ndarray:
+    """Generated tokens [B, H, N, Dp] of blocks context .. -> uint8 frames [B, H, h, w, c]: unpatchified
+    (pixels), or decoded after the clip's true context latents (tokenizer latents)."""
+    if codec.latent:
+        return codec.block_frames(np.concatenate([np.asarray(batch["video"][:, :context]), video], axis=1))[:, context:]
+    return codec.block_frames(video)
+
+
 def open_loop(engine: StreamingEngine, cfg, batch: dict, settings: Settings, *, bc_engine=None,
-              train_stats=None) -> dict:
-    """Every open-loop metric of one source's batch (see the module docstring)."""
+              train_stats=None, codec: VideoCodec | None = None) -> dict:
+    """Every open-loop metric of one source's batch (see the module docstring); `codec`: the model's
+    VideoCodec (default: pixels)."""
     c, H = settings.context, settings.horizon
     d = cfg.data
+    codec = codec or VideoCodec(d)
     true_frames = batch["frames"][:, c:c + H]
     res = {"clips": int(batch["video"].shape[0]), "context": c, "horizon": H}
-    to_frames = lambda v: np.stack([unpatchify(x, d.image_size, d.patch_size, d.channels, d.get("image_width", 0))
-                                    for x in v])
+    to_frames = lambda v: predicted_frames(codec, batch, v, c)
     for mode in VIDEO_MODES:
         if mode == "simulate" and not np.any(batch["action_mask"][:, c:c + H]):
             continue
@@ -226,24 +254,23 @@ def open_loop(engine: StreamingEngine, cfg, batch: dict, settings: Settings, *, 
 # -- closed loop -------------------------------------------------------------------------------------
 
 def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, codec: ActionCodec, *, episodes: int,
-                         batch: int, seed: int, proprio_norm: Normalizer | None = None) -> dict:
+                         batch: int, seed: int, proprio_norm: Normalizer | None = None,
+                         video: VideoCodec | None = None) -> dict:
     """Task success of the model's policy: `episodes` seeded task episodes of `recorder_cls`, run
     `batch` at a time in lockstep (one engine call per block for all of them). Each control block:
     the policy's action chunk from the frames so far, k simulator steps, the new frame committed with
     the chunk that produced it (block 0: the first frame, its chunk absent) and, given proprio_norm,
-    with the robot's proprio state at that frame (the next chunk's state input)."""
+    with the robot's proprio state at that frame (the next chunk's state input). `video`: the model's
+    VideoCodec (default pixels; a tokenizer model sees every frame of each chunk through its encoder)."""
     from data_pipelines.sim.tasks import task_seed_rng
 
     d = cfg.data
+    video = video or VideoCodec(d)
     emb = DEFAULT_REGISTRY.get(recorder_cls.embodiment)
     k = d.action_chunk
-    image_size = max(64, d.image_size, d.get("image_width", 0))
+    image_size = max(64, video.height, video.width)
     dim_mask = np.zeros((1, d.action_dim), np.float32)
     dim_mask[0, :emb.action_dim] = 1.0
-
-    def tokens(frames):
-        x = resize_frames(np.stack(frames), d.image_size, d.get("image_width", 0))
-        return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)
 
     def observed(envs) -> dict:
         if proprio_norm is None:
@@ -263,21 +290,27 @@ def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, codec: Acti
             state = engine.start(text, jnp.full((B,), emb.id, jnp.int32), jnp.asarray(np.repeat(dim_mask, B, 0)))
             key, k0 = jax.random.split(key)
             noise = jax.random.normal(k0, (B, k, d.action_dim)) * jnp.asarray(dim_mask)[:, None]
-            state = engine.commit(state, tokens([env.frame() for env in live]), noise, np.zeros(B, np.float32),
-                                  np.ones(B, np.float32), **observed(live))
+            tokens, seen = video.start(np.stack([env.frame() for env in live]))
+            state = engine.commit(state, tokens, noise, np.zeros(B, np.float32), np.ones(B, np.float32),
+                                  **observed(live))
             steps = 0
             while steps < recorder_cls.task_steps:
                 key, kb = jax.random.split(key)
                 _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
                 start = np.stack([env.proprio() for env in live]) if codec.is_delta else None   # [B, p]
                 raw = codec.decode(np.asarray(chunk)[:, :, :emb.action_dim], start)              # [B, k, a]
+                rendered = []                           # [B, H, W, 3] per step: what a tokenizer encodes
                 for i in range(min(k, recorder_cls.task_steps - steps)):
                     for j, env in enumerate(live):
                         env.apply(raw[j, i])
+                    if video.latent:
+                        rendered.append(np.stack([env.frame() for env in live]))
                 steps += k
                 if steps < recorder_cls.task_steps:
-                    state = engine.commit(state, tokens([env.frame() for env in live]), chunk,
-                                          np.zeros(B, np.float32), np.zeros(B, np.float32), **observed(live))
+                    frames = np.stack(rendered, 1) if rendered else np.stack([env.frame() for env in live])[:, None]
+                    tokens, seen = video.observe(frames, seen)
+                    state = engine.commit(state, tokens, chunk, np.zeros(B, np.float32), np.zeros(B, np.float32),
+                                          **observed(live))
             successes += [bool(env.success()) for env in live]
             final += [float(env.metric()) for env in live]
     finally:
@@ -286,7 +319,8 @@ def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, codec: Acti
     return {"rate": float(np.mean(successes)), "successes": successes, "final_metric": final}
 
 
-def closed_loop(engine, cfg, source_stats, recorder_cls, settings: Settings, *, bc_engine=None) -> dict:
+def closed_loop(engine, cfg, source_stats, recorder_cls, settings: Settings, *, bc_engine=None,
+                video: VideoCodec | None = None) -> dict:
     """Success rates of the model, the BC policy, the scripted expert and random actions."""
     from data_pipelines.sim.tasks import expert_policy, random_policy, success_rate
 
@@ -294,7 +328,8 @@ def closed_loop(engine, cfg, source_stats, recorder_cls, settings: Settings, *, 
                                   bool(cfg.data.get("delta_actions", False)))
     proprio_norm = None if source_stats.proprio is None else Normalizer(source_stats.proprio)
     n = settings.closed_loop_episodes
-    kw = dict(episodes=n, batch=settings.closed_loop_batch, seed=settings.seed, proprio_norm=proprio_norm)
+    kw = dict(episodes=n, batch=settings.closed_loop_batch, seed=settings.seed, proprio_norm=proprio_norm,
+              video=video)
     out = {"episodes": n, "task_steps": recorder_cls.task_steps,
            "success_rate": model_policy_success(engine, cfg, recorder_cls, codec, **kw)["rate"]}
     if bc_engine is not None:
@@ -312,11 +347,13 @@ def robot_sources(cfg, root: str) -> list[str]:
 
 
 def evaluate(engine: StreamingEngine, cfg, root: str, settings: Settings, *, train_stats: dict,
-             sources=None, bc_engine=None, closed_loop_sources=None) -> dict:
+             sources=None, bc_engine=None, closed_loop_sources=None, latent_stats: dict | None = None) -> dict:
     """Open-loop metrics of every robot source under `root` and closed-loop success of every
     simulated robot among them. train_stats: {source: {embodiment: EmbodimentStats}} the model was
-    trained with (kairos_jax.inference.checkpoints.load_training_stats)."""
-    from kairos_jax.inference.rollout import control_recorders
+    trained with (kairos_jax.inference.checkpoints.load_training_stats); latent_stats: {source:
+    LatentStats} likewise for a model on tokenizer latents (load_training_latent_stats; a source
+    without falls back on its own)."""
+    from kairos_jax.inference.rollout import control_recorders, source_latent_stats
 
     clip_spec(cfg.data)
     sources = robot_sources(cfg, root) if sources is None else list(sources)
@@ -324,17 +361,20 @@ def evaluate(engine: StreamingEngine, cfg, root: str, settings: Settings, *, tra
     recorders = control_recorders()
     for source in sources:
         stats = train_stats.get(source)
+        lstats = source_latent_stats(cfg, root, source, (latent_stats or {}).get(source))
+        video = video_codec(cfg, lstats)
         batch = heldout_batch(cfg, root, source, clips=settings.clips_per_source,
-                              num_blocks=settings.context + settings.horizon, seed=settings.seed, stats=stats)
+                              num_blocks=settings.context + settings.horizon, seed=settings.seed, stats=stats,
+                              latent_stats=lstats, codec=video)
         emb_stats = None if stats is None else stats.get(batch["embodiment"])
         result["sources"][source] = open_loop(engine, cfg, batch, settings, bc_engine=bc_engine,
-                                              train_stats=emb_stats)
+                                              train_stats=emb_stats, codec=video)
         result["sources"][source]["embodiment"] = batch["embodiment"]
         wanted = closed_loop_sources is None or source in closed_loop_sources
         if wanted and settings.closed_loop_episodes and batch["embodiment"] in recorders and emb_stats is not None:
             result["closed_loop"][batch["embodiment"]] = closed_loop(engine, cfg, emb_stats,
                                                                      recorders[batch["embodiment"]], settings,
-                                                                     bc_engine=bc_engine)
+                                                                     bc_engine=bc_engine, video=video)
     return result
 
 
@@ -368,15 +408,20 @@ class HeldoutProbe:
         from data_pipelines.pipeline import training_stats
 
         e = cfg.eval
-        self.cfg, self.batches = cfg, {}
+        self.cfg, self.batches, self.codecs = cfg, {}, {}
         if not e.every or not e.root:
             return
         for source in sorted(phase_cfg.mixture):
             if source not in robot_sources_of(e.root, [source]):
                 continue
             stats = training_stats(cfg.data.root, source, cfg.data)    # as the training pipeline normalises
+            lstats = None
+            if cfg.data.get("tokenizer", ""):
+                lstats = ShardedSource(os.path.join(cfg.data.root, source)).latent_stats
+            self.codecs[source] = video_codec(cfg, lstats)
             self.batches[source] = heldout_batch(cfg, e.root, source, clips=e.clips_per_source,
-                                                 num_blocks=cfg.data.num_blocks, seed=0, stats=stats)
+                                                 num_blocks=cfg.data.num_blocks, seed=0, stats=stats,
+                                                 latent_stats=lstats, codec=self.codecs[source])
 
     def __call__(self, model) -> dict:
         from kairos_jax.inference import sampling
@@ -388,7 +433,11 @@ class HeldoutProbe:
                                                       "text", "action_mask")}
             pred = sampling.sample(model, ctx, mode="forward_dynamics", num_context=T - 1, rng=jax.random.key(0),
                                    num_steps=self.cfg.eval.num_steps)["video"][:, -1]
-            frames = unpatchify(np.asarray(pred), d.image_size, d.patch_size, d.channels, d.get("image_width", 0))
+            codec = self.codecs[source]
+            if codec.latent:            # decoded after the clip's true latents
+                frames = predicted_frames(codec, batch, np.asarray(pred)[:, None], T - 1)[:, 0]
+            else:
+                frames = unpatchify(np.asarray(pred), d.image_size, d.patch_size, d.channels, d.get("image_width", 0))
             truth, last = batch["frames"][:, -1], batch["frames"][:, -2]
             psnr = [quality.psnr(t, p) for t, p in zip(truth, frames)]
             copy = [quality.psnr(t, c) for t, c in zip(truth, last)]

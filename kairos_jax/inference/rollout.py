@@ -7,7 +7,9 @@
   is committed: a teacher-forced history).
 - `closed_loop(model, cfg, ...)`: the policy drives a simulated robot of data_pipelines.sim
   (observation -> action chunk -> k environment steps -> next observation, committed to the
-  caches with the chunk that produced it).
+  caches with the chunk that produced it). A model on tokenizer latents observes through the
+  tokenizer's streaming encoder: the first frame alone, then the k frames each chunk rendered
+  (kairos_jax/inference/latents.py).
 
 The command line is `python -m kairos_jax.rollout` (kairos_jax/rollout.py).
 """
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.latents import LatentStats
 from data_pipelines.pipeline import EpisodeClip
 from kairos_jax.inference.sampling import resolve_mode
 from kairos_jax.inference.streaming import StreamingEngine
@@ -27,6 +30,26 @@ from kairos_jax.inference.streaming import StreamingEngine
 
 class RolloutError(ValueError):
     """A model, source or argument the rollout cannot use; the message says which."""
+
+
+def source_latent_stats(cfg, root: str, source: str, trained: LatentStats | None = None) -> LatentStats | None:
+    """The latent statistics to normalise and decode a source's latents with: `trained` (the ones the
+    model was trained with) when given, else the source's own latent_stats.json; None for a pixel model."""
+    if not cfg.data.get("tokenizer", ""):
+        return None
+    if trained is not None:
+        return trained
+    from data_pipelines.normalization import StatsError
+    from data_pipelines.shards import ShardedSource, ShardError
+
+    try:
+        stats = ShardedSource(os.path.join(root, source)).latent_stats
+    except (ShardError, StatsError) as e:
+        raise RolloutError(f"source {source}: {e}") from None
+    if stats is None:
+        raise RolloutError(f"source {source} under {root} holds no tokenizer latents (the model was trained on "
+                           f"those of {cfg.data.tokenizer})")
+    return stats
 
 
 def make_engine(model, cfg, *, num_steps: int | None = None, shift: float | None = None,
@@ -100,7 +123,7 @@ def control_recorders() -> dict:
 
 
 def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks: int, seed: int,
-                image_size: int | None = None) -> dict:
+                image_size: int | None = None, latent_stats: LatentStats | None = None) -> dict:
     """Drive the simulated robot of `source` with the model's policy for `blocks` action chunks.
 
     observation -> policy action chunk (k steps) -> k environment steps -> next observation,
@@ -108,11 +131,13 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
     reacher, cheetah or pusher) provides the statistics that denormalise the actions. Returns the
     rendered frames, the applied actions and the task measure after every control step. The
     camera renders image_size-square frames (default: the model's frame size, at least 64), which
-    are resized to the model's frames as in the pipeline.
+    are resized to the model's frames as in the pipeline. A model on tokenizer latents sees the
+    frames through the tokenizer (normalised with `latent_stats`, default the source's own).
     """
     from data_pipelines.embodiments import DEFAULT_REGISTRY
-    from data_pipelines.pipeline import clip_spec, patchify, resize_frames, source_spec, text_tokens
+    from data_pipelines.pipeline import clip_spec, source_spec, text_tokens
     from data_pipelines.shards import ShardedSource
+    from kairos_jax.inference.latents import video_codec
 
     src = ShardedSource(os.path.join(root, source))
     recorders = control_recorders()
@@ -123,25 +148,23 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
     name = simulated[0]
     emb = DEFAULT_REGISTRY.get(name)
     d = cfg.data
-    if d.get("channels", 3) != 3:
+    if not d.get("tokenizer", "") and d.get("channels", 3) != 3:
         raise RolloutError(f"closed_loop feeds rendered RGB frames; this model takes {d.channels}-channel "
-                           f"inputs (latents?), which would need the encoder in the loop")
-    emb_spec = source_spec(root, source, 0, clip_spec(d))[0].embodiments[name]
+                           f"inputs (latents?) and names no tokenizer (data.tokenizer) to encode them with")
+    latent_stats = source_latent_stats(cfg, root, source, latent_stats)
+    video = video_codec(cfg, latent_stats)
+    emb_spec = source_spec(root, source, 0, clip_spec(d), latent_stats=latent_stats)[0].embodiments[name]
     codec, proprio_norm = emb_spec.action_codec, emb_spec.proprio_norm
     if codec is None:
         raise RolloutError(f"source {source}: no action statistics for {name}, closed_loop cannot "
                            f"denormalise the policy's actions")
     k = d.action_chunk
     if image_size is None:
-        image_size = max(64, d.image_size, d.get("image_width", 0))
+        image_size = max(64, video.height, video.width)
     rng = np.random.default_rng(seed)
     dim_mask = np.zeros((1, d.action_dim), np.float32)
     dim_mask[0, :emb.action_dim] = 1.0
     key = jax.random.key(seed)
-
-    def tokens(frame):
-        x = resize_frames(frame[None], d.image_size, d.get("image_width", 0))
-        return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)        # [1, N, Dp]
 
     def observed() -> dict:     # the robot's state with the frame: the next chunk's state input
         if proprio_norm is None:
@@ -156,17 +179,21 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
         # Block 0: the first frame; its action chunk is unknown (absent, as in training).
         key, k0 = jax.random.split(key)
         noise = jax.random.normal(k0, (1, k, d.action_dim)) * dim_mask[:, None]
-        state = engine.commit(state, tokens(frames[0]), noise, np.zeros(1, np.float32), np.ones(1, np.float32),
-                              **observed())
+        tokens, seen = video.start(frames[0][None])                       # [1, N, Dp], the encoder's state
+        state = engine.commit(state, tokens, noise, np.zeros(1, np.float32), np.ones(1, np.float32), **observed())
         for _ in range(blocks):
             key, kb = jax.random.split(key)
             _, chunk, _, _ = engine.denoise(state, kb, mode="policy")
             start_state = env.proprio() if codec.is_delta else None       # where the chunk starts
+            rendered = []
             for step in codec.decode(np.asarray(chunk[0, :, :emb.action_dim]), start_state):
                 applied.append(env.apply(step))
                 metric.append(env.metric())
-            frames.append(env.frame())
-            state = engine.commit(state, tokens(frames[-1]), chunk, np.zeros(1, np.float32), np.zeros(1, np.float32),
+                if video.latent:                  # the tokenizer sees every frame of the chunk
+                    rendered.append(env.frame())
+            frames.append(rendered[-1] if rendered else env.frame())
+            tokens, seen = video.observe(np.stack(rendered or frames[-1:])[None], seen)
+            state = engine.commit(state, tokens, chunk, np.zeros(1, np.float32), np.zeros(1, np.float32),
                                   **observed())
         metric_name = env.metric_name
     return {"embodiment": name, "frames": np.stack(frames), "actions": np.stack(applied),

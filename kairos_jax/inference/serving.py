@@ -55,6 +55,21 @@ frame to start from; later requests take no image: the model's own frames are th
 request then runs key, kb = split(key); step(kb, mode="simulate", actions) (denoise and commit the
 predicted frame) and answers {"observation/image": uint8 [H_model, W_model, 3], "server_timing"}.
 
+A model on tokenizer latents (config data.tokenizer; kairos_jax/inference/latents.py) is served on
+frames all the same: the metadata's "image_size" is the tokenizer's pixel frame size and its "video"
+map says {"kind": "latents", "tokenizer", "temporal_stride": s, "frames_per_request": k}. Every image
+is resized to that size and encoded by the tokenizer's streaming encoder, whose state (constant size)
+is the episode's, as the converter encoded the training data. The first image of an episode is
+encoded alone (frame 0); a later policy request covers one block, i.e. the k = data.action_chunk
+frames since the previous request (k = s in the real configs): "observation/image" is either one
+uint8 [H, W, 3] image, taken as all k of them (repeated k times for the encoder), or the stack
+uint8 [k, H, W, 3] of them, oldest first (on the first request a stack's last image is used). The
+block's token is the latent of the last s frames, normalised with the latent statistics of the
+embodiment's training source. In simulate mode the predicted latents are decoded with the
+tokenizer's streaming decoder (its state also the episode's; the first frame's latent primes it),
+and the answer holds "observation/image" (the block's frame, the last decoded) and
+"observation/frames" (uint8 [s, H, W, 3], every frame the block's latent decodes to).
+
 Errors: a request the server cannot use (not msgpack, not a map, a missing or unknown key, a wrong
 dtype or shape, an unknown embodiment, a changed prompt) is answered with a text frame
 "error: <what>" and the connection stays open with its episode unchanged (openpi's client raises
@@ -87,9 +102,10 @@ import numpy as np
 
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry
 from data_pipelines.normalization import ActionCodec, Normalizer
-from data_pipelines.pipeline import patchify, resize_frames, text_tokens, unpatchify
+from data_pipelines.pipeline import ConfigError, text_tokens
 from kairos_jax.inference import wire
 from kairos_jax.inference.checkpoints import CheckpointError
+from kairos_jax.inference.latents import VideoCodec, video_codec
 from kairos_jax.inference.streaming import StreamingEngine
 
 log = logging.getLogger("kairos.serve")
@@ -99,6 +115,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 PROTOCOL = "openpi-websocket+msgpack_numpy (kairos serve v1)"
 IMAGE, STATE, PROMPT, EMBODIMENT, ACTIONS, RESET = ("observation/image", "observation/state", "prompt",
                                                     "embodiment", "actions", "reset")
+FRAMES = "observation/frames"      # simulate answers of a tokenizer model: every decoded frame of the block
 REQUEST_KEYS = {"policy": (IMAGE, STATE, PROMPT, EMBODIMENT), "simulate": (ACTIONS, IMAGE, STATE, PROMPT, EMBODIMENT)}
 
 
@@ -179,6 +196,8 @@ class Episode:
     embodiment: ServedEmbodiment | None = None
     prompt: str | None = None
     blocks: int = 0
+    seen: object = None                # a tokenizer model: the streaming encoder's state
+    decoder: object = None             # a tokenizer model in simulate mode: its StreamDecoder
 
 
 def _describe(x) -> str:
@@ -193,13 +212,16 @@ class ServedModel:
 
     def __init__(self, engine: StreamingEngine, cfg, embodiments: dict[str, ServedEmbodiment], *, mode: str = "policy",
                  seed: int = 0, name: str = "model", checkpoint: str = "", step: int | None = None,
-                 refused: dict[str, str] | None = None):
+                 refused: dict[str, str] | None = None, latent_stats: dict | None = None):
+        """latent_stats: {source: LatentStats} the model was trained with, for a model on tokenizer
+        latents (each embodiment's tokens are normalised with its source's)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {MODES}")
         d = cfg.data
-        if d.get("channels", 3) != 3:
+        self.tokenizer = d.get("tokenizer", "")
+        if not self.tokenizer and d.get("channels", 3) != 3:
             raise CheckpointError(f"this model takes {d.channels}-channel inputs (latents?); the server feeds "
-                                  f"RGB frames and would need the video encoder in front")
+                                  f"RGB frames and its config names no tokenizer (data.tokenizer) to encode them")
         if cfg.model.text_encoder != "bytes":
             raise CheckpointError("this model reads precomputed text embeddings (model.text_encoder="
                                   f"{cfg.model.text_encoder!r}); the server encodes prompts as bytes")
@@ -210,7 +232,19 @@ class ServedModel:
         self.mode, self.seed, self.name, self.checkpoint, self.step = mode, int(seed), name, checkpoint, step
         self.refused = dict(refused or {})
         self.k, self.A = d.action_chunk, d.action_dim
-        self.height, self.width = d.image_size, d.get("image_width", 0) or d.image_size
+        self.codecs: dict[str, VideoCodec] = {}
+        for e_name, emb in embodiments.items():
+            stats = (latent_stats or {}).get(emb.source)
+            if self.tokenizer and stats is None:
+                raise CheckpointError(f"{checkpoint or name}: no latent statistics of source {emb.source} (the "
+                                      f"{e_name} statistics' source): a model on {self.tokenizer}'s latents needs "
+                                      f"stats/{emb.source}/latent_stats.json beside its config")
+            try:
+                self.codecs[e_name] = video_codec(cfg, stats)
+            except ConfigError as err:
+                raise CheckpointError(f"{checkpoint or name}: {err}") from None
+        codec = next(iter(self.codecs.values()))
+        self.height, self.width = codec.height, codec.width
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -219,18 +253,30 @@ class ServedModel:
                         ) -> ServedModel:
         """Load a workdir, phase folder or export folder with the statistics it was trained with
         (or, for a run that predates them, those of `data_root`'s sources)."""
+        from data_pipelines.latents import load_latent_stats
         from data_pipelines.normalization import StatsError, load_stats
-        from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model, load_training_stats
+        from kairos_jax.inference.checkpoints import (
+            find_checkpoint,
+            load_config,
+            load_model,
+            load_training_latent_stats,
+            load_training_stats,
+        )
         from kairos_jax.inference.rollout import make_engine
 
         ref = find_checkpoint(path)
         cfg = load_config(ref)
+        latent_stats = {}
         try:
             stats = load_training_stats(ref)
+            if cfg.data.get("tokenizer", ""):
+                latent_stats = load_training_latent_stats(ref)
             if not stats and data_root:
                 sources = sorted({s for p in cfg.curriculum for s in cfg.phases[p].mixture})
                 stats = {s: load_stats(os.path.join(data_root, s)) for s in sources
                          if os.path.isdir(os.path.join(data_root, s))}
+                if cfg.data.get("tokenizer", ""):
+                    latent_stats = {s: load_latent_stats(os.path.join(data_root, s)) for s in stats}
         except StatsError as e:
             raise CheckpointError(str(e)) from None
         if not stats:
@@ -240,14 +286,16 @@ class ServedModel:
         parent = os.path.dirname(ref.config_path)
         name = os.path.basename(os.path.dirname(parent) if os.path.basename(parent) == "export" else parent)
         return cls(make_engine(load_model(ref, cfg), cfg), cfg, embodiments, mode=mode, seed=seed, name=name,
-                   checkpoint=ref.path, step=ref.step, refused=refused)
+                   checkpoint=ref.path, step=ref.step, refused=refused, latent_stats=latent_stats)
 
     def metadata(self, max_message_bytes: int) -> dict:
         return {"model": self.name, "checkpoint": self.checkpoint, "step": self.step, "mode": self.mode,
                 "modes": list(MODES), "embodiments": {n: e.describe() for n, e in sorted(self.embodiments.items())},
                 "action_horizon": self.k, "action_dim": self.A, "image_size": [self.height, self.width],
                 "text_len": self.cfg.data.text_len, "max_message_bytes": int(max_message_bytes), "seed": self.seed,
-                "request_keys": list(REQUEST_KEYS[self.mode]), "protocol": PROTOCOL}
+                "request_keys": list(REQUEST_KEYS[self.mode]), "protocol": PROTOCOL,
+                **({"video": {"kind": "latents", "tokenizer": self.tokenizer, "frames_per_request": self.k,
+                              "temporal_stride": next(iter(self.codecs.values())).stride}} if self.tokenizer else {})}
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -277,14 +325,14 @@ class ServedModel:
                                f"{emb.name} actions are relative to the robot's state, so every request needs it")
         tokens = actions = None
         if self.mode == "policy":
-            tokens = self._tokens(self._image(request))
+            tokens = self._tokens(self._image(request), episode, emb)
         else:
             actions = self._actions(request, emb)
             if episode.state is None:
                 if IMAGE not in request:
                     raise RequestError(f"the first request of a simulate episode needs {IMAGE!r} (uint8 [H, W, 3]): "
                                        f"the frame to start from")
-                tokens = self._tokens(self._image(request))
+                tokens = self._tokens(self._image(request), episode, emb)
             elif IMAGE in request:
                 raise RequestError(f"{IMAGE!r} is only taken by the first request of a simulate episode (the model's "
                                    f'own frames are the history); send {{"reset": true}} to start from a new frame')
@@ -297,6 +345,8 @@ class ServedModel:
     def _run(self, episode: Episode, emb: ServedEmbodiment, prompt: str, tokens, actions, proprio=None,
              raw_state=None) -> dict:
         eng = self.engine
+        if tokens is not None:                  # (tokens [1, N, Dp], the encoder state after this image)
+            tokens, episode.seen = tokens
         # the state observed with this frame: the next chunk's state input (models with proprio_input)
         observed = {} if proprio is None else {"proprio": np.asarray(proprio, np.float32)[None]}
         zeros, ones = np.zeros(1, np.float32), np.ones(1, np.float32)
@@ -309,6 +359,9 @@ class ServedModel:
             noise = jax.random.normal(k0, (1, self.k, self.A)) * dim_mask[:, None]
             episode.state = eng.commit(state, tokens, noise, zeros, ones, **observed)   # block 0: a_{-1} absent
             episode.key, episode.embodiment, episode.prompt = key, emb, prompt
+            if self.mode == "simulate" and self.tokenizer:     # the decoder starts from the first frame's latent
+                episode.decoder = self.codecs[emb.name].decoder()
+                episode.decoder(tokens)
         elif self.mode == "policy":
             episode.state = eng.commit(episode.state, tokens, episode.chunk, zeros, zeros, **observed)
         episode.key, kb = jax.random.split(episode.key)
@@ -321,9 +374,10 @@ class ServedModel:
         a = np.zeros((1, self.k, self.A), np.float32)
         a[0, :, :emb.action_dim] = emb.action_codec.encode(actions, raw_state)    # the chunk starts at this state
         episode.state, video, _ = eng.step(episode.state, kb, mode="simulate", actions=a)
-        d = self.cfg.data
-        frame = unpatchify(np.asarray(video), d.image_size, d.patch_size, 3, d.get("image_width", 0))[0]
-        return {IMAGE: frame}
+        if self.tokenizer:
+            frames = episode.decoder(video)[0]                       # [s, H, W, 3]
+            return {IMAGE: frames[-1], FRAMES: frames}
+        return {IMAGE: self.codecs[emb.name].block_frames(np.asarray(video)[:, None])[0, 0]}
 
     def _episode_keys(self, request: dict, episode: Episode) -> tuple[ServedEmbodiment, str]:
         name, prompt = request.get(EMBODIMENT), request.get(PROMPT)
@@ -351,22 +405,34 @@ class ServedModel:
         return episode.embodiment, episode.prompt
 
     def _image(self, request: dict) -> np.ndarray:
+        """The request's image(s) as uint8 [n, H, W, 3]: n = 1, or k for a tokenizer model's stack."""
+        want = "uint8 [H, W, 3]" + (f" or a stack uint8 [{self.k}, H, W, 3]" if self.tokenizer else "")
         if IMAGE not in request:
-            raise RequestError(f"missing key {IMAGE!r} (uint8 [H, W, 3])")
+            raise RequestError(f"missing key {IMAGE!r} ({want})")
         x = request[IMAGE]
         if not isinstance(x, np.ndarray):
-            raise RequestError(f"{IMAGE!r} must be a numpy array uint8 [H, W, 3]; got {_describe(x)}")
+            raise RequestError(f"{IMAGE!r} must be a numpy array {want}; got {_describe(x)}")
         if x.dtype != np.uint8:
-            raise RequestError(f"{IMAGE!r} has dtype {x.dtype}; expected uint8 [H, W, 3]")
+            raise RequestError(f"{IMAGE!r} has dtype {x.dtype}; expected {want}")
+        if self.tokenizer and x.ndim == 4:
+            if x.shape[0] != self.k or x.shape[3] != 3 or x.shape[1] < 1 or x.shape[2] < 1:
+                raise RequestError(f"{IMAGE!r} has shape {list(x.shape)}; a stack holds the block's k={self.k} "
+                                   f"frames: [{self.k}, H, W, 3], oldest first")
+            return x
         if x.ndim != 3 or x.shape[2] != 3 or x.shape[0] < 1 or x.shape[1] < 1:
             raise RequestError(f"{IMAGE!r} has shape {list(x.shape)}; expected [H, W, 3] (height, width, RGB), "
-                               f"H, W >= 1")
-        return x
+                               f"H, W >= 1" + (f", or [{self.k}, H, W, 3]" if self.tokenizer else ""))
+        return x[None]
 
-    def _tokens(self, image: np.ndarray) -> jax.Array:
-        d = self.cfg.data
-        x = resize_frames(image[None], d.image_size, d.get("image_width", 0))
-        return jnp.asarray(patchify(x, d.patch_size) / 127.5 - 1.0, jnp.float32)        # [1, N, Dp]
+    def _tokens(self, images: np.ndarray, episode: Episode, emb: ServedEmbodiment):
+        """uint8 [n, H, W, 3] -> (the block's tokens [1, N, Dp], the encoder state after them); the
+        episode is not changed here (`_run` takes the state)."""
+        codec = self.codecs[emb.name]
+        if episode.state is None or not codec.latent:
+            return codec.start(images[-1][None])            # the first frame (a pixel model: the last image)
+        if images.shape[0] == 1:
+            images = np.repeat(images, self.k, axis=0)       # one image stands for the block's k frames
+        return codec.observe(images[None], episode.seen)
 
     def _float_array(self, request: dict, key: str, shape: tuple, what: str) -> np.ndarray:
         x = request[key]

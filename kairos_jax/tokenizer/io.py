@@ -95,6 +95,11 @@ class Tokenizer:
         self._encode = jax.jit(encode)
         self._decode = jax.jit(decode, static_argnums=3)
 
+    def place(self, sharding) -> None:
+        """Put the parameters on `sharding` (e.g. replicated over a mesh of every device), once, so that
+        jitted calls on batch-sharded inputs do not move them at every call."""
+        self._state = jax.device_put(self._state, sharding)
+
     # --- properties -------------------------------------------------------------------------------------
     @property
     def spatial_compression(self) -> int:

@@ -359,13 +359,20 @@ def train_curriculum(cfg, workdir: str, stop: StopRequested | None = None) -> li
 
 def save_training_stats(cfg, directory: str) -> None:
     """The normalisation statistics of every source the curriculum trains on, as
-    `directory/<source>/stats.json`: a trained model's actions and proprio only mean something
-    with them, so rollout, evaluation and serving normalise with these, not with their data's."""
+    `directory/<source>/stats.json` (and latent_stats.json for a tokenizer source): a trained
+    model's actions, proprio and latents only mean something with them, so rollout, evaluation and
+    serving normalise (and decode) with these, not with their data's."""
+    from data_pipelines.latents import write_latent_stats
+    from data_pipelines.shards import ShardedSource
+
     sources = sorted({s for name in cfg.curriculum for s in cfg.phases[name].mixture})
     for source in sources:
         out = os.path.join(directory, source)
         os.makedirs(out, exist_ok=True)
         write_stats(out, training_stats(cfg.data.root, source, cfg.data))
+        src = ShardedSource(os.path.join(cfg.data.root, source))
+        if src.latent_stats is not None:
+            write_latent_stats(out, src.latent_stats, src.latent_info.tokenizer_digest)
 
 
 SMOKE_RUN = ("Not every source beats copy-last-frame one block ahead on held-out episodes: this model is not "
