@@ -4,7 +4,7 @@ resumably.
     python -m data_pipelines.convert --format={video_folder,human,rlds,lerobot,shards} \\
         --input=DIR|URL --output=DIR|URL [--spec=NAME] [--embodiment=NAME] [--strict] \\
         [--workers=N] [--episodes_per_shard=N] [--encoder=module:function | --encoder=tokenizer:DIR]
-        [--encode_batch=N] [--encode_chunk=N] [--no_progress]
+        [--encode_batch=N] [--encode_chunk=N] [--text_encoder=module:function] [--text_batch=N] [--no_progress]
 
 Reads with data_pipelines.readers.<format>; --input and --output may be local paths or URLs
 (gs://, s3://, memory://: data_pipelines.storage).
@@ -35,7 +35,8 @@ object, also written to OUTPUT/convert_summary.json:
      "seconds": float, "episodes_per_s": float, "mb_per_s": float,   # of this run's new shards
      "episode_bytes": int, "shard_bytes": int,                       # all shards: raw records, on disk
      "frames_trimmed": int,                                          # --encoder=tokenizer: frames dropped
-     "latents": {...}}                                               # --encoder=tokenizer: the manifest's record
+     "latents": {...},                                               # --encoder=tokenizer: the manifest's record
+     "text_embeddings": {...}}                                       # --text_encoder: the manifest's record
 
 --encoder=module:function pre-encodes frames: the function maps uint8 [T, H, W, C] to float
 [T, h, w, c], stored as Episode.latents instead of the frames.
@@ -52,6 +53,18 @@ tokenizer.json and weights); latent_stats.json beside the shards holds the exact
 every latent position, which training normalises with. Frame sizes must be multiples of r (--size).
 A re-run resumes only with the same tokenizer (its digest is part of the plan). Runs with --workers=1:
 the devices are shared by the batch, not by processes.
+
+--text_encoder=module:function embeds the source's task texts for a model with
+model.text_encoder='precomputed' (data_pipelines/text_embeddings.py): the function maps a list of N
+strings to (float [N, L, D], mask [N, L]) or float [N, D]. Once every shard is written, the distinct
+texts of all episodes (each shard's record lists its own) go through it --text_batch at a time, in this
+process, and the table is written beside the shards (text_embeddings.json + .npy arrays, no pickle)
+before the manifest, which records the encoder, D and L. Each finished batch is kept in
+OUTPUT/.convert/ until the table is written, so a stopped run resumes there too. The text encoder is
+part of the plan: a re-run without --text_encoder keeps the one recorded, a re-run with another one is
+refused (to replace the embeddings without converting the video again: `python -m
+data_pipelines.text_embed --input=OUTPUT --text_encoder=... --overwrite`), and a re-run of a finished
+conversion with --text_encoder adds the embeddings without touching the shards.
 
 Exit status: 0 done, 2 a user mistake or bad input (one line `error: ...` on stderr).
 """
@@ -87,6 +100,13 @@ from data_pipelines.shards import (
     check_episode,
     manifest_document,
     shard_name,
+)
+from data_pipelines.text_embeddings import (
+    DEFAULT_TEXT_BATCH,
+    TEXT_FILES,
+    TextEmbeddingInfo,
+    embed_source_texts,
+    load_text_encoder,
 )
 
 log = logging.getLogger("data_pipelines.convert")
@@ -222,7 +242,7 @@ def _run_task(task: _Task) -> dict:
     name = shard_name(task.index, task.count)
     entry = {"file": name, "episodes": 0, "frames": 0, "episode_ids": [], "episode_frames": [],
              "episode_embodiments": []}
-    skipped, fps, shapes, kinds = [], set(), set(), set()
+    skipped, fps, shapes, kinds, texts = [], set(), set(), set(), set()
     frames_trimmed = 0
     actions: dict[str, list[np.ndarray]] = {}
     proprio: dict[str, list[np.ndarray]] = {}
@@ -276,6 +296,7 @@ def _run_task(task: _Task) -> dict:
                 if ep.proprio is not None:
                     proprio.setdefault(ep.embodiment, []).append(ep.proprio)
                 fps.add(float(ep.fps))
+                texts.add(ep.text)
                 video = ep.frames if ep.frames is not None else ep.latents
                 shapes.add(tuple(int(d) for d in video.shape[1:]))
                 kinds.add("frames" if ep.frames is not None else "latents")
@@ -296,7 +317,7 @@ def _run_task(task: _Task) -> dict:
     storage.write_bytes_atomic(_record_path(task.output, task.index, "npz"), buf)
     record = {"shard": entry, "skipped": skipped, "fps": sorted(fps), "frame_shapes": sorted(shapes),
               "video": sorted(kinds), "episode_bytes": episode_bytes, "shard_bytes": shard_bytes,
-              "seconds": time.perf_counter() - t0, "frames_trimmed": frames_trimmed}
+              "seconds": time.perf_counter() - t0, "frames_trimmed": frames_trimmed, "texts": sorted(texts)}
     if moments is not None:
         record["latent_moments"] = moments.to_json()
     # Written last: its presence marks the shard finished (a resumed run skips it).
@@ -329,12 +350,13 @@ def _load_npz(path) -> dict[str, np.ndarray]:
 
 
 def _plan(fmt, input_dir, keys, per_shard, random_access: bool, options: dict, embodiment, encoder, source,
-          latents: LatentInfo | None = None) -> dict:
+          latents: LatentInfo | None = None, text_encoder: str | None = None) -> dict:
     digest = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
     count = max(1, -(-len(keys) // per_shard)) if random_access else 1
     plan = {"format": fmt, "input": input_dir, "options": json.loads(json.dumps(options, default=str)),
             "embodiment": embodiment, "encoder": encoder, "source": source, "episodes_per_shard": per_shard,
-            "num_keys": len(keys), "keys_sha256": digest, "shards": count, "random_access": random_access}
+            "num_keys": len(keys), "keys_sha256": digest, "shards": count, "random_access": random_access,
+            "text_encoder": text_encoder}
     if latents is not None:      # a resumed run must encode with the very same tokenizer
         plan["latents"] = latents.to_json()
     return plan
@@ -342,7 +364,8 @@ def _plan(fmt, input_dir, keys, per_shard, random_access: bool, options: dict, e
 
 def _clear(output: str) -> None:
     for name in storage.listdir(output):
-        if name.startswith("shard-") or name in (MANIFEST_FILE, "stats.json", LATENT_STATS_FILE, SUMMARY_FILE):
+        if name.startswith("shard-") or name in (MANIFEST_FILE, "stats.json", LATENT_STATS_FILE, SUMMARY_FILE,
+                                                  *TEXT_FILES):
             storage.remove(storage.join(output, name))
     work = storage.join(output, WORK_DIR)
     if storage.isdir(work):
@@ -350,13 +373,33 @@ def _clear(output: str) -> None:
             storage.remove(storage.join(work, name))
 
 
-def _prepare_output(output: str, plan: dict, overwrite: bool) -> None:
+PLAN_FILE = "plan.json"
+
+
+def _video_plan(plan: dict) -> dict:
+    """The plan without its text encoder (which a re-run may add to a conversion)."""
+    return {k: v for k, v in plan.items() if k != "text_encoder"}
+
+
+def _prepare_output(output: str, plan: dict, overwrite: bool) -> dict:
+    """Checks the output folder against `plan` (resume, refuse, or clear with `overwrite`); returns the
+    plan in effect: `plan` with the text encoder recorded by an earlier run when this one names none."""
     storage.makedirs(output)
-    plan_path = storage.join(output, WORK_DIR, "plan.json")
+    plan_path = storage.join(output, WORK_DIR, PLAN_FILE)
     existing = storage.read_json(plan_path) if storage.exists(plan_path) else None
     foreign = [n for n in storage.listdir(output) if n.startswith("shard-") or n == MANIFEST_FILE]
-    if existing == plan:
-        return                                   # resume (or re-run a finished conversion)
+    if existing is not None and _video_plan(existing) == _video_plan(plan):
+        recorded, given = existing.get("text_encoder"), plan["text_encoder"]
+        if given is None or given == recorded or recorded is None:
+            effective = dict(plan, text_encoder=given or recorded)
+            if effective != existing:        # adding a text encoder (or a plan written before there was one)
+                storage.write_json_atomic(plan_path, effective, indent=1)
+            return effective                 # resume (or re-run a finished conversion)
+        if not overwrite:
+            raise ShardError(f"{output} holds a conversion whose task texts are embedded by --text_encoder={recorded}, "
+                             f"not {given}: re-run with --text_encoder={recorded} (or without the flag) to resume it; "
+                             f"to replace its text embeddings without converting the video again run `python -m "
+                             f"data_pipelines.text_embed --input={output} --text_encoder={given} --overwrite`")
     if existing is not None or foreign:
         if not overwrite:
             what = "a conversion with another plan (format, input, options or episodes differ)" \
@@ -365,6 +408,7 @@ def _prepare_output(output: str, plan: dict, overwrite: bool) -> None:
         _clear(output)
     storage.makedirs(storage.join(output, WORK_DIR))
     storage.write_json_atomic(plan_path, plan, indent=1)
+    return plan
 
 
 class _Progress:
@@ -402,13 +446,14 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
             registry: EmbodimentRegistry | None = None, overwrite: bool = False, workers: int = 1,
             episodes_per_shard: int = DEFAULT_EPISODES_PER_SHARD, progress: bool = False,
             encode_batch: int = DEFAULT_ENCODE_BATCH, encode_chunk: int = DEFAULT_ENCODE_CHUNK,
-            **options) -> dict:
+            text_encoder: str | None = None, text_batch: int = DEFAULT_TEXT_BATCH, **options) -> dict:
     """Converts one dataset; returns the summary (the CLI's JSON line). Raises on bad input if strict.
 
     options: the reader's keyword arguments (see `reader_options`). workers > 1 runs the shards in
     that many spawned processes. A custom `registry` must be picklable when workers > 1.
     encoder: "module:function" or "tokenizer:DIR" (module docstring); encode_batch / encode_chunk:
-    episodes per tokenizer batch and latent frames per encoder call.
+    episodes per tokenizer batch and latent frames per encoder call. text_encoder: "module:function"
+    embedding the distinct task texts, text_batch of them per call (module docstring).
     """
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
@@ -430,6 +475,10 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
         encoder = TOKENIZER_PREFIX + latents.tokenizer
     elif encoder:
         load_encoder(encoder)
+    if text_encoder:
+        if int(text_batch) < 1:
+            raise ValueError(f"--text_batch={text_batch} must be >= 1")
+        load_text_encoder(text_encoder)                  # not importable: fails here, before any work
     input_dir = storage.abspath(input_dir)
     output = storage.abspath(output_dir)
     reader = READERS[fmt](input_dir, embodiment=embodiment, registry=registry, **options)
@@ -437,8 +486,8 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
     keys = list(reader.keys())
     random_access = not getattr(reader, "streaming", False)
     plan = _plan(fmt, input_dir, keys, int(episodes_per_shard), random_access, options, embodiment, encoder, source,
-                 latents)
-    _prepare_output(output, plan, overwrite)
+                 latents, text_encoder or None)
+    plan = _prepare_output(output, plan, overwrite)
 
     count = plan["shards"]
     tasks = [_Task(fmt, input_dir, output, u, count,
@@ -478,8 +527,15 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
         meter.close()
         _READER_CACHE.clear()
         _ENCODER_CACHE.clear()
+    ordered = [records[u] for u in range(count)]
+    text = None
+    if plan["text_encoder"] and any(r["shard"]["episodes"] for r in ordered):
+        # once per distinct text, after the shards: resumable through OUTPUT/.convert/text-NNNNN.npz
+        text = embed_source_texts(output, _distinct_texts(output, ordered), plan["text_encoder"],
+                                  batch_size=int(text_batch), work_dir=storage.join(output, WORK_DIR),
+                                  progress=progress)
     seconds = time.perf_counter() - t0
-    summary = _merge(output, plan, [records[u] for u in range(count)], registry, fmt, input_dir, source, latents)
+    summary = _merge(output, plan, ordered, registry, fmt, input_dir, source, latents, text)
     new = [records[t.index] for t in todo]
     new_bytes = sum(r["episode_bytes"] for r in new)
     summary.update({
@@ -491,8 +547,24 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
     return summary
 
 
+def _distinct_texts(output: str, records: list[dict]) -> list[str]:
+    """The distinct task texts of the written episodes: from the shard records (a record written before
+    they listed their texts: from its shard)."""
+    texts: set[str] = set()
+    for r in records:
+        if not r["shard"]["episodes"]:
+            continue
+        if "texts" in r:
+            texts.update(r["texts"])
+            continue
+        from data_pipelines.shards import EpisodeDataSource
+        ds = EpisodeDataSource([storage.readable_path(storage.join(output, r["shard"]["file"]))])
+        texts.update(ds[i].text for i in range(len(ds)))
+    return sorted(texts)
+
+
 def _merge(output: str, plan: dict, records: list[dict], registry, fmt, input_dir, source,
-           latents: LatentInfo | None = None) -> dict:
+           latents: LatentInfo | None = None, text: TextEmbeddingInfo | None = None) -> dict:
     """stats.json (and latent_stats.json) and manifest.json from the shard records (in shard order)."""
     skipped = [s for r in records for s in r["skipped"]]
     for s in skipped:
@@ -535,7 +607,7 @@ def _merge(output: str, plan: dict, records: list[dict], registry, fmt, input_di
         write_latent_stats(output, moments.stats(), latents.tokenizer_digest)
     manifest = manifest_document(source, embodiments, entries, skipped, {f for r in records for f in r["fps"]},
                                  {tuple(s) for r in records for s in r["frame_shapes"]}, kinds, DEFAULT_OPTIONS,
-                                 latents=latents if entries else None)
+                                 latents=latents if entries else None, text=text)
     storage.write_json_atomic(storage.join(output, MANIFEST_FILE), manifest)   # last: the folder is complete
     log.info("wrote %d episodes (%d frames) of source %s to %d shard(s) in %s; skipped %d",
              manifest["num_episodes"], manifest["num_frames"], source, len(entries), output, len(skipped))
@@ -554,6 +626,7 @@ def _merge(output: str, plan: dict, records: list[dict], registry, fmt, input_di
         "shard_bytes": sum(r["shard_bytes"] for r in records),
         "frames_trimmed": sum(r.get("frames_trimmed", 0) for r in records),
         **({"latents": latents.to_json()} if latents is not None else {}),
+        **({"text_embeddings": text.to_json()} if text is not None else {}),
     }
 
 
@@ -597,6 +670,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encode_chunk", type=int, default=DEFAULT_ENCODE_CHUNK,
                    help="tokenizer:DIR: latent frames per encoder call (memory per call: encode_batch x "
                         "(encode_chunk x stride + 1) frames)")
+    p.add_argument("--text_encoder", help="module:function mapping a list of N task texts to (float [N,L,D], mask "
+                                          "[N,L]) or float [N,D]: stores their embeddings beside the shards, for "
+                                          "model.text_encoder='precomputed'")
+    p.add_argument("--text_batch", type=int, default=DEFAULT_TEXT_BATCH,
+                   help="--text_encoder: distinct texts per encoder call")
     p.add_argument("--fps", type=float, help="video_folder / human: resample to this rate; "
                                              "rlds: the rate the dataset was recorded at")
     p.add_argument("--size", type=_size, help="HxW: resize (aspect kept) and center-crop the frames")
@@ -622,7 +700,8 @@ def main(argv=None) -> dict:
                           strict=args.strict, source=args.source, encoder=args.encoder,
                           overwrite=args.overwrite, workers=args.workers,
                           episodes_per_shard=args.episodes_per_shard, progress=not args.no_progress,
-                          encode_batch=args.encode_batch, encode_chunk=args.encode_chunk, **options)
+                          encode_batch=args.encode_batch, encode_chunk=args.encode_chunk,
+                          text_encoder=args.text_encoder, text_batch=args.text_batch, **options)
     except (ValueError, KeyError, OSError, ImportError) as e:
         error = UserError(f"error: {e}")
         print(error.message, file=sys.stderr)

@@ -25,6 +25,13 @@ Dp = patch_size^2 * channels, A = action_dim, P = proprio_dim, L = text_len):
     text             int32   [B, L]         UTF-8 bytes + 1, 0 = padding, truncated to L
     progress         float32 [B, T]         f_t / (episode length - 1)
 
+and, with data.text_embedding_dim = D > 0 (a model with model.text_encoder = "precomputed"):
+
+    text_embedding      float32 [B, L, D]   the episode's task text as the source's stored embeddings
+                                            (data_pipelines/text_embeddings.py): the first L rows, or
+                                            zero-padded to L
+    text_embedding_mask float32 [B, L]      1 on the stored tokens, 0 on padding
+
 Clips. A clip covers frames f_0 = start, f_t = start + t*k; start is uniform in
 [0, len - (T-1)*k - 1], drawn from the element's own rng (Grain `random_map`: seed + element index).
 Episodes shorter than T*k frames are left out when the dataset is built (one log line per source
@@ -43,6 +50,13 @@ proprio and progress are taken at f_t exactly as for frames. data.tokenizer must
 the source was encoded with (a digest of its manifest and weights is checked), data.channels its
 latent channels and data.image_size / data.image_width the latent frame size; a phase cannot mix
 pixel and latent sources. Each is a ConfigError saying what to set.
+
+Precomputed text (data.text_embedding_dim = D > 0). Every source of the mixture must hold text
+embeddings of D features (`python -m data_pipelines.convert --text_encoder=module:function`, or `python
+-m data_pipelines.text_embed` on a finished folder), all from the same encoder; each clip looks its
+episode's text up there (an episode whose text has none is bad input: skipped and counted, or raised
+with data.strict). Each is a ConfigError saying what to run or set. Rollout, evaluation and serving pass
+the tables a run saved (`text_embeddings=`) instead of the data's own.
 
 Mixing. Each source is an infinite stream of its episodes (a fresh permutation every epoch, drawn
 from (seed, epoch); see _EpochShuffledPick); the streams are mixed by `mixing.ScheduledMixSelection`, a deterministic
@@ -92,6 +106,7 @@ from data_pipelines.normalization import (
     delta_action_stats,
 )
 from data_pipelines.shards import EpisodeDataSource, ShardedSource, ShardError
+from data_pipelines.text_embeddings import TextEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +150,9 @@ def batch_spec(data_cfg, batch_size: int) -> dict[str, BatchField]:
         "text": ((B, L), "int32"),
         "progress": ((B, T), "float32"),
     }
+    if spec.text_embedding_dim:
+        shapes["text_embedding"] = ((B, L, spec.text_embedding_dim), "float32")
+        shapes["text_embedding_mask"] = ((B, L), "float32")
     return {key: BatchField(shape, dtype, ("act_batch",) + (None,) * (len(shape) - 1))
             for key, (shape, dtype) in shapes.items()}
 
@@ -232,6 +250,7 @@ class ClipSpec:
     delta_actions: bool = False        # actions relative to the chunk's start state where the
                                        # embodiment has an action_reference (normalization.ActionCodec)
     tokenizer: str = ""                # "": pixel frames; else the tokenizer folder the latents came from
+    text_embedding_dim: int = 0        # D of the precomputed text embeddings each clip carries (0: none)
 
     @property
     def width(self) -> int:
@@ -264,6 +283,7 @@ class SourceSpec:
     video: str = "frames"                      # "frames" | "latents"
     latent_stride: int = 1                     # frames per stored latent (a tokenizer's temporal stride)
     latent_norm: LatentStats | None = None     # a tokenizer source's per-channel statistics
+    text: TextEmbeddings | None = None         # the task texts' stored embeddings (data.text_embedding_dim > 0)
 
 
 def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: SourceSpec) -> dict:
@@ -310,7 +330,7 @@ def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: Sourc
         proprio_mask[:] = 1.0
         proprio_dim_mask[:emb.proprio_dim] = 1.0
 
-    return {
+    out = {
         "video": video.astype(np.float32),
         "actions": actions,
         "action_mask": action_mask,
@@ -323,6 +343,15 @@ def make_clip(ep: episode_lib.Episode, start: int, spec: ClipSpec, source: Sourc
         "text": text_tokens(ep.text, spec.text_len),
         "progress": (idx / max(L - 1, 1)).astype(np.float32),
     }
+    if spec.text_embedding_dim:
+        if source.text is None:
+            raise ValueError(f"source {source.name}: data.text_embedding_dim={spec.text_embedding_dim} but its spec "
+                             f"holds no text embeddings (build it with source_spec)")
+        try:
+            out["text_embedding"], out["text_embedding_mask"] = source.text.padded(ep.text, spec.text_len)
+        except episode_lib.EpisodeError as e:     # MissingTextEmbedding: this episode's text has none
+            raise type(e)(f"episode {ep.source}/{ep.episode_id}: {e}") from None
+    return out
 
 
 class ClipError(ValueError):
@@ -348,20 +377,22 @@ class EpisodeClip:
 def episode_clip(data_cfg, source: str, episode: str | int | None = None, *, start: int = 0,
                  num_blocks: int | None = None, root: str | None = None,
                  registry: EmbodimentRegistry = DEFAULT_REGISTRY, stats: dict | None = None,
-                 latent_stats: LatentStats | None = None) -> EpisodeClip:
+                 latent_stats: LatentStats | None = None,
+                 text_embeddings: TextEmbeddings | None = None) -> EpisodeClip:
     """The clip of `num_blocks` step blocks (default data.num_blocks) from frame `start` of episode
     `episode` (an id, an index into the source, or None for the last) of `source` under `root`
     (default data.root), tokenised exactly as the training pipeline does (`make_clip` with the
-    source's own statistics, or `stats` / `latent_stats` when given: a trained model's). Training,
-    rollout and evaluation all cut their clips here. For a tokenizer source `start` must be a
-    multiple of its temporal stride, and `frames` is None (decode the clip's video to see it:
-    kairos_jax.inference.latents)."""
+    source's own statistics and text embeddings, or `stats` / `latent_stats` / `text_embeddings` when
+    given: a trained model's). Training, rollout and evaluation all cut their clips here. For a
+    tokenizer source `start` must be a multiple of its temporal stride, and `frames` is None (decode
+    the clip's video to see it: kairos_jax.inference.latents). MissingTextEmbedding (an EpisodeError)
+    when the model reads precomputed text and the episode's text has no embedding."""
     spec = clip_spec(data_cfg)
     if num_blocks is not None:
         spec = dataclasses.replace(spec, num_blocks=int(num_blocks))
     root = str(root or _get(data_cfg, "root"))
     sspec, _ = source_spec(root, source, 0, spec, registry, stats, cache=_cache_dir(data_cfg),
-                           latent_stats=latent_stats)
+                           latent_stats=latent_stats, text_embeddings=text_embeddings)
     src = ShardedSource(storage.join(root, source))
     if episode is None:
         index = src.num_episodes - 1
@@ -526,7 +557,7 @@ def _weights(mixture, where: str) -> dict[str, float]:
 
 def clip_spec(data_cfg) -> ClipSpec:
     """The clip geometry of a data config, checked (ConfigError naming the field)."""
-    optional = {"image_width", "num_embodiments", "delta_actions", "tokenizer"}
+    optional = {"image_width", "num_embodiments", "delta_actions", "tokenizer", "text_embedding_dim"}
     spec = ClipSpec(**{f.name: _get(data_cfg, f.name) for f in dataclasses.fields(ClipSpec)
                        if f.name not in optional or f.name in data_cfg})
     if not isinstance(spec.delta_actions, bool):
@@ -668,10 +699,46 @@ def _latent_checks(name: str, src: ShardedSource, spec: ClipSpec, latent_stats: 
     return norm
 
 
+_TRUNCATION_LOGGED: set = set()
+
+
+def source_text_embeddings(name: str, src: ShardedSource, spec: ClipSpec,
+                           given: TextEmbeddings | None) -> TextEmbeddings | None:
+    """The table a source's clips look their text up in (None when data.text_embedding_dim = 0): `given`
+    (a trained model's) or the source's own, checked against data.text_embedding_dim."""
+    D = spec.text_embedding_dim
+    if not D:
+        return None
+    table = given
+    if table is None:
+        try:
+            table = src.text_embeddings()
+        except ShardError as e:
+            raise ConfigError(f"source {name!r}: {e}") from None
+    if table is None:
+        raise ConfigError(f"source {name!r} holds no text embeddings, but data.text_embedding_dim={D} (a model with "
+                          f"model.text_encoder='precomputed' reads them): embed its task texts with `python -m "
+                          f"data_pipelines.text_embed --input={src.directory} --text_encoder=module:function` (or "
+                          f"convert it with --text_encoder=module:function)")
+    if table.dim != D:
+        raise ConfigError(f"source {name!r}: its text embeddings (from {table.encoder}) have D={table.dim} features, "
+                          f"but data.text_embedding_dim={D}: set data.text_embedding_dim={table.dim} and "
+                          f"model.text_embedding_dim={table.dim}, or embed its texts again with the encoder the model "
+                          f"reads (`python -m data_pipelines.text_embed --input={src.directory} "
+                          f"--text_encoder=module:function --overwrite`)")
+    if table.length > spec.text_len and (name, table.length, spec.text_len) not in _TRUNCATION_LOGGED:
+        _TRUNCATION_LOGGED.add((name, table.length, spec.text_len))       # once per process
+        log.warning("source %s: text embeddings of up to %d tokens, data.text_len=%d: tokens beyond the first %d are "
+                    "dropped (set data.text_len=%d to keep them)", name, table.length, spec.text_len, spec.text_len,
+                    table.length)
+    return table
+
+
 def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
                 registry: EmbodimentRegistry = DEFAULT_REGISTRY,
                 stats: dict | None = None, cache: str | None = None,
-                latent_stats: LatentStats | None = None) -> tuple[SourceSpec, np.ndarray]:
+                latent_stats: LatentStats | None = None,
+                text_embeddings: TextEmbeddings | None = None) -> tuple[SourceSpec, np.ndarray]:
     """Opens and checks one source folder; returns its spec (embodiments, normalisers) and the
     records long enough for a clip. The normalisers come from the folder's stats.json, or from
     `stats` ({embodiment: EmbodimentStats}) when given: a trained model's own statistics, so that
@@ -681,7 +748,8 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
     the spec's shard paths are what ArrayRecord opens: local paths and gs:// URLs as they are,
     other URLs' shards staged into `cache` (default $KAIROS_DATA_CACHE or ~/.cache/kairos_jax).
     A tokenizer source is checked against data.tokenizer and normalised with its latent_stats.json,
-    or with `latent_stats` when given (a trained model's)."""
+    or with `latent_stats` when given (a trained model's). With data.text_embedding_dim > 0 its clips
+    look their text up in its stored text embeddings, or in `text_embeddings` when given."""
     directory = storage.join(root, name)
     if not storage.isdir(directory):
         present = [d for d in storage.listdir(root) if storage.isdir(storage.join(root, d))]
@@ -696,6 +764,7 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
         raise ConfigError(f"source {name!r}: {e}") from e
     kind = src.manifest.get("video", "frames")
     latent_norm = _latent_checks(name, src, spec, latent_stats)
+    text = source_text_embeddings(name, src, spec, text_embeddings)
     for shape in src.manifest["frame_shapes"]:
         h, w, c = shape
         if kind == "latents" and (h != spec.image_size or w != spec.width or c != spec.channels):
@@ -742,7 +811,7 @@ def source_spec(root: str, name: str, source_id: int, spec: ClipSpec,
         log.warning("source %s: skipping %d of %d episodes shorter than num_blocks*action_chunk=%d frames "
                     "(e.g. %s)", name, short, src.num_episodes, spec.min_frames, example)
     return SourceSpec(name=name, source_id=source_id, paths=tuple(paths), embodiments=embodiments, video=kind,
-                      latent_stride=src.latent_stride, latent_norm=latent_norm), usable
+                      latent_stride=src.latent_stride, latent_norm=latent_norm, text=text), usable
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -805,6 +874,12 @@ def build_dataset(data_cfg, phase_cfg, *, seed: int, batch_size: int, process_in
         raise ConfigError(f"the mixture mixes pixel sources {pixels} with latent sources {latent}: a model trains on "
                           f"one kind of video; encode the pixel sources with `python -m data_pipelines.convert "
                           f"--encoder=tokenizer:DIR` (or leave one kind out)")
+    encoders = sorted({s.text.encoder for s in sources if s.text is not None})
+    if len(encoders) > 1:
+        by = {e: [s.name for s in sources if s.text is not None and s.text.encoder == e] for e in encoders}
+        raise ConfigError(f"the mixture's sources hold text embeddings of different encoders ({by}): a model reads "
+                          f"those of one; embed them again with one encoder (`python -m data_pipelines.text_embed "
+                          f"--input=<source folder> --text_encoder=module:function --overwrite`)")
 
     selection = ScheduledMixSelection(w_start, None if end is None else w_end, steps=steps,
                                       batch_size=batch_size)

@@ -19,9 +19,12 @@ manifest.json:
                                                      # episode_embodiments index `embodiments`
      "skipped": [{"episode": str, "reason": str}],
      "options": str,                                 # ArrayRecord writer options
-     "latents": {...}}                               # only for sources encoded by a video tokenizer:
+     "latents": {...},                               # only for sources encoded by a video tokenizer:
                                                      # strides, channels, the tokenizer and its digest,
                                                      # the statistics file (data_pipelines.latents)
+     "text_embeddings": {...}}                       # only for sources whose task texts were embedded
+                                                     # by an external encoder: its spec, D, L, the count
+                                                     # and the index file (data_pipelines.text_embeddings)
 
 For latents, "frame_shape(s)" are the latents' [h, w, C] and "num_frames" / "episode_frames" count
 the frames they encode (Episode.num_frames), so clip geometry is in frames for every kind of source.
@@ -48,6 +51,7 @@ from data_pipelines import storage
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry, UnknownEmbodimentError
 from data_pipelines.latents import LatentInfo, LatentStats, load_latent_stats
 from data_pipelines.normalization import EmbodimentStats, NormStats, load_stats, write_stats
+from data_pipelines.text_embeddings import TextEmbeddingError, TextEmbeddingInfo, TextEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -280,10 +284,11 @@ class ShardWriter:
 
 
 def manifest_document(source: str, embodiments: list[str], shards: list[dict], skipped: list[dict], fps_values,
-                      frame_shapes, video_kinds, options: str, latents: LatentInfo | None = None) -> dict:
+                      frame_shapes, video_kinds, options: str, latents: LatentInfo | None = None,
+                      text: TextEmbeddingInfo | None = None) -> dict:
     """manifest.json's contents (module docstring); `shards` entries as the writer keeps them, with
     episode_embodiments already turned into indices of `embodiments`; `latents` for a source encoded
-    by a video tokenizer."""
+    by a video tokenizer; `text` for a source whose task texts were embedded (text_embeddings.py)."""
     fps = sorted(fps_values)
     shapes = sorted(tuple(s) for s in frame_shapes)
     doc = {
@@ -304,6 +309,8 @@ def manifest_document(source: str, embodiments: list[str], shards: list[dict], s
     }
     if latents is not None:
         doc["latents"] = latents.to_json()
+    if text is not None:
+        doc["text_embeddings"] = text.to_json()
     return doc
 
 
@@ -436,6 +443,12 @@ class ShardedSource:
                 self.latent_info = LatentInfo.from_json(m["latents"], path)
             except ValueError as e:
                 raise ShardError(str(e)) from None
+        self.text_info: TextEmbeddingInfo | None = None
+        if m.get("text_embeddings") is not None:
+            try:
+                self.text_info = TextEmbeddingInfo.from_json(m["text_embeddings"], path)
+            except TextEmbeddingError as e:
+                raise ShardError(str(e)) from None
 
     @property
     def latent_stride(self) -> int:
@@ -451,6 +464,22 @@ class ShardedSource:
         if self._latent_stats is None:
             self._latent_stats = load_latent_stats(self.directory, self.latent_info.stats)
         return self._latent_stats
+
+    def text_embeddings(self) -> TextEmbeddings | None:
+        """The table of the source's task texts embedded by an external encoder (None when its manifest
+        records none). ShardError when the recorded files are missing or damaged."""
+        if self.text_info is None:
+            return None
+        try:
+            table = TextEmbeddings(self.directory)
+        except TextEmbeddingError as e:
+            raise ShardError(str(e)) from None
+        if (table.encoder, table.dim) != (self.text_info.encoder, self.text_info.dim):
+            raise ShardError(f"{self.directory}: its manifest records text embeddings of {self.text_info.encoder} "
+                             f"(D={self.text_info.dim}) but its text_embeddings.json holds those of {table.encoder} "
+                             f"(D={table.dim}); run `python -m data_pipelines.text_embed --input={self.directory} "
+                             f"--text_encoder=... --overwrite` again")
+        return table
 
     @property
     def num_episodes(self) -> int:

@@ -17,6 +17,7 @@ import tempfile
 import ml_collections
 
 from data_pipelines.pipeline import ConfigError, check_tokenizer, clip_spec
+from kairos_jax.inference.streaming import POLICY_HISTORIES
 from kairos_jax.model.diffusion import LOSS_TARGETS, MODES, SIGMA_SAMPLERS
 from kairos_jax.model.mixers import MIXERS
 from kairos_jax.model.world_model import PREDICTIONS, REMAT_POLICIES, TEXT_ENCODERS
@@ -90,7 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
         action_chunk=4,           # k: control steps (action tokens) per block; frame stride in a clip
         action_dim=32,            # actions are zero-padded to this size (max over embodiments)
         proprio_dim=32,
-        text_len=64,              # task text, as bytes
+        text_len=64,              # task text: bytes, or rows (tokens) of precomputed text embeddings
+        # D of the precomputed text embeddings every clip carries (data_pipelines/text_embeddings.py), looked
+        # up by the episode's text in its source's table; 0: none. Equals model.text_embedding_dim with
+        # model.text_encoder='precomputed', else 0 (validate checks).
+        text_embedding_dim=0,
         num_embodiments=16,       # size of the embodiment embedding table
         # joint-target actions (Embodiment.action_reference) learned relative to the state where
         # their chunk starts, with their own statistics (data_pipelines.normalization.ActionCodec)
@@ -126,6 +131,11 @@ def default_config() -> ml_collections.ConfigDict:
         # model.proprio_input: the fraction of blocks whose state input is hidden in training (shown
         # as absent), so the model also predicts without one (a generated frame has no state).
         proprio_input_dropout=0.25,
+        # Policy-mode examples whose every action chunk is given absent (sigma = 1), so that the
+        # policy must act from the state and the frames, not by continuing its own past chunks (the
+        # "copycat" shortcut of behaviour cloning with action histories). Pair with
+        # rollout.policy_history="absent".
+        action_history_dropout=0.0,
         text_dropout=0.1,         # drop task text (null token only), for classifier-free guidance
         log_every=10,
         # Steps with a non-finite loss or gradient are skipped (no update; counted and logged as
@@ -145,7 +155,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
 
     # Understanding expert: "bytes" (built-in byte-level text transformer) or "precomputed"
-    # (batch keys text_embedding [B, L, D_ext] + text_embedding_mask [B, L], projected to text_width).
+    # (batch keys text_embedding [B, L, D_ext] + text_embedding_mask [B, L], projected to text_width;
+    # stored per source by `data_pipelines.convert --text_encoder` / `data_pipelines.text_embed`, and
+    # carried by the clips when data.text_embedding_dim = D_ext).
     c.model.text_encoder = "bytes"
     c.model.text_embedding_dim = 0           # D_ext of precomputed embeddings (> 0 when precomputed)
     # Readout heads on the final hidden states, trained where labels exist.
@@ -161,6 +173,10 @@ def default_config() -> ml_collections.ConfigDict:
         context_blocks=2,                    # ground-truth blocks committed before the rollout starts
         full_capacity=64,                    # initial blocks of a "full" layer's cache (doubles when full)
         context_sigma=0.0,                   # generated video enters the history re-noised to this level
+        # What a policy loop (closed loop, served policy) commits with each new frame: "actions" (the
+        # chunk it sent, clean) or "absent" (noise at sigma = 1: the policy conditions on states and
+        # frames only; for models trained with train.action_history_dropout)
+        policy_history="actions",
     ))
     # Held-out evaluation during training (kairos_jax.inference.evaluate.heldout_metrics): every
     # `every` steps of every phase, on a fixed batch of clips of the phase's robot sources under `root`.
@@ -246,7 +262,7 @@ def validate(cfg) -> None:
          f"must be a multiple of train.grad_accum={t.grad_accum}")
     for name in ("lr", "clip_norm", "sigma_shift"):
         _req(t[name] > 0, f"train.{name}", t[name], "must be > 0")
-    for name in ("min_lr_ratio", "clean_block_prob", "text_dropout"):
+    for name in ("min_lr_ratio", "clean_block_prob", "text_dropout", "action_history_dropout"):
         _req(0.0 <= t[name] <= 1.0, f"train.{name}", t[name], "must be in [0, 1]")
     _req(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b1/b2", (t.b1, t.b2), "must be in [0, 1)")
     _req(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
@@ -349,9 +365,17 @@ def _validate_world_action(cfg) -> None:
 
     m, t = cfg.model, cfg.train
     req(m.text_encoder in TEXT_ENCODERS, "model.text_encoder", m.text_encoder, f"one of {TEXT_ENCODERS}")
+    d_text = cfg.data.get("text_embedding_dim", 0)
     if m.text_encoder == "precomputed":
         req(integer(m.text_embedding_dim, 1), "model.text_embedding_dim", m.text_embedding_dim,
             "an integer >= 1 (the feature size of the stored text embeddings) with text_encoder='precomputed'")
+        req(d_text == m.text_embedding_dim, "data.text_embedding_dim", d_text,
+            f"with model.text_encoder='precomputed' it must equal model.text_embedding_dim={m.text_embedding_dim} "
+            f"(the clips then carry each source's stored text embeddings)")
+    else:
+        req(d_text == 0, "data.text_embedding_dim", d_text,
+            f"must be 0 with model.text_encoder={m.text_encoder!r}, which reads byte text (set "
+            f"model.text_encoder='precomputed' and model.text_embedding_dim={d_text} to read the embeddings)")
     for name in ("proprio_loss_weight", "progress_loss_weight"):
         req(isinstance(t[name], int | float) and t[name] >= 0, f"train.{name}", t[name], "a number >= 0")
     s = cfg.sampling
@@ -365,6 +389,7 @@ def _validate_world_action(cfg) -> None:
     req(integer(r.full_capacity, 1), "rollout.full_capacity", r.full_capacity, "an integer >= 1")
     req(isinstance(r.context_sigma, (int, float)) and 0.0 <= r.context_sigma < 1.0, "rollout.context_sigma",
         r.context_sigma, "a number in [0, 1)")
+    req(r.policy_history in POLICY_HISTORIES, "rollout.policy_history", r.policy_history, f"one of {POLICY_HISTORIES}")
 
 def _validate_eval(cfg) -> None:
     e = cfg.eval

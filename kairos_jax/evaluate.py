@@ -12,7 +12,9 @@ after the true context, against the true latents decoded alike (kairos_jax/infer
 The last stdout line is one JSON object:
 {"sources": {NAME: {"simulate_psnr_by_step": [...], "copy_last_psnr_by_step": [...], "policy_action_mse": x,
 "bc_action_mse": x, "zero_action_mse": x, ...}}, "closed_loop": {EMBODIMENT: {"success_rate": x,
-"expert_success_rate": x, "bc_success_rate": x, "random_success_rate": x, "episodes": n}}}.
+"expert_success_rate": x, "bc_success_rate": x, "random_success_rate": x, "episodes": n}}, "skipped": {...}}.
+A model reading precomputed text looks every task text up in the text embeddings its run saved; what
+has none is left out with its reason under "skipped" (kairos_jax/inference/evaluate.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from kairos_jax.inference.checkpoints import (
     load_model,
     load_training_latent_stats,
     load_training_stats,
+    load_training_text_embeddings,
 )
 from kairos_jax.inference.rollout import make_engine
 
@@ -124,8 +127,12 @@ def main(argv) -> None:
     settings = ev.Settings(context=_CONTEXT.value, horizon=_HORIZON.value, clips_per_source=_CLIPS.value,
                            closed_loop_episodes=_EPISODES.value, seed=cli.SEED.value)
     t0 = time.time()
+    text_table = load_training_text_embeddings(ref) if cfg.model.text_encoder == "precomputed" else None
+    if cfg.model.text_encoder == "precomputed" and text_table is None:
+        log.warning("%s keeps no text embeddings (a run from before they were saved): looking texts up in the "
+                    "held-out data's own", ref.path)
     result = ev.evaluate(engine, cfg, root, settings, train_stats=train_stats, sources=_SOURCES.value,
-                         bc_engine=bc_engine, latent_stats=load_training_latent_stats(ref))
+                         bc_engine=bc_engine, latent_stats=load_training_latent_stats(ref), text_embeddings=text_table)
     result["checkpoint"], result["bc_checkpoint"], result["data_root"] = ref.path, _BC.value, root
     result["seconds"] = round(time.time() - t0, 1)
     out = cli.OUT.value or os.path.join(os.path.dirname(ref.config_path), "eval")

@@ -12,7 +12,7 @@ import numpy as np
 from absl import flags
 
 from kairos_jax import cli
-from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model
+from kairos_jax.inference.checkpoints import CheckpointError, find_checkpoint, load_config, load_model
 from kairos_jax.inference.export import ExportedRollout
 from kairos_jax.inference.rollout import make_engine
 
@@ -25,6 +25,9 @@ def main(argv) -> None:
     cli.require(checkpoint=cli.CHECKPOINT.value, out=cli.OUT.value)
     ref = find_checkpoint(cli.CHECKPOINT.value)
     cfg = load_config(ref)
+    if cfg.model.text_encoder != "bytes":
+        raise CheckpointError(f"{ref.path}: this model reads precomputed text embeddings (model.text_encoder="
+                              f"{cfg.model.text_encoder!r}); the exported start function takes byte text only")
     engine = make_engine(load_model(ref, cfg), cfg)
     exported = ExportedRollout.export(engine, modes=_MODES.value, batch_size=_BATCH_SIZE.value,
                                       text_len=cfg.data.text_len)

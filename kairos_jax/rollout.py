@@ -24,6 +24,10 @@ data/heldout (episodes recorded from other seeds than training's).
   (predicted and true actions in the embodiment's units) and <stem>_actions.png.
 - closed_loop: the policy drives the simulated reacher, cheetah or pusher (--source); writes --out
   (the frames the simulator rendered) and <stem>_closed_loop.json (actions and the task measure).
+
+A model reading precomputed text (model.text_encoder='precomputed') looks the episode's text, or the
+simulated task's, up in the text embeddings its run saved (stats/<source>/text_embeddings.json; a run
+without them falls back on the data folder's own); a text without an embedding is an error naming it.
 """
 
 from __future__ import annotations
@@ -37,9 +41,16 @@ import numpy as np
 from absl import flags
 
 from data_pipelines.pipeline import episode_clip, unpatchify
+from data_pipelines.text_embeddings import MissingTextEmbedding
 from kairos_jax import cli
 from kairos_jax.inference import media, quality
-from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model, load_training_latent_stats
+from kairos_jax.inference.checkpoints import (
+    find_checkpoint,
+    load_config,
+    load_model,
+    load_training_latent_stats,
+    load_training_text_embeddings,
+)
 from kairos_jax.inference.latents import video_codec
 from kairos_jax.inference.rollout import RolloutError, closed_loop, make_engine, rollout, source_latent_stats
 
@@ -98,10 +109,17 @@ def main(argv) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = os.path.splitext(out)[0]
     trained_latents = load_training_latent_stats(ref)
+    text_table = load_training_text_embeddings(ref) if cfg.model.text_encoder == "precomputed" else None
+    if cfg.model.text_encoder == "precomputed" and text_table is None:
+        log.warning("%s keeps no text embeddings (a run from before they were saved): looking texts up in the data "
+                    "folder's own", ref.path)
     if mode == "closed_loop":
         source = _SOURCE.value or "reacher"
+        if cfg.model.text_encoder == "precomputed" and text_table is None:
+            from data_pipelines.shards import ShardedSource
+            text_table = ShardedSource(os.path.join(root, source)).text_embeddings()
         result = closed_loop(engine, cfg, root, source, blocks=_STEPS.value, seed=cli.SEED.value,
-                             latent_stats=trained_latents.get(source))
+                             latent_stats=trained_latents.get(source), text_embeddings=text_table)
         media.write_mp4(out, result["frames"], 25.0 / cfg.data.action_chunk, scale=2)
         metric = result["metric_name"]
         with open(stem + "_closed_loop.json", "w") as f:
@@ -112,8 +130,11 @@ def main(argv) -> None:
         return
     source = _SOURCE.value or default_source(cfg, root, needs_actions=mode != "video_prediction")
     latent_stats = source_latent_stats(cfg, root, source, trained_latents.get(source))
-    ep = episode_clip(cfg.data, source, _EPISODE.value, num_blocks=context + _STEPS.value, root=root,
-                      latent_stats=latent_stats)
+    try:
+        ep = episode_clip(cfg.data, source, _EPISODE.value, num_blocks=context + _STEPS.value, root=root,
+                          latent_stats=latent_stats, text_embeddings=text_table)
+    except MissingTextEmbedding as e:
+        raise RolloutError(str(e)) from None
     log.info("episode %s of %s (%s): %d context blocks, %d generated", ep.episode_id, source, ep.embodiment,
              context, _STEPS.value)
     result = rollout(engine, cfg, ep, mode=mode, context=context, steps=_STEPS.value, seed=cli.SEED.value)

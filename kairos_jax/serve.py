@@ -8,6 +8,11 @@ actions. Clients: `openpi_client.websocket_client_policy.WebsocketClientPolicy(h
 with obs = {"observation/image": uint8 [H, W, 3], "prompt": str, "embodiment": str}; the protocol
 (keys, episodes, errors, limits) is in kairos_jax/inference/serving.py.
 
+A model reading precomputed text embeddings (model.text_encoder='precomputed') looks each episode's
+prompt up in the text embeddings its run saved; an unknown prompt is answered with an error naming it,
+unless --text_encoder=module:function (the encoder the model was trained with; checked against the
+stored embeddings at start) embeds new prompts on the fly.
+
 Binds to loopback unless --host says otherwise; --port=0 picks a free port. Prints one line
 "serving <mode> of <model> on ws://<host>:<port>" when it accepts connections, and runs until
 SIGINT / SIGTERM (exit 0) or --exit_after_idle_s without a connection. Exit status 2: a user
@@ -31,6 +36,8 @@ _MAX_MESSAGE_MB = flags.DEFINE_float("max_message_mb", 16.0, "Largest request ac
                                      "closes its connection (code 1009).", lower_bound=0.001)
 _EXIT_AFTER_IDLE_S = flags.DEFINE_float("exit_after_idle_s", 0.0, "Stop after this many seconds without a "
                                         "connection (0: never).", lower_bound=0.0)
+_TEXT_ENCODER = flags.DEFINE_string("text_encoder", None, "A model reading precomputed text: module:function that "
+                                    "embeds prompts its run's text embeddings lack (the training's encoder).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile the model's functions before accepting connections.")
 
 
@@ -45,7 +52,7 @@ def main(argv) -> None:
     if mode not in MODES:
         raise cli.UsageError(f"--mode={mode}: serve takes one of {list(MODES)}")
     model = ServedModel.from_checkpoint(cli.CHECKPOINT.value, mode=mode, seed=cli.SEED.value,
-                                        data_root=cli.DATA_ROOT.value)
+                                        data_root=cli.DATA_ROOT.value, text_encoder=_TEXT_ENCODER.value)
     if _WARMUP.value:
         logging.getLogger("kairos.serve").info("compiled in %.1f s", model.warm_up())
     server = Server(model, host=_HOST.value, port=_PORT.value,

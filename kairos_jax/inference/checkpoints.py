@@ -96,6 +96,26 @@ def load_training_latent_stats(ref: CheckpointRef) -> dict:
             if os.path.isfile(os.path.join(directory, source, LATENT_STATS_FILE))}
 
 
+def load_training_text_embeddings(ref: CheckpointRef):
+    """The text embeddings a model reading precomputed text was trained with: one TextEmbeddings over
+    the run's copies of its sources' tables (stats/<source>/text_embeddings.json, written by
+    kairos_jax.training.loop.save_training_stats), or None for a run that has none (a byte-text model).
+    CheckpointError when the copies are damaged or of different encoders."""
+    from data_pipelines.text_embeddings import TEXT_INDEX_FILE, TextEmbeddingError, TextEmbeddings
+
+    directory = os.path.join(os.path.dirname(ref.config_path), "stats")
+    if not os.path.isdir(directory):
+        return None
+    folders = [os.path.join(directory, s) for s in sorted(os.listdir(directory))
+               if os.path.isfile(os.path.join(directory, s, TEXT_INDEX_FILE))]
+    if not folders:
+        return None
+    try:
+        return TextEmbeddings(folders)
+    except TextEmbeddingError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+
+
 def load_config(ref: CheckpointRef):
     """The run's config (kairos_jax.config.load_saved_config of its config.json)."""
     return load_saved_config(ref.config_path)

@@ -27,11 +27,18 @@ are decoded with the run's tokenizer after the clip's true context latents, and 
 the clip's true latents decoded the same way (kairos_jax/inference/latents.py), so the tokenizer's own
 reconstruction error is not counted against the world model; copy-last-frame and linear extrapolation
 work on those decoded true frames. Its closed loop observes through the tokenizer's encoder.
+
+A model reading precomputed text (model.text_encoder = "precomputed") looks every task text up in the
+text embeddings its run saved (`text_embeddings`, checkpoints.load_training_text_embeddings): a source
+whose held-out clips have a text without one is left out of the open loop, and a simulated robot whose
+task text has none is left out of the closed loop, each with a logged reason (in the result's
+"skipped"), never an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 
@@ -42,11 +49,15 @@ import numpy as np
 from data_pipelines.embodiments import DEFAULT_REGISTRY
 from data_pipelines.latents import LatentStats
 from data_pipelines.normalization import ActionCodec, Normalizer
-from data_pipelines.pipeline import clip_spec, episode_clip, text_tokens, unpatchify
+from data_pipelines.pipeline import clip_spec, episode_clip, unpatchify
 from data_pipelines.shards import ShardedSource
+from data_pipelines.text_embeddings import MissingTextEmbedding, TextEmbeddings
 from kairos_jax.inference import quality
 from kairos_jax.inference.latents import VideoCodec, video_codec
 from kairos_jax.inference.streaming import StreamingEngine
+from kairos_jax.model.text import batch_text
+
+log = logging.getLogger("kairos.evaluate")
 
 VIDEO_MODES = ("simulate", "video_prediction")
 ACTION_MODES = ("policy", "inverse_dynamics")
@@ -66,12 +77,13 @@ class Settings:
 
 def heldout_batch(cfg, root: str, source: str, *, clips: int, num_blocks: int, seed: int,
                   stats: dict | None = None, latent_stats: LatentStats | None = None,
-                  codec: VideoCodec | None = None) -> dict:
+                  codec: VideoCodec | None = None, text_embeddings: TextEmbeddings | None = None) -> dict:
     """`clips` clips of `num_blocks` blocks from distinct episodes of `source` (cycling when it has
     fewer), each from a start drawn uniformly among the valid ones (multiples of a latent source's
     temporal stride), stacked into one batch: the make_clip arrays plus "frames" uint8 [B, T, H, W, C]
     (for a tokenizer source: the true latents decoded by `codec`, the model's VideoCodec with the same
-    `latent_stats`) and "episode_ids"."""
+    `latent_stats`) and "episode_ids". With data.text_embedding_dim > 0 the texts are looked up in
+    `text_embeddings` (default: the source's own); MissingTextEmbedding for a text it lacks."""
     src = ShardedSource(os.path.join(root, source))
     k = cfg.data.action_chunk
     span = (num_blocks - 1) * k + 1
@@ -85,7 +97,7 @@ def heldout_batch(cfg, root: str, source: str, *, clips: int, num_blocks: int, s
         index = usable[j % len(usable)]
         start = s * int(rng.integers(0, (int(src.episode_frames[index]) - span) // s + 1))
         out.append(episode_clip(cfg.data, source, index, start=start, num_blocks=num_blocks, root=root, stats=stats,
-                                latent_stats=latent_stats))
+                                latent_stats=latent_stats, text_embeddings=text_embeddings))
     batch = {key: np.stack([c.clip[key] for c in out]) for key in out[0].clip}
     if out[0].frames is not None:
         batch["frames"] = np.stack([c.frames for c in out])
@@ -110,8 +122,8 @@ def heldout_batch(cfg, root: str, source: str, *, clips: int, num_blocks: int, s
 # -- open loop ---------------------------------------------------------------------------------------
 
 def _start(engine: StreamingEngine, batch: dict):
-    return engine.start(jnp.asarray(batch["text"]), jnp.asarray(batch["embodiment_id"]),
-                        jnp.asarray(batch["action_dim_mask"]))
+    text = jax.tree.map(jnp.asarray, batch_text(batch, engine.text_encoder))
+    return engine.start(text, jnp.asarray(batch["embodiment_id"]), jnp.asarray(batch["action_dim_mask"]))
 
 
 def _commit_true_block(engine, state, batch, t, key, *, actions_absent: bool):
@@ -255,14 +267,16 @@ def open_loop(engine: StreamingEngine, cfg, batch: dict, settings: Settings, *, 
 
 def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, codec: ActionCodec, *, episodes: int,
                          batch: int, seed: int, proprio_norm: Normalizer | None = None,
-                         video: VideoCodec | None = None) -> dict:
+                         video: VideoCodec | None = None, text_embeddings: TextEmbeddings | None = None) -> dict:
     """Task success of the model's policy: `episodes` seeded task episodes of `recorder_cls`, run
     `batch` at a time in lockstep (one engine call per block for all of them). Each control block:
     the policy's action chunk from the frames so far, k simulator steps, the new frame committed with
     the chunk that produced it (block 0: the first frame, its chunk absent) and, given proprio_norm,
     with the robot's proprio state at that frame (the next chunk's state input). `video`: the model's
-    VideoCodec (default pixels; a tokenizer model sees every frame of each chunk through its encoder)."""
+    VideoCodec (default pixels; a tokenizer model sees every frame of each chunk through its encoder).
+    A model reading precomputed text takes the task text's row of `text_embeddings`."""
     from data_pipelines.sim.tasks import task_seed_rng
+    from kairos_jax.inference.rollout import task_text
 
     d = cfg.data
     video = video or VideoCodec(d)
@@ -286,7 +300,7 @@ def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, codec: Acti
             B = len(live)
             for j, env in enumerate(live):
                 env.reset_task(task_seed_rng(seed, recorder_cls.source, first + j))
-            text = jnp.asarray(np.stack([text_tokens(env.control_text, d.text_len) for env in live]))
+            text = task_text(engine.text_encoder, d.text_len, [env.control_text for env in live], text_embeddings)
             state = engine.start(text, jnp.full((B,), emb.id, jnp.int32), jnp.asarray(np.repeat(dim_mask, B, 0)))
             key, k0 = jax.random.split(key)
             noise = jax.random.normal(k0, (B, k, d.action_dim)) * jnp.asarray(dim_mask)[:, None]
@@ -309,8 +323,10 @@ def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, codec: Acti
                 if steps < recorder_cls.task_steps:
                     frames = np.stack(rendered, 1) if rendered else np.stack([env.frame() for env in live])[:, None]
                     tokens, seen = video.observe(frames, seen)
-                    state = engine.commit(state, tokens, chunk, np.zeros(B, np.float32), np.zeros(B, np.float32),
-                                          **observed(live))
+                    kh = None
+                    if engine.policy_history == "absent":        # the chunk's stand-in noise
+                        key, kh = jax.random.split(key)
+                    state = engine.commit_policy(state, tokens, chunk, kh, **observed(live))
             successes += [bool(env.success()) for env in live]
             final += [float(env.metric()) for env in live]
     finally:
@@ -320,7 +336,7 @@ def model_policy_success(engine: StreamingEngine, cfg, recorder_cls, codec: Acti
 
 
 def closed_loop(engine, cfg, source_stats, recorder_cls, settings: Settings, *, bc_engine=None,
-                video: VideoCodec | None = None) -> dict:
+                video: VideoCodec | None = None, text_embeddings: TextEmbeddings | None = None) -> dict:
     """Success rates of the model, the BC policy, the scripted expert and random actions."""
     from data_pipelines.sim.tasks import expert_policy, random_policy, success_rate
 
@@ -329,7 +345,7 @@ def closed_loop(engine, cfg, source_stats, recorder_cls, settings: Settings, *, 
     proprio_norm = None if source_stats.proprio is None else Normalizer(source_stats.proprio)
     n = settings.closed_loop_episodes
     kw = dict(episodes=n, batch=settings.closed_loop_batch, seed=settings.seed, proprio_norm=proprio_norm,
-              video=video)
+              video=video, text_embeddings=text_embeddings)
     out = {"episodes": n, "task_steps": recorder_cls.task_steps,
            "success_rate": model_policy_success(engine, cfg, recorder_cls, codec, **kw)["rate"]}
     if bc_engine is not None:
@@ -347,46 +363,79 @@ def robot_sources(cfg, root: str) -> list[str]:
 
 
 def evaluate(engine: StreamingEngine, cfg, root: str, settings: Settings, *, train_stats: dict,
-             sources=None, bc_engine=None, closed_loop_sources=None, latent_stats: dict | None = None) -> dict:
+             sources=None, bc_engine=None, closed_loop_sources=None, latent_stats: dict | None = None,
+             text_embeddings: TextEmbeddings | None = None) -> dict:
     """Open-loop metrics of every robot source under `root` and closed-loop success of every
     simulated robot among them. train_stats: {source: {embodiment: EmbodimentStats}} the model was
     trained with (kairos_jax.inference.checkpoints.load_training_stats); latent_stats: {source:
     LatentStats} likewise for a model on tokenizer latents (load_training_latent_stats; a source
-    without falls back on its own)."""
+    without falls back on its own); text_embeddings: the run's text embeddings for a model reading
+    precomputed text (load_training_text_embeddings; None: each source's own). What was left out, and
+    why, is in the result's "skipped" ({"open_loop/<source>" or "closed_loop/<embodiment>": reason})."""
     from kairos_jax.inference.rollout import control_recorders, source_latent_stats
 
     clip_spec(cfg.data)
     sources = robot_sources(cfg, root) if sources is None else list(sources)
-    result = {"settings": dataclasses.asdict(settings), "sources": {}, "closed_loop": {}}
+    result = {"settings": dataclasses.asdict(settings), "sources": {}, "closed_loop": {}, "skipped": {}}
     recorders = control_recorders()
+    precomputed = cfg.model.text_encoder == "precomputed"
+
+    def skip(what: str, why: str) -> None:
+        log.warning("evaluation: %s left out: %s", what, why)
+        result["skipped"][what] = why
+
     for source in sources:
         stats = train_stats.get(source)
         lstats = source_latent_stats(cfg, root, source, (latent_stats or {}).get(source))
         video = video_codec(cfg, lstats)
-        batch = heldout_batch(cfg, root, source, clips=settings.clips_per_source,
-                              num_blocks=settings.context + settings.horizon, seed=settings.seed, stats=stats,
-                              latent_stats=lstats, codec=video)
+        try:
+            batch = heldout_batch(cfg, root, source, clips=settings.clips_per_source,
+                                  num_blocks=settings.context + settings.horizon, seed=settings.seed, stats=stats,
+                                  latent_stats=lstats, codec=video, text_embeddings=text_embeddings)
+        except MissingTextEmbedding as e:
+            skip(f"open_loop/{source}", str(e))
+            continue
         emb_stats = None if stats is None else stats.get(batch["embodiment"])
         result["sources"][source] = open_loop(engine, cfg, batch, settings, bc_engine=bc_engine,
                                               train_stats=emb_stats, codec=video)
         result["sources"][source]["embodiment"] = batch["embodiment"]
         wanted = closed_loop_sources is None or source in closed_loop_sources
         if wanted and settings.closed_loop_episodes and batch["embodiment"] in recorders and emb_stats is not None:
-            result["closed_loop"][batch["embodiment"]] = closed_loop(engine, cfg, emb_stats,
-                                                                     recorders[batch["embodiment"]], settings,
-                                                                     bc_engine=bc_engine, video=video)
+            recorder = recorders[batch["embodiment"]]
+            table = text_embeddings if text_embeddings is not None else _own_text(root, source)
+            if precomputed and (table is None or recorder.control_text not in table):
+                skip(f"closed_loop/{batch['embodiment']}",
+                     f"its task text {recorder.control_text!r} has no precomputed embedding in "
+                     f"{'the run' if text_embeddings is not None else source}'s text embeddings "
+                     f"({'none' if table is None else f'{len(table)} texts of {table.encoder}'}); embed it into a "
+                     f"training source's table and train with it to evaluate the closed loop")
+                continue
+            result["closed_loop"][batch["embodiment"]] = closed_loop(engine, cfg, emb_stats, recorder, settings,
+                                                                     bc_engine=bc_engine, video=video,
+                                                                     text_embeddings=table)
     return result
+
+
+def _own_text(root: str, source: str) -> TextEmbeddings | None:
+    """The source folder's own text embeddings, or None."""
+    try:
+        return ShardedSource(os.path.join(root, source)).text_embeddings()
+    except ValueError:
+        return None
 
 
 def summary(result: dict) -> dict:
     """The one-line JSON summary: per source the simulate PSNR by step against copy-last, and the
-    action MSEs; per embodiment the closed-loop success rates."""
+    action MSEs; per embodiment the closed-loop success rates; what was left out and why ("skipped")."""
     keys = ("simulate_psnr_by_step", "copy_last_psnr_by_step", "linear_psnr_by_step", "video_prediction_psnr_by_step",
             "policy_action_mse", "inverse_dynamics_action_mse", "bc_action_mse", "zero_action_mse",
             "mean_action_mse")
     rnd = lambda v: [round(x, 3) for x in v] if isinstance(v, list) else round(v, 5)
     sources = {name: {key: rnd(r[key]) for key in keys if key in r} for name, r in result["sources"].items()}
-    return {"sources": sources, "closed_loop": result["closed_loop"]}
+    out = {"sources": sources, "closed_loop": result["closed_loop"]}
+    if result.get("skipped"):
+        out["skipped"] = result["skipped"]
+    return out
 
 
 def mean_gain_db(r: dict, steps: int = 8) -> float:
@@ -402,10 +451,12 @@ class HeldoutProbe:
     robot source of the phase (`eval.clips_per_source` clips from `eval.root`, normalised with the
     training data's statistics), the one-block-ahead simulate PSNR (the clip's last block generated
     from the true blocks before it and its true actions, `eval.num_steps` Euler steps) beside
-    copy-last-frame's. `batches` are also the inputs of the held-out loss the loop computes."""
+    copy-last-frame's. `batches` are also the inputs of the held-out loss the loop computes. A model
+    reading precomputed text looks the held-out texts up in the training source's text embeddings; a
+    source whose held-out texts have none there is left out with a logged reason."""
 
     def __init__(self, cfg, phase_cfg):
-        from data_pipelines.pipeline import training_stats
+        from data_pipelines.pipeline import source_text_embeddings, training_stats
 
         e = cfg.eval
         self.cfg, self.batches, self.codecs = cfg, {}, {}
@@ -418,10 +469,16 @@ class HeldoutProbe:
             lstats = None
             if cfg.data.get("tokenizer", ""):
                 lstats = ShardedSource(os.path.join(cfg.data.root, source)).latent_stats
+            train_src = ShardedSource(os.path.join(cfg.data.root, source))
+            text = source_text_embeddings(source, train_src, clip_spec(cfg.data), None)   # as training looks up
             self.codecs[source] = video_codec(cfg, lstats)
-            self.batches[source] = heldout_batch(cfg, e.root, source, clips=e.clips_per_source,
-                                                 num_blocks=cfg.data.num_blocks, seed=0, stats=stats,
-                                                 latent_stats=lstats, codec=self.codecs[source])
+            try:
+                self.batches[source] = heldout_batch(cfg, e.root, source, clips=e.clips_per_source,
+                                                     num_blocks=cfg.data.num_blocks, seed=0, stats=stats,
+                                                     latent_stats=lstats, codec=self.codecs[source],
+                                                     text_embeddings=text)
+            except MissingTextEmbedding as err:
+                log.warning("held-out metrics of source %s left out: %s", source, err)
 
     def __call__(self, model) -> dict:
         from kairos_jax.inference import sampling
@@ -430,7 +487,8 @@ class HeldoutProbe:
         T = d.num_blocks
         for source, batch in self.batches.items():
             ctx = {k: jnp.asarray(batch[k]) for k in ("video", "actions", "embodiment_id", "action_dim_mask",
-                                                      "text", "action_mask")}
+                                                      "action_mask")}
+            ctx["text"] = jax.tree.map(jnp.asarray, batch_text(batch, self.cfg.model.text_encoder))
             pred = sampling.sample(model, ctx, mode="forward_dynamics", num_context=T - 1, rng=jax.random.key(0),
                                    num_steps=self.cfg.eval.num_steps)["video"][:, -1]
             codec = self.codecs[source]

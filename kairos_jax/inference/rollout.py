@@ -11,6 +11,11 @@
   tokenizer's streaming encoder: the first frame alone, then the k frames each chunk rendered
   (kairos_jax/inference/latents.py).
 
+A model reading precomputed text (model.text_encoder = "precomputed") takes the clip's
+text_embedding / text_embedding_mask (cut with the run's saved text embeddings,
+`checkpoints.load_training_text_embeddings`), and the closed loop looks the simulated task's text up
+in that table (`task_text`).
+
 The command line is `python -m kairos_jax.rollout` (kairos_jax/rollout.py).
 """
 
@@ -24,8 +29,10 @@ import numpy as np
 
 from data_pipelines.latents import LatentStats
 from data_pipelines.pipeline import EpisodeClip
+from data_pipelines.text_embeddings import MissingTextEmbedding, TextEmbeddings
 from kairos_jax.inference.sampling import resolve_mode
 from kairos_jax.inference.streaming import StreamingEngine
+from kairos_jax.model.text import batch_text
 
 
 class RolloutError(ValueError):
@@ -52,6 +59,25 @@ def source_latent_stats(cfg, root: str, source: str, trained: LatentStats | None
     return stats
 
 
+def task_text(text_encoder: str, text_len: int, texts, table: TextEmbeddings | None):
+    """A model's text input for a batch of task texts (str): byte tokens int32 [B, text_len], or for a
+    model reading precomputed text (`text_encoder` "precomputed", e.g. `engine.text_encoder`) the pair
+    (float32 [B, text_len, D], float32 [B, text_len]) looked up in `table` (the run's saved text
+    embeddings). RolloutError when such a model has no table or the table no embedding of a text."""
+    from data_pipelines.pipeline import text_tokens
+
+    if text_encoder != "precomputed":
+        return jnp.asarray(np.stack([text_tokens(t, text_len) for t in texts]))
+    if table is None:
+        raise RolloutError("this model reads precomputed text embeddings (model.text_encoder='precomputed') and "
+                           "its run keeps none (stats/<source>/text_embeddings.json, written by kairos_jax.train)")
+    try:
+        rows = [table.padded(t, text_len) for t in texts]
+    except MissingTextEmbedding as e:
+        raise RolloutError(str(e)) from None
+    return jnp.asarray(np.stack([e for e, _ in rows])), jnp.asarray(np.stack([m for _, m in rows]))
+
+
 def make_engine(model, cfg, *, num_steps: int | None = None, shift: float | None = None,
                 guidance_scale: float | None = None, context_sigma: float | None = None) -> StreamingEngine:
     """The streaming engine with the config's rollout settings (each overridable); guidance 1 = none."""
@@ -61,7 +87,8 @@ def make_engine(model, cfg, *, num_steps: int | None = None, shift: float | None
     return StreamingEngine(model, num_steps=num_steps or cfg.rollout.num_steps,
                            shift=cfg.sampling.shift if shift is None else shift,
                            guidance_scale=None if guidance == 1.0 else guidance,
-                           full_capacity=cfg.rollout.full_capacity, context_sigma=context_sigma)
+                           full_capacity=cfg.rollout.full_capacity, context_sigma=context_sigma,
+                           policy_history=cfg.rollout.get("policy_history", "actions"))
 
 
 def rollout(engine: StreamingEngine, cfg, ep: EpisodeClip, *, mode: str, context: int, steps: int,
@@ -72,10 +99,10 @@ def rollout(engine: StreamingEngine, cfg, ep: EpisodeClip, *, mode: str, context
         raise RolloutError(f"the clip has {ep.clip['video'].shape[0]} blocks; {context} context + {steps} "
                            f"generated need more")
     c = {k: jnp.asarray(v)[None] for k, v in ep.clip.items()}
-    if cfg.model.text_encoder != "bytes":
-        raise RolloutError("episodes carry byte text; a model with model.text_encoder='precomputed' needs "
-                           "the embeddings, which episodes do not store")
-    state = engine.start(c["text"], c["embodiment_id"], c["action_dim_mask"])
+    if engine.text_encoder == "precomputed" and "text_embedding" not in c:
+        raise RolloutError("this model reads precomputed text embeddings: cut the clip with data.text_embedding_dim "
+                           "set (the run's config) and the run's text embeddings (episode_clip(text_embeddings=...))")
+    state = engine.start(batch_text(c, engine.text_encoder), c["embodiment_id"], c["action_dim_mask"])
     rng = jax.random.key(seed)
     mode = resolve_mode(mode)
     known = np.asarray(ep.clip["action_mask"]) > 0
@@ -123,7 +150,8 @@ def control_recorders() -> dict:
 
 
 def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks: int, seed: int,
-                image_size: int | None = None, latent_stats: LatentStats | None = None) -> dict:
+                image_size: int | None = None, latent_stats: LatentStats | None = None,
+                text_embeddings: TextEmbeddings | None = None) -> dict:
     """Drive the simulated robot of `source` with the model's policy for `blocks` action chunks.
 
     observation -> policy action chunk (k steps) -> k environment steps -> next observation,
@@ -132,10 +160,14 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
     rendered frames, the applied actions and the task measure after every control step. The
     camera renders image_size-square frames (default: the model's frame size, at least 64), which
     are resized to the model's frames as in the pipeline. A model on tokenizer latents sees the
-    frames through the tokenizer (normalised with `latent_stats`, default the source's own).
+    frames through the tokenizer (normalised with `latent_stats`, default the source's own). A model
+    reading precomputed text looks the task's text up in `text_embeddings` (the run's; RolloutError
+    when it holds none for it).
     """
+    import dataclasses
+
     from data_pipelines.embodiments import DEFAULT_REGISTRY
-    from data_pipelines.pipeline import clip_spec, source_spec, text_tokens
+    from data_pipelines.pipeline import clip_spec, source_spec
     from data_pipelines.shards import ShardedSource
     from kairos_jax.inference.latents import video_codec
 
@@ -153,7 +185,9 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
                            f"inputs (latents?) and names no tokenizer (data.tokenizer) to encode them with")
     latent_stats = source_latent_stats(cfg, root, source, latent_stats)
     video = video_codec(cfg, latent_stats)
-    emb_spec = source_spec(root, source, 0, clip_spec(d), latent_stats=latent_stats)[0].embodiments[name]
+    text = task_text(engine.text_encoder, d.text_len, [recorders[name].control_text], text_embeddings)
+    spec = dataclasses.replace(clip_spec(d), text_embedding_dim=0)             # the source's actions only
+    emb_spec = source_spec(root, source, 0, spec, latent_stats=latent_stats)[0].embodiments[name]
     codec, proprio_norm = emb_spec.action_codec, emb_spec.proprio_norm
     if codec is None:
         raise RolloutError(f"source {source}: no action statistics for {name}, closed_loop cannot "
@@ -172,8 +206,7 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
         return {"proprio": proprio_norm.normalize(env.proprio()[None]).astype(np.float32)}
 
     with recorders[name](image_size) as env:
-        state = engine.start(jnp.asarray(text_tokens(env.control_text, d.text_len))[None],
-                             jnp.asarray([emb.id], jnp.int32), jnp.asarray(dim_mask))
+        state = engine.start(text, jnp.asarray([emb.id], jnp.int32), jnp.asarray(dim_mask))
         env.reset_control(rng)
         frames, applied, metric = [env.frame()], [], []
         # Block 0: the first frame; its action chunk is unknown (absent, as in training).
@@ -193,8 +226,10 @@ def closed_loop(engine: StreamingEngine, cfg, root: str, source: str, *, blocks:
                     rendered.append(env.frame())
             frames.append(rendered[-1] if rendered else env.frame())
             tokens, seen = video.observe(np.stack(rendered or frames[-1:])[None], seen)
-            state = engine.commit(state, tokens, chunk, np.zeros(1, np.float32), np.zeros(1, np.float32),
-                                  **observed())
+            kh = None
+            if engine.policy_history == "absent":        # the chunk's stand-in noise
+                key, kh = jax.random.split(key)
+            state = engine.commit_policy(state, tokens, chunk, kh, **observed())
         metric_name = env.metric_name
     return {"embodiment": name, "frames": np.stack(frames), "actions": np.stack(applied),
             "metric_name": metric_name, "metric": np.asarray(metric), "position": int(state.position)}

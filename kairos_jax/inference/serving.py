@@ -10,8 +10,8 @@ openpi's `msgpack_numpy` encoding (kairos_jax/inference/wire.py).
 - On connect the server sends its metadata map: "model", "checkpoint", "step", "mode" (the one this
   server runs) and "modes" (those it can run), "embodiments" (name -> {"id", "action_dim",
   "proprio_dim", "action_semantics", "source"}), "action_horizon" (k), "action_dim" (the padded
-  width the model works in), "image_size" ([H, W] of the model's frames), "text_len",
-  "max_message_bytes", "seed", "protocol".
+  width the model works in), "image_size" ([H, W] of the model's frames), "text_len", "text" (how
+  prompts are read; see "Prompts" below), "max_message_bytes", "seed", "protocol".
 - Then each request is one map and each answer one map, in order.
 - `GET /healthz` answers 200 "OK" (as openpi's server).
 
@@ -30,7 +30,8 @@ Policy mode (`--mode=policy`), request keys:
                          statistics. A model trained with model.proprio_input takes it with the
                          frame (the next chunk's state input; absent when not sent); any other
                          model ignores it.
-    "prompt"             str, the task text (UTF-8 bytes, truncated to the model's text_len)
+    "prompt"             str, the task text (UTF-8 bytes, truncated to the model's text_len; for a model
+                         reading precomputed text embeddings, see "Prompts" below)
     "embodiment"         str, a registry name among the metadata's "embodiments"
 
 "prompt" and "embodiment" are required on the first request of an episode; later requests may
@@ -44,7 +45,9 @@ Step t of an episode is the block [a_{t-1} | o_t] (docs/architecture.md §2), as
 
     t = 0:  state = start(prompt, embodiment); key, k0 = split(key)
             commit(o_0, actions = normal(k0, [1, k, A]) * dim_mask at sigma 1)   (absent chunk)
-    t > 0:  commit(o_t, the normalised chunk answered at t - 1, at sigma 0)
+    t > 0:  commit(o_t, the normalised chunk answered at t - 1, at sigma 0); with the config's
+            rollout.policy_history = "absent": key, kh = split(key) first, and noise normal(kh) at sigma 1
+            in its place (StreamingEngine.commit_policy)
     then    key, kb = split(key); chunk = denoise(kb, mode="policy"); answer denormalize(chunk)
 
 Simulate mode (`--mode=simulate`: forward dynamics, the world model the other way round), request
@@ -69,6 +72,17 @@ embodiment's training source. In simulate mode the predicted latents are decoded
 tokenizer's streaming decoder (its state also the episode's; the first frame's latent primes it),
 and the answer holds "observation/image" (the block's frame, the last decoded) and
 "observation/frames" (uint8 [s, H, W, 3], every frame the block's latent decodes to).
+
+Prompts of a model reading precomputed text embeddings (model.text_encoder = "precomputed"): the
+prompt is looked up in the text embeddings the run was trained with (stats/<source>/
+text_embeddings.json beside its config; data_pipelines/text_embeddings.py) and its stored rows, the
+first text_len of them or zero-padded to it, are the model's text, exactly as in training. A prompt the
+table does not hold is answered with an error naming it (the connection and its episode stay as they
+were), unless the server was started with `--text_encoder=module:function`: then new prompts are
+embedded on the fly by that function (once each, kept for later episodes). The server checks at start
+that the function reproduces the stored embeddings of a few of the table's texts. The metadata's
+"text" map says {"encoder": "bytes"} or {"encoder": "precomputed", "text_encoder", "prompts": the
+number of stored texts, "embeds_new_prompts": bool}.
 
 Errors: a request the server cannot use (not msgpack, not a map, a missing or unknown key, a wrong
 dtype or shape, an unknown embodiment, a changed prompt) is answered with a text frame
@@ -103,6 +117,13 @@ import numpy as np
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry
 from data_pipelines.normalization import ActionCodec, Normalizer
 from data_pipelines.pipeline import ConfigError, text_tokens
+from data_pipelines.text_embeddings import (
+    TextEmbeddingError,
+    TextEmbeddings,
+    encode_texts,
+    load_text_encoder,
+    pad_rows,
+)
 from kairos_jax.inference import wire
 from kairos_jax.inference.checkpoints import CheckpointError
 from kairos_jax.inference.latents import VideoCodec, video_codec
@@ -115,6 +136,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 PROTOCOL = "openpi-websocket+msgpack_numpy (kairos serve v1)"
 IMAGE, STATE, PROMPT, EMBODIMENT, ACTIONS, RESET = ("observation/image", "observation/state", "prompt",
                                                     "embodiment", "actions", "reset")
+MAX_EMBEDDED_PROMPTS = 4096       # prompts embedded on the fly (--text_encoder) kept for later episodes
 FRAMES = "observation/frames"      # simulate answers of a tokenizer model: every decoded frame of the block
 REQUEST_KEYS = {"policy": (IMAGE, STATE, PROMPT, EMBODIMENT), "simulate": (ACTIONS, IMAGE, STATE, PROMPT, EMBODIMENT)}
 
@@ -212,9 +234,12 @@ class ServedModel:
 
     def __init__(self, engine: StreamingEngine, cfg, embodiments: dict[str, ServedEmbodiment], *, mode: str = "policy",
                  seed: int = 0, name: str = "model", checkpoint: str = "", step: int | None = None,
-                 refused: dict[str, str] | None = None, latent_stats: dict | None = None):
+                 refused: dict[str, str] | None = None, latent_stats: dict | None = None,
+                 text_embeddings: TextEmbeddings | None = None, text_encoder: str | None = None):
         """latent_stats: {source: LatentStats} the model was trained with, for a model on tokenizer
-        latents (each embodiment's tokens are normalised with its source's)."""
+        latents (each embodiment's tokens are normalised with its source's). text_embeddings: the
+        table a model reading precomputed text was trained with; text_encoder: "module:function"
+        embedding prompts the table lacks (module docstring, "Prompts")."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {MODES}")
         d = cfg.data
@@ -222,9 +247,10 @@ class ServedModel:
         if not self.tokenizer and d.get("channels", 3) != 3:
             raise CheckpointError(f"this model takes {d.channels}-channel inputs (latents?); the server feeds "
                                   f"RGB frames and its config names no tokenizer (data.tokenizer) to encode them")
-        if cfg.model.text_encoder != "bytes":
-            raise CheckpointError("this model reads precomputed text embeddings (model.text_encoder="
-                                  f"{cfg.model.text_encoder!r}); the server encodes prompts as bytes")
+        self.text_table, self.text_encoder, self._encode = text_embeddings, text_encoder, None
+        self._embedded: dict[str, tuple[np.ndarray, np.ndarray]] = {}     # prompts embedded on the fly
+        if cfg.model.text_encoder == "precomputed":
+            self._check_text(cfg, checkpoint or name)
         if not embodiments:
             why = "; ".join(f"{k}: {v}" for k, v in sorted((refused or {}).items())) or "no statistics"
             raise CheckpointError(f"{checkpoint or name}: no embodiment can be served ({why})")
@@ -246,13 +272,83 @@ class ServedModel:
         codec = next(iter(self.codecs.values()))
         self.height, self.width = codec.height, codec.width
 
+    def _check_text(self, cfg, where: str) -> None:
+        """A model reading precomputed text: its table (and --text_encoder, checked against the table)."""
+        D = cfg.model.text_embedding_dim
+        table = self.text_table
+        if table is None and not self.text_encoder:
+            raise CheckpointError(f"{where}: this model reads precomputed text embeddings (model.text_encoder="
+                                  f"'precomputed') and its run keeps none (stats/<source>/text_embeddings.json, "
+                                  f"written by kairos_jax.train); give --text_encoder=module:function to embed prompts")
+        if table is not None and table.dim != D:
+            raise CheckpointError(f"{where}: its text embeddings have D={table.dim}, model.text_embedding_dim={D}")
+        if not self.text_encoder:
+            return
+        try:
+            self._encode = load_text_encoder(self.text_encoder)
+        except (ValueError, ImportError) as e:
+            raise CheckpointError(str(e)) from None
+        probe = table.texts[:4] if table is not None else [""]
+        try:
+            emb, mask = encode_texts(self._encode, probe, self.text_encoder)
+        except TextEmbeddingError as e:
+            raise CheckpointError(str(e)) from None
+        if emb.shape[2] != D:
+            raise CheckpointError(f"--text_encoder={self.text_encoder} gives D={emb.shape[2]} features, the model "
+                                  f"reads model.text_embedding_dim={D}")
+        if table is None:
+            return
+        for i, text in enumerate(probe):       # the same embeddings as training's, or a clear refusal
+            want, want_mask = table.lookup(text)
+            got, got_mask = pad_rows(emb[i], mask[i], want.shape[0])
+            err = np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-12)
+            if not np.array_equal(got_mask, want_mask) or err > 1e-3:
+                raise CheckpointError(f"--text_encoder={self.text_encoder} does not reproduce the text embeddings this "
+                                      f"model was trained with (those of {table.encoder}): for {text!r} the relative "
+                                      f"difference is {err:.3g}; give the training's encoder")
+
+    def _text(self, prompt: str):
+        """The model's text input for `prompt`: byte tokens int32 [1, L], or for a model reading
+        precomputed text (float32 [1, L, D], float32 [1, L]) from the run's table or the prompt
+        encoder. RequestError for a prompt neither holds (nothing changes)."""
+        L = self.cfg.data.text_len
+        if self.cfg.model.text_encoder != "precomputed":
+            return jnp.asarray(text_tokens(prompt, L))[None]
+        if self.text_table is not None and prompt in self.text_table:
+            emb, mask = self.text_table.padded(prompt, L)
+        elif prompt in self._embedded:
+            emb, mask = self._embedded[prompt]
+        elif self._encode is not None:
+            try:
+                e, m = encode_texts(self._encode, [prompt], self.text_encoder)
+            except TextEmbeddingError as err:
+                raise RequestError(f"the prompt {prompt!r} could not be embedded: {err}") from None
+            if len(self._embedded) >= MAX_EMBEDDED_PROMPTS:
+                self._embedded.pop(next(iter(self._embedded)))          # the oldest
+            emb, mask = self._embedded[prompt] = pad_rows(e[0], m[0], L)
+        else:
+            known = self.text_table.texts if self.text_table is not None else []
+            raise RequestError(f"the prompt {prompt!r} has no precomputed text embedding: this model reads the "
+                               f"embeddings of {self.text_table.encoder if self.text_table else 'an external encoder'} "
+                               f"and its run holds {len(known)} task texts (e.g. {known[:3]!r}); send one of them, or "
+                               f"start the server with --text_encoder=module:function to embed new prompts")
+        return jnp.asarray(emb)[None], jnp.asarray(mask)[None]
+
+    def _text_metadata(self) -> dict:
+        if self.cfg.model.text_encoder != "precomputed":
+            return {"encoder": "bytes"}
+        table = self.text_table
+        return {"encoder": "precomputed", "text_encoder": table.encoder if table is not None else self.text_encoder,
+                "prompts": len(table) if table is not None else 0, "embeds_new_prompts": self._encode is not None}
+
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path: str, *, mode: str = "policy", seed: int = 0, data_root: str | None = None
-                        ) -> ServedModel:
-        """Load a workdir, phase folder or export folder with the statistics it was trained with
-        (or, for a run that predates them, those of `data_root`'s sources)."""
+    def from_checkpoint(cls, path: str, *, mode: str = "policy", seed: int = 0, data_root: str | None = None,
+                        text_encoder: str | None = None) -> ServedModel:
+        """Load a workdir, phase folder or export folder with the statistics (and, for a model reading
+        precomputed text, the text embeddings) it was trained with (or, for a run that predates them,
+        those of `data_root`'s sources); `text_encoder` embeds prompts its table lacks."""
         from data_pipelines.latents import load_latent_stats
         from data_pipelines.normalization import StatsError, load_stats
         from kairos_jax.inference.checkpoints import (
@@ -261,6 +357,7 @@ class ServedModel:
             load_model,
             load_training_latent_stats,
             load_training_stats,
+            load_training_text_embeddings,
         )
         from kairos_jax.inference.rollout import make_engine
 
@@ -283,17 +380,29 @@ class ServedModel:
             raise CheckpointError(f"{ref.path}: no training statistics ({os.path.dirname(ref.config_path)}/stats/, "
                                   f"written by kairos_jax.train); pass --data_root to use the sources' own")
         embodiments, refused = served_embodiments(cfg, stats)
+        text_table = None
+        if cfg.model.text_encoder == "precomputed":
+            text_table = load_training_text_embeddings(ref)
+            if text_table is None and data_root:
+                from data_pipelines.text_embeddings import TEXT_INDEX_FILE, TextEmbeddings
+                folders = [os.path.join(data_root, s) for s in sorted(stats)
+                           if os.path.isfile(os.path.join(data_root, s, TEXT_INDEX_FILE))]
+                try:
+                    text_table = TextEmbeddings(folders) if folders else None
+                except TextEmbeddingError as e:
+                    raise CheckpointError(str(e)) from None
         parent = os.path.dirname(ref.config_path)
         name = os.path.basename(os.path.dirname(parent) if os.path.basename(parent) == "export" else parent)
         return cls(make_engine(load_model(ref, cfg), cfg), cfg, embodiments, mode=mode, seed=seed, name=name,
-                   checkpoint=ref.path, step=ref.step, refused=refused, latent_stats=latent_stats)
+                   checkpoint=ref.path, step=ref.step, refused=refused, latent_stats=latent_stats,
+                   text_embeddings=text_table, text_encoder=text_encoder)
 
     def metadata(self, max_message_bytes: int) -> dict:
         return {"model": self.name, "checkpoint": self.checkpoint, "step": self.step, "mode": self.mode,
                 "modes": list(MODES), "embodiments": {n: e.describe() for n, e in sorted(self.embodiments.items())},
                 "action_horizon": self.k, "action_dim": self.A, "image_size": [self.height, self.width],
                 "text_len": self.cfg.data.text_len, "max_message_bytes": int(max_message_bytes), "seed": self.seed,
-                "request_keys": list(REQUEST_KEYS[self.mode]), "protocol": PROTOCOL,
+                "request_keys": list(REQUEST_KEYS[self.mode]), "protocol": PROTOCOL, "text": self._text_metadata(),
                 **({"video": {"kind": "latents", "tokenizer": self.tokenizer, "frames_per_request": self.k,
                               "temporal_stride": next(iter(self.codecs.values())).stride}} if self.tokenizer else {})}
 
@@ -318,6 +427,7 @@ class ServedModel:
             raise RequestError(f"unknown key(s) {unknown}; a {self.mode} request takes {list(allowed)} "
                                f'(or {{"reset": true}})')
         emb, prompt = self._episode_keys(request, episode)
+        text = self._text(prompt) if episode.state is None else None      # the model's text input, checked
         raw_state = self._state(request, emb)
         proprio = None if raw_state is None or emb.proprio_norm is None else emb.proprio_norm.normalize(raw_state)
         if raw_state is None and emb.action_codec.is_delta:
@@ -337,13 +447,13 @@ class ServedModel:
                 raise RequestError(f"{IMAGE!r} is only taken by the first request of a simulate episode (the model's "
                                    f'own frames are the history); send {{"reset": true}} to start from a new frame')
         try:
-            return self._run(episode, emb, prompt, tokens, actions, proprio, raw_state)
+            return self._run(episode, emb, prompt, tokens, actions, proprio, raw_state, text)
         except Exception:
             episode.__dict__.update(Episode().__dict__)      # its state may have been consumed (donated)
             raise
 
     def _run(self, episode: Episode, emb: ServedEmbodiment, prompt: str, tokens, actions, proprio=None,
-             raw_state=None) -> dict:
+             raw_state=None, text=None) -> dict:
         eng = self.engine
         if tokens is not None:                  # (tokens [1, N, Dp], the encoder state after this image)
             tokens, episode.seen = tokens
@@ -353,7 +463,7 @@ class ServedModel:
         dim_mask = np.zeros((1, self.A), np.float32)
         dim_mask[0, :emb.action_dim] = 1.0
         if episode.state is None:
-            text = jnp.asarray(text_tokens(prompt, self.cfg.data.text_len))[None]
+            text = self._text(prompt) if text is None else text
             state = eng.start(text, jnp.asarray([emb.id], jnp.int32), jnp.asarray(dim_mask))
             key, k0 = jax.random.split(jax.random.key(self.seed))
             noise = jax.random.normal(k0, (1, self.k, self.A)) * dim_mask[:, None]
@@ -363,7 +473,10 @@ class ServedModel:
                 episode.decoder = self.codecs[emb.name].decoder()
                 episode.decoder(tokens)
         elif self.mode == "policy":
-            episode.state = eng.commit(episode.state, tokens, episode.chunk, zeros, zeros, **observed)
+            kh = None
+            if eng.policy_history == "absent":           # the chunk's stand-in noise
+                episode.key, kh = jax.random.split(episode.key)
+            episode.state = eng.commit_policy(episode.state, tokens, episode.chunk, kh, **observed)
         episode.key, kb = jax.random.split(episode.key)
         episode.blocks += 1
         if self.mode == "policy":
@@ -467,8 +580,11 @@ class ServedModel:
         emb = min(self.embodiments.values(), key=lambda e: e.id)
         episode = Episode()
         image = np.zeros((self.height, self.width, 3), np.uint8)
+        prompt = ""
+        if self.cfg.model.text_encoder == "precomputed" and self.text_table is not None:
+            prompt = self.text_table.texts[0]            # a stored one: warming up embeds nothing
         for t in range(2):
-            req = {EMBODIMENT: emb.name, PROMPT: ""}
+            req = {EMBODIMENT: emb.name, PROMPT: prompt}
             if self.mode == "policy":
                 req[IMAGE] = image
             else:

@@ -35,6 +35,8 @@ from kairos_jax.inference.sampling import euler_integrate, generation_plan, reso
 from kairos_jax.model.diffusion import ABSENT, CLEAN, NOISY
 from kairos_jax.model.text import concat_text, null_text
 
+POLICY_HISTORIES = ("actions", "absent")    # what a policy loop commits with each frame (commit_policy)
+
 
 @struct.dataclass
 class StreamState:
@@ -225,9 +227,10 @@ class StreamingEngine:
     """
 
     def __init__(self, model, *, num_steps: int = 4, shift: float = 1.0, guidance_scale: float | None = None,
-                 full_capacity: int = 64, context_sigma: float = 0.0):
+                 full_capacity: int = 64, context_sigma: float = 0.0, policy_history: str = "actions"):
         graphdef, self.params = nnx.split(model)
         self.layout = model.layout
+        self.text_encoder = getattr(model, "text_encoder", "bytes")   # what `start` takes as text
         self.has_full_layers = model.full_attention_layers()
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         if not 0.0 <= context_sigma < 1.0:
@@ -235,10 +238,14 @@ class StreamingEngine:
         self.spec = StreamSpec(graphdef, self.guidance_scale, float(context_sigma))
         self.schedule = tuple(float(s) for s in sigma_schedule(num_steps, shift))
         self.initial_capacity = int(full_capacity) if self.has_full_layers else 0
+        if policy_history not in POLICY_HISTORIES:
+            raise ValueError(f"policy_history={policy_history!r}: one of {POLICY_HISTORIES}")
+        self.policy_history = policy_history
 
     def start(self, text, embodiment_id, action_dim_mask) -> StreamState:
-        """Empty caches for a batch: text as the model takes it, embodiment_id int [B],
-        action_dim_mask [B, A]."""
+        """Empty caches for a batch: text as the model takes it (byte tokens int [B, L], or with
+        `text_encoder` "precomputed" the pair (embedding float [B, L, D], mask [B, L])), embodiment_id
+        int [B], action_dim_mask [B, A]."""
         return _start(self.spec, self.params, text, embodiment_id, action_dim_mask,
                       full_capacity=self.initial_capacity)
 
@@ -269,6 +276,19 @@ class StreamingEngine:
             proprio_mask = None if proprio_mask is None else jnp.asarray(proprio_mask, jnp.float32)
         return _commit(self.spec, self.params, state, video, actions, jnp.asarray(sigma_video, jnp.float32),
                        jnp.asarray(sigma_action, jnp.float32), proprio, proprio_mask)
+
+    def commit_policy(self, state, video, chunk, rng, proprio=None, proprio_mask=None) -> StreamState:
+        """A policy loop's commit: the new frame [B, N, Dp] (clean) with the chunk [B, k, A] that led
+        to it, clean (`policy_history` "actions") or replaced by noise at sigma = 1 ("absent": the
+        policy then acts from the states and frames only, as a model trained with
+        train.action_history_dropout learned to); rng: the noise's key."""
+        B = video.shape[0]
+        if self.policy_history == "absent":
+            mask = state.action_dim_mask[:, None, :]
+            chunk, sigma_action = jax.random.normal(rng, jnp.shape(chunk), jnp.float32) * mask, jnp.ones(B, jnp.float32)
+        else:
+            sigma_action = jnp.zeros(B, jnp.float32)
+        return self.commit(state, video, chunk, jnp.zeros(B, jnp.float32), sigma_action, proprio, proprio_mask)
 
     def denoise(self, state, rng, *, mode: str, video=None, actions=None):
         video, actions = self._block_inputs(state, video, actions)

@@ -105,6 +105,13 @@ def draw_noise_levels(rng, *, batch_size: int, num_blocks: int, mode_probs, has_
     sigma_action = sigma_from_rule(action_rule, s_a)
     known = action_mask > 0
     sigma_action = jnp.where(known, sigma_action, 1.0)
+    # train.action_history_dropout: a fraction of the policy-mode examples get every chunk absent, so
+    # each is predicted from the state and frames alone (drawn from a key of its own: the other
+    # draws are the same whatever the fraction)
+    p_hide = float(train_cfg.get("action_history_dropout", 0.0))
+    if p_hide > 0:
+        hide = (mode == MODES.index("policy")) & (jax.random.uniform(jax.random.fold_in(rng, 7), (B,)) < p_hide)
+        sigma_action = jnp.where(hide[:, None], 1.0, sigma_action)
 
     generates = jnp.asarray([GENERATES[name] for name in MODES])                  # [modes, 2]
     gen_action, gen_video = generates[mode, 0][:, None], generates[mode, 1][:, None]

@@ -15,10 +15,13 @@ Storing precomputed embeddings. The model and `trainer.loss_fn` read batch keys
 `text_embedding` float [B, L, D_ext] (one row per token of the external model, zero-padded to a
 fixed L) and `text_embedding_mask` [B, L] (1 on real tokens) when
 `config.model.text_encoder = "precomputed"` and `config.model.text_embedding_dim = D_ext`. The
-episode schema and the Grain pipeline do not carry them yet: to train on them, a loader has to put
-the two keys into every batch (and `trainer.BATCH_KEYS` has to include them, so that
-`global_batch` shards them). The natural place is one embedding per distinct task text, stored
-beside a source's shards and looked up by the episode's text when a clip is made.
+converter (`--text_encoder=module:function`) or `python -m data_pipelines.text_embed` stores one
+embedding per distinct task text beside a source's shards (data_pipelines/text_embeddings.py); with
+`config.data.text_embedding_dim = D_ext` the Grain pipeline looks each clip's episode text up there
+and puts both keys into every batch, at L = `data.text_len` rows (truncated or zero-padded). They are
+keys of the batch contract (`pipeline.batch_spec`), so `global_batch` shards them like the others. A
+run keeps its sources' tables beside its statistics, where rollout, evaluation and serving look texts
+up (docs/architecture.md §2, "Precomputed text embeddings").
 """
 
 from __future__ import annotations

@@ -361,9 +361,14 @@ def save_training_stats(cfg, directory: str) -> None:
     """The normalisation statistics of every source the curriculum trains on, as
     `directory/<source>/stats.json` (and latent_stats.json for a tokenizer source): a trained
     model's actions, proprio and latents only mean something with them, so rollout, evaluation and
-    serving normalise (and decode) with these, not with their data's."""
+    serving normalise (and decode) with these, not with their data's. A model reading precomputed
+    text (data.text_embedding_dim > 0) also keeps each source's text embeddings there
+    (text_embeddings.json and its arrays, data_pipelines/text_embeddings.py): inference looks task
+    texts up in those, without the training data or the encoder."""
     from data_pipelines.latents import write_latent_stats
+    from data_pipelines.pipeline import clip_spec, source_text_embeddings
     from data_pipelines.shards import ShardedSource
+    from data_pipelines.text_embeddings import copy_text_embeddings
 
     sources = sorted({s for name in cfg.curriculum for s in cfg.phases[name].mixture})
     for source in sources:
@@ -373,6 +378,8 @@ def save_training_stats(cfg, directory: str) -> None:
         src = ShardedSource(os.path.join(cfg.data.root, source))
         if src.latent_stats is not None:
             write_latent_stats(out, src.latent_stats, src.latent_info.tokenizer_digest)
+        if source_text_embeddings(source, src, clip_spec(cfg.data), None) is not None:
+            copy_text_embeddings(src.directory, out)
 
 
 SMOKE_RUN = ("Not every source beats copy-last-frame one block ahead on held-out episodes: this model is not "
