@@ -17,10 +17,15 @@ Keypoints and frames are matched by time: each decoded frame (after optional res
 `target_fps`) takes the keypoint sample nearest to its timestamp, which must lie within half a
 keypoint period. Keypoints running on past the video's last frame mean frames are missing (a
 truncated or shortened video) and the episode is bad input, as is a frame with no sample near it.
+
+<root> may be a URL (gs://, s3://, memory://, ...): the folder is listed and every file read through
+data_pipelines.storage (videos are demuxed from a file object, nothing is staged). A folder without
+keypoint files is an error (BadInputError), not a source of 0 episodes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -29,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipelines import storage
 from data_pipelines.episode import Episode
 from data_pipelines.readers.base import BadInputError, EpisodeReader, list_column
 from data_pipelines.video import VIDEO_SUFFIXES, decode, nearest
@@ -37,13 +43,16 @@ KEYPOINT_SUFFIXES = (".npz", ".parquet")
 
 
 def read_keypoints(path) -> tuple[np.ndarray, np.ndarray]:
-    """An .npz or .parquet keypoints file -> (keypoints float32 [T, J, 3], timestamps float64 [T])."""
+    """An .npz or .parquet keypoints file (local or a URL) -> (keypoints float32 [T, J, 3], timestamps
+    float64 [T])."""
     path = os.fspath(path)
-    if os.path.getsize(path) == 0:
+    if not storage.isfile(path):
+        raise BadInputError(path, "file is missing")
+    if storage.size(path) == 0:
         raise BadInputError(path, "file is empty (0 bytes)")
     if path.endswith(".npz"):
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
                 missing = {"keypoints", "timestamps"} - set(z.files)
                 if missing:
                     raise BadInputError(path, f"lacks arrays {sorted(missing)} (has {z.files})")
@@ -55,7 +64,8 @@ def read_keypoints(path) -> tuple[np.ndarray, np.ndarray]:
         keypoints = keypoints.astype(np.float32)
     else:
         try:
-            table = pq.read_table(path)
+            with storage.open(path, "rb") as f:
+                table = pq.read_table(f)
         except (pa.ArrowException, OSError) as e:
             raise BadInputError(path, f"unreadable parquet: {type(e).__name__}: {e}") from e
         missing = {"keypoints", "timestamp"} - set(table.column_names)
@@ -95,19 +105,23 @@ def align_to_frames(keypoint_times, frame_times, video_end_s: float, file) -> np
 
 
 def read_tasks(path) -> dict[str, str]:
+    """tasks.jsonl (local or a URL) -> {episode: task}. Raises BadInputError."""
     tasks = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInputError(path, f"line {n}: {e}") from e
-            if not (isinstance(row, dict) and isinstance(row.get("episode"), str)
-                    and isinstance(row.get("task"), str)):
-                raise BadInputError(path, f"line {n} is not an {{episode, task}} record of strings")
-            tasks[row["episode"]] = row["task"]
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(path, f"not UTF-8 text: {e}") from e
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInputError(path, f"line {n}: {e}") from e
+        if not (isinstance(row, dict) and isinstance(row.get("episode"), str)
+                and isinstance(row.get("task"), str)):
+            raise BadInputError(path, f"line {n} is not an {{episode, task}} record of strings")
+        tasks[row["episode"]] = row["task"]
     return tasks
 
 
@@ -118,19 +132,20 @@ class HumanReader(EpisodeReader):
                  embodiment: str | None = None, registry=None):
         super().__init__(root, embodiment=embodiment, registry=registry)
         self.target_fps, self.size = target_fps, size
-        tasks_file = os.path.join(self.root, "tasks.jsonl")
-        self.tasks = read_tasks(tasks_file) if os.path.exists(tasks_file) else {}
+        files = storage.walk_files(self.root)   # one listing, local or remote
+        self.tasks = read_tasks(storage.join(self.root, "tasks.jsonl")) if "tasks.jsonl" in files else {}
+        self._listed = set(files)
         self._files: dict[str, str] = {}
-        for dirpath, _, names in os.walk(self.root):
-            for name in names:
-                stem, suffix = os.path.splitext(name)
-                if suffix.lower() in KEYPOINT_SUFFIXES:
-                    key = os.path.relpath(os.path.join(dirpath, stem), self.root)
-                    if key in self._files:
-                        raise BadInputError(os.path.join(dirpath, name),
-                                            f"two keypoint files for episode {key}")
-                    self._files[key] = os.path.join(dirpath, name)
+        for rel in files:
+            key, suffix = os.path.splitext(rel)
+            if suffix.lower() in KEYPOINT_SUFFIXES:
+                if key in self._files:
+                    raise BadInputError(storage.join(self.root, rel), f"two keypoint files for episode {key}")
+                self._files[key] = storage.join(self.root, rel)
         self._keys = sorted(self._files)
+        if not self._keys:
+            raise BadInputError(self.root, f"no episodes: no keypoint files ({', '.join(KEYPOINT_SUFFIXES)}) "
+                                           f"at any depth")
 
     def keys(self):
         return self._keys
@@ -139,9 +154,9 @@ class HumanReader(EpisodeReader):
         return self._files[key]
 
     def video_of(self, key) -> str:
-        base = os.path.join(self.root, key)
+        base = storage.join(self.root, key)
         for suffix in VIDEO_SUFFIXES:
-            if os.path.exists(base + suffix):
+            if key + suffix in self._listed:
                 return base + suffix
         raise BadInputError(base + ".mp4", f"missing: no video {base}{{{','.join(VIDEO_SUFFIXES)}}} "
                                            f"for keypoints {self.file_of(key)}")
@@ -154,4 +169,4 @@ class HumanReader(EpisodeReader):
         actions = keypoints[rows].reshape(len(rows), -1)
         return Episode(frames=video.frames, actions=actions, proprio=None, text=self.tasks.get(key, ""),
                        embodiment=self.embodiment or "human_keypoints", fps=video.fps,
-                       source=os.path.basename(os.path.normpath(self.root)), episode_id=key)
+                       source=storage.basename(self.root), episode_id=key)

@@ -10,14 +10,20 @@ Layout:
 video is missing is reported as bad input (the file was listed but is not there). Each file is
 one action-free episode of embodiment `passive_camera`, decoded with PyAV, optionally resampled
 to `target_fps` and resized / center-cropped to `size` (see data_pipelines.video).
+
+<root> may be a URL (gs://, s3://, memory://, ...): the folder is listed and every file read through
+data_pipelines.storage (videos are demuxed from a file object, nothing is staged). A folder with
+neither videos nor captions is an error (BadInputError), not a source of 0 episodes.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
+from data_pipelines import storage
 from data_pipelines.episode import Episode
 from data_pipelines.readers.base import BadInputError, EpisodeReader
 from data_pipelines.video import VIDEO_SUFFIXES, decode
@@ -26,11 +32,14 @@ CAPTION_FILES = ("captions.jsonl", "captions.csv")
 
 
 def read_captions(path) -> dict[str, str]:
-    """path (JSONL or CSV, by suffix) -> {relative video path: caption}. Raises BadInputError."""
+    """path (JSONL or CSV, by suffix; local or a URL) -> {relative video path: caption}. Raises
+    BadInputError."""
     path = os.fspath(path)
     captions: dict[str, str] = {}
+    if not storage.isfile(path):
+        raise BadInputError(path, "captions file is missing")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with storage.open(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
             if path.endswith(".csv"):
                 reader = csv.DictReader(f)
                 missing = {"path", "caption"} - set(reader.fieldnames or ())
@@ -58,32 +67,30 @@ class VideoFolderReader(EpisodeReader):
         super().__init__(root, embodiment=embodiment, registry=registry)
         self.target_fps = target_fps
         self.size = size
+        files = storage.walk_files(self.root)   # one listing, local or remote
         if captions is None:
-            found = [os.path.join(self.root, c) for c in CAPTION_FILES
-                     if os.path.exists(os.path.join(self.root, c))]
+            found = [storage.join(self.root, c) for c in CAPTION_FILES if c in files]
             if len(found) > 1:
                 raise BadInputError(self.root, f"two captions files {found}; pass captions= to pick one")
             captions = found[0] if found else None
         self.captions = read_captions(captions) if captions is not None else {}
-        videos = set()
-        for dirpath, _, names in os.walk(self.root):
-            for name in names:
-                if name.lower().endswith(VIDEO_SUFFIXES):
-                    videos.add(os.path.relpath(os.path.join(dirpath, name), self.root))
-        self._keys = sorted(videos | set(self.captions))
+        self._videos = {f for f in files if f.lower().endswith(VIDEO_SUFFIXES)}
+        self._keys = sorted(self._videos | set(self.captions))
+        if not self._keys:
+            raise BadInputError(self.root, f"no episodes: no video files ({', '.join(VIDEO_SUFFIXES)}) at any "
+                                           f"depth and no captions")
 
     def keys(self):
         return self._keys
 
     def file_of(self, key):
-        return os.path.join(self.root, key)
+        return storage.join(self.root, key)
 
     def load(self, key):
         path = self.file_of(key)
-        if not os.path.exists(path):
+        if key not in self._videos and not storage.exists(path):
             raise BadInputError(path, "listed in the captions file but missing")
         video = decode(path, target_fps=self.target_fps, size=self.size)
         return Episode(frames=video.frames, actions=None, proprio=None, text=self.captions.get(key, ""),
                        embodiment=self.embodiment or "passive_camera", fps=video.fps,
-                       source=os.path.basename(os.path.normpath(self.root)),
-                       episode_id=os.path.splitext(key)[0])
+                       source=storage.basename(self.root), episode_id=os.path.splitext(key)[0])
