@@ -198,10 +198,19 @@ def decode(path, *, start_s: float = 0.0, duration_s: float | None = None,
         def to_rgb(frame):
             nonlocal geometry
             if size is None:
+                # frames of one array must share a size: a stream whose resolution changes part-way
+                # (an SPS change, a spliced file) is bad input unless a size is asked for
+                if geometry is None:
+                    geometry = (frame.height, frame.width)
+                elif (frame.height, frame.width) != geometry:
+                    at = float(frame.pts * time_base)
+                    raise VideoError(path, f"the frame at {at:.3f}s is {frame.width}x{frame.height}, the first "
+                                           f"{geometry[1]}x{geometry[0]}: the resolution changes part-way through "
+                                           f"the video (decode it with a target size to resize every frame)")
                 return frame.to_ndarray(format="rgb24")
-            if geometry is None:
-                geometry = resize_crop_geometry(frame.height, frame.width, *size)
-            sh, sw, y0, x0 = geometry
+            if geometry is None or geometry[0] != (frame.height, frame.width):
+                geometry = ((frame.height, frame.width), resize_crop_geometry(frame.height, frame.width, *size))
+            sh, sw, y0, x0 = geometry[1]
             rgb = frame.reformat(width=sw, height=sh, format="rgb24", interpolation="AREA")
             return rgb.to_ndarray()[y0:y0 + size[0], x0:x0 + size[1]]
 

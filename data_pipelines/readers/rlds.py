@@ -60,11 +60,18 @@ def find_builder_dir(root: str) -> str:
     return found[0]
 
 
-def _stack(steps: list) -> dict | np.ndarray:
-    """A list of nested step dicts -> one nested dict of arrays stacked on a new leading axis."""
+def _stack(steps: list, field: str = "steps") -> dict | np.ndarray:
+    """A list of nested step dicts -> one nested dict of arrays stacked on a new leading axis. A field
+    whose steps differ in shape (a camera frame of another size part-way) is a ValueError naming it."""
     if isinstance(steps[0], dict):
-        return {k: _stack([s[k] for s in steps]) for k in steps[0]}
-    return np.stack([np.asarray(s) for s in steps])
+        return {k: _stack([s[k] for s in steps], f"{field}/{k}") for k in steps[0]}
+    arrays = [np.asarray(s) for s in steps]
+    first = arrays[0].shape
+    for t, a in enumerate(arrays):
+        if a.shape != first:
+            raise ValueError(f"{field}: step {t} has shape {a.shape}, step 0 {first} (a frame or vector of "
+                             f"another size part-way through the episode)")
+    return np.stack(arrays)
 
 
 def _lookup(tree: dict, key: str, file, what: str):

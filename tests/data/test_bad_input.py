@@ -81,6 +81,56 @@ def test_truncated_video(copy, strict, caplog, tmp_path):
                               r"declares", strict, caplog, tmp_path, good=1)
 
 
+def write_resolution_change(path, sizes=((48, 64), (32, 32)), frames=10, fps=10):
+    """A video whose resolution changes part-way (MPEG-2 carries a new sequence header
+    in-band, as a spliced or re-configured stream does): `frames` frames at each (height, width)."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg2video", rate=fps)
+        stream.height, stream.width = sizes[0]
+        pts = 0
+        for h, w in sizes:
+            enc = av.CodecContext.create("mpeg2video", "w")
+            enc.height, enc.width, enc.pix_fmt = h, w, "yuv420p"
+            enc.time_base, enc.framerate = fractions.Fraction(1, fps), fps
+            for i in range(frames):
+                frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 20 * i, np.uint8), format="rgb24")
+                frame = frame.reformat(format="yuv420p")
+                frame.pts, frame.time_base, pts = pts, enc.time_base, pts + 1
+                for packet in enc.encode(frame):
+                    packet.stream = stream
+                    out.mux(packet)
+            for packet in enc.encode(None):
+                packet.stream = stream
+                out.mux(packet)
+
+
+def test_resolution_change_mid_video(copy, strict, caplog, tmp_path):
+    root = copy("balls")
+    (root / "balls_001.webm").unlink()
+    bad = root / "balls_001.mkv"
+    write_resolution_change(bad)
+    for captions in root.glob("*.jsonl"):            # the captions name the video by its file name
+        captions.write_text(captions.read_text().replace("balls_001.webm", "balls_001.mkv"))
+    check("video_folder", root, bad, r"is 32x32, the first 64x48: the resolution changes part-way", strict, caplog,
+          tmp_path, good=2)
+
+
+def test_resolution_change_is_resized_when_a_size_is_asked(tmp_path):
+    path = tmp_path / "change.mkv"
+    write_resolution_change(path)
+    with pytest.raises(video.VideoError, match="resolution changes part-way"):
+        video.decode(path)
+    out = video.decode(path, size=(16, 16))
+    # every frame of both parts, each resized from its own size; the second part's frames are uniform
+    assert out.frames.shape[1:] == (16, 16, 3) and len(out.frames) >= 18
+    second = out.frames[-5:].astype(int)
+    assert np.all(np.abs(second - second.mean(axis=(1, 2, 3), keepdims=True)) <= 2)
+
+
 def test_zero_length_video(copy, strict, caplog, tmp_path):
     root = copy("balls")
     bad = root / "balls_000.webm"

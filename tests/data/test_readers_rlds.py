@@ -15,7 +15,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from data_pipelines.embodiments import DEFAULT_REGISTRY  # noqa: E402
 from data_pipelines.episode import serialize  # noqa: E402
 from data_pipelines.readers import RldsReader  # noqa: E402
-from data_pipelines.readers.rlds import _concat_actions  # noqa: E402
+from data_pipelines.readers.rlds import _concat_actions, _stack  # noqa: E402
 from data_pipelines.writers import write_rlds  # noqa: E402
 from tests.data.conftest_readers import arm_episodes  # noqa: E402
 
@@ -87,6 +87,14 @@ def test_dict_actions_are_concatenated_in_key_order():
     action = {"gripper": np.array([[1.0], [0.0]]), "world_vector": np.array([[1, 2, 3], [4, 5, 6]])}
     np.testing.assert_array_equal(_concat_actions(action, "f"), [[1, 1, 2, 3], [0, 4, 5, 6]])
     assert _concat_actions(action, "f").dtype == np.float32
+
+
+def test_a_step_of_another_shape_names_the_field_and_the_step():
+    steps = [{"observation": {"image": np.zeros((4, 4, 3), np.uint8)}, "action": np.zeros(2)} for _ in range(3)]
+    assert _stack(steps)["observation"]["image"].shape == (3, 4, 4, 3)
+    steps[2]["observation"]["image"] = np.zeros((2, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"steps/observation/image: step 2 has shape \(2, 4, 3\), step 0 \(4, 4, 3\)"):
+        _stack(steps)
 
 
 @pytest.mark.skipif(HAS_TF, reason="checks the message shown when TensorFlow is absent")
