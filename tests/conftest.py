@@ -116,6 +116,20 @@ def no_session_wide_x64():
     yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Frees each test module's compiled programs when the module ends. XLA:CPU maps every compiled
+    executable's code into the process (LLVM sections); over the whole suite in one process these
+    mappings pass the kernel's vm.max_map_count (65,530 by default) and the next compile aborts the
+    process ("LLVM ERROR: Unable to allocate section memory"). Programs a later module needs again
+    come back from the persistent compilation cache."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @contextlib.contextmanager
 def count_split_paths():
     """Counts, by op name, the traces of context parallelism's per-shard bodies (the split path of
