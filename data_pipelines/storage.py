@@ -1,7 +1,8 @@
 """One file layer for local paths and remote URLs (gs://, s3://, memory://, ...), through fsspec.
 
-Every reader, the converter's output and the training pipeline's shard reading go through these
-functions, so a path may be a local path or any URL fsspec knows (gs:// needs `gcsfs`, s3:// needs
+Every reader, the converter's output, the training pipeline's shard reading and the files a training
+run writes in its workdir (kairos_jax.training; Orbax writes the checkpoints themselves) go through
+these functions, so a path may be a local path or any URL fsspec knows (gs:// needs `gcsfs`, s3:// needs
 `s3fs`: `pip install kairos-jax[remote]`; memory:// is built in and is what the tests use).
 
 Libraries that only take local files get one of two treatments:
@@ -62,10 +63,24 @@ def _fs(path):
     if not is_remote(path):
         return fsspec.filesystem("file"), os.path.abspath(_local(path))
     try:
-        return fsspec.core.url_to_fs(os.fspath(path))
+        # No listing cache: other writers (Orbax's own client, other processes and hosts) add files to
+        # the same folders, and a cached listing would not show them (a new checkpoint step, a shard).
+        return fsspec.core.url_to_fs(os.fspath(path), use_listings_cache=False)
     except ImportError as e:
         raise ImportError(f"{path}: reading {scheme(path)}:// URLs needs an fsspec backend ({e}); "
                           f"`pip install kairos-jax[remote]` installs gcsfs and s3fs") from e
+
+
+def forget_cached_listings(path) -> None:
+    """Drops what this process's file systems of `path`'s scheme have cached about `path` and below.
+    This module caches no listing, but other clients in the process do (etils epath, which Orbax
+    writes checkpoints through, uses fsspec's default listing cache): after another process changed
+    a folder, call this before such a client looks at it again. Nothing to do for a local path."""
+    if not is_remote(path):
+        return
+    fs, p = _fs(path)
+    for instance in list(type(fs)._cache.values()):     # fsspec keeps one instance per set of options
+        instance.invalidate_cache(p)
 
 
 def join(base, *parts) -> str:

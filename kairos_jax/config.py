@@ -10,12 +10,12 @@ every command-line entry point turns it into exit status 2 (kairos_jax.cli).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+import uuid
 
 import ml_collections
 
+from data_pipelines import storage
 from data_pipelines.pipeline import ConfigError, check_tokenizer, clip_spec
 from kairos_jax.inference.streaming import POLICY_HISTORIES
 from kairos_jax.model.diffusion import LOSS_TARGETS, MODES, SIGMA_SAMPLERS
@@ -321,37 +321,50 @@ def check_data_sources(cfg) -> None:
     eval.every must exist, and data.tokenizer (when set) must be a tokenizer folder that fits the
     data config (checked before compiling)."""
     check_tokenizer(clip_spec(cfg.data))
-    if cfg.eval.every and not os.path.isdir(cfg.eval.root):
+    if cfg.eval.every and not storage.isdir(cfg.eval.root):
         raise ConfigError(f"config.eval.root={cfg.eval.root!r}: directory does not exist (held-out episodes: "
                           f"`make data` writes data/heldout; or set config.eval.every=0)")
     root = cfg.data.root
-    if not os.path.isdir(root):
+    if not storage.isdir(root):
         raise ConfigError(f"config.data.root={root!r}: directory does not exist "
                           "(generate local data with `make data` or point data.root at your converted shards)")
-    present = sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)))
+    present = sorted(e for e in storage.listdir(root) if storage.isdir(storage.join(root, e)))
     for name in cfg.curriculum:
         for source in cfg.phases[name].mixture:
             if source not in present:
                 raise ConfigError(f"config.phases.{name}.mixture names source {source!r}, but "
-                                  f"{os.path.join(root, source)} does not exist; sources under {root}: "
+                                  f"{storage.join(root, source)} does not exist; sources under {root}: "
                                   f"{present}")
 
 
+# Where a workdir may be: Orbax writes the checkpoints' arrays through TensorStore, whose kvstore it
+# builds for local paths ("file") and gs:// URLs ("gcs") only; an s3:// path fails in Orbax itself.
+WORKDIR_SCHEMES = ("", "gs")
+
+
 def check_workdir(workdir: str) -> None:
-    """The workdir must be creatable and writable."""
+    """The workdir (a local path or a gs:// URL, data_pipelines.storage) must be creatable and writable."""
+    if storage.scheme(workdir) not in WORKDIR_SCHEMES:
+        raise ConfigError(f"--workdir={workdir!r}: checkpoints (Orbax, through TensorStore) are written to local "
+                          f"paths and gs:// URLs only, not {storage.scheme(workdir)}://; use a gs:// bucket or a "
+                          f"local (or mounted) folder")
     try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir!r} cannot be created: {e.strerror}") from None
+        storage.makedirs(workdir)
+    except (OSError, ValueError, ImportError) as e:   # ImportError: no fsspec backend (gcsfs) for the URL
+        raise ConfigError(f"--workdir={workdir!r} cannot be created: {_reason(e)}") from None
     # A probe file of this process's own: every process of a multi-process run checks the same
     # (shared) workdir at once, and one shared name raced (one process removed another's probe).
+    probe = storage.join(workdir, f".write_test.{os.getpid()}.{uuid.uuid4().hex}")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=workdir)
-        with os.fdopen(fd, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir!r} is not writable: {e.strerror}") from None
+        with storage.open(probe, "wb") as f:
+            f.write(b"ok")
+        storage.remove(probe)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--workdir={workdir!r} is not writable: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
 
 
 def _validate_world_action(cfg) -> None:
@@ -408,9 +421,8 @@ def load_saved_config(path: str) -> ml_collections.ConfigDict:
     since the run keep their defaults, except those whose absence means the older behaviour (a run
     from before the x0 head, space-time RoPE and the residual video head had none of them)."""
     try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        saved = storage.read_json(path)
+    except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable config ({e})") from e
     if not isinstance(saved, dict) or "model" not in saved or "data" not in saved:
         raise ConfigError(f"{path}: not a config written by kairos_jax.train (no model / data sections)")

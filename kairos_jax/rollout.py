@@ -40,6 +40,7 @@ import os
 import numpy as np
 from absl import flags
 
+from data_pipelines import storage
 from data_pipelines.pipeline import episode_clip, unpatchify
 from data_pipelines.text_embeddings import MissingTextEmbedding
 from kairos_jax import cli
@@ -76,8 +77,8 @@ def default_source(cfg, root: str, needs_actions: bool) -> str:
 
     last = cfg.phases[tuple(cfg.curriculum)[-1]]
     for name in sorted(last.mixture):
-        directory = os.path.join(root, name)
-        if not os.path.isdir(directory):
+        directory = storage.join(root, name)
+        if not storage.isdir(directory):
             continue
         if not needs_actions or any(DEFAULT_REGISTRY.get(e).action_dim > 0
                                     for e in ShardedSource(directory).embodiments):
@@ -117,7 +118,7 @@ def main(argv) -> None:
         source = _SOURCE.value or "reacher"
         if cfg.model.text_encoder == "precomputed" and text_table is None:
             from data_pipelines.shards import ShardedSource
-            text_table = ShardedSource(os.path.join(root, source)).text_embeddings()
+            text_table = ShardedSource(storage.join(root, source)).text_embeddings()
         result = closed_loop(engine, cfg, root, source, blocks=_STEPS.value, seed=cli.SEED.value,
                              latent_stats=trained_latents.get(source), text_embeddings=text_table)
         media.write_mp4(out, result["frames"], 25.0 / cfg.data.action_chunk, scale=2)

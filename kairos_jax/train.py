@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
 import sys
@@ -35,6 +34,7 @@ import jax
 from absl import flags
 from absl import logging as absl_logging
 
+from data_pipelines import storage
 from data_pipelines.episode import EpisodeError
 from kairos_jax import cli
 from kairos_jax.training.checkpointing import CheckpointWriteError
@@ -96,8 +96,9 @@ def main(argv):
     try:
         results = train_curriculum(cli.CONFIG.value, _WORKDIR.value)
         print(format_summary(results))
-        with open(os.path.join(_WORKDIR.value, "summary.json"), "w") as f:
-            json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
+        if jax.process_index() == 0:
+            storage.write_json_atomic(storage.join(_WORKDIR.value, "summary.json"),
+                                      [dataclasses.asdict(r) for r in results], indent=2)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

@@ -1,5 +1,6 @@
 """Find a trained model on disk and load it: a workdir of `python -m kairos_jax.train`, one of its
-phase folders (or their checkpoints/), or an export folder (params/ + config.json).
+phase folders (or their checkpoints/), or an export folder (params/ + config.json); a local path or
+a gs:// URL (data_pipelines.storage for the files, Orbax for the arrays).
 
     ref = find_checkpoint("runs/embedded")     # the export when the curriculum finished, else the
     cfg = load_config(ref)                     # latest checkpoint of the last phase that has one
@@ -9,13 +10,13 @@ phase folders (or their checkpoints/), or an export folder (params/ + config.jso
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines import storage
 from kairos_jax.config import load_saved_config
 from kairos_jax.model import KairosWorldModel
 
@@ -33,40 +34,45 @@ class CheckpointRef:
 
 
 def _steps(ckpt_dir: str) -> list[int]:
-    if not os.path.isdir(ckpt_dir):
+    if not storage.isdir(ckpt_dir):
         return []
-    return sorted(int(d) for d in os.listdir(ckpt_dir)
-                  if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state")))
+    return sorted(int(d) for d in storage.listdir(ckpt_dir)
+                  if d.isdigit() and storage.isdir(storage.join(ckpt_dir, d, "state")))
+
+
+def _is_export(path: str) -> bool:
+    return storage.isdir(storage.join(path, "params")) and storage.isfile(storage.join(path, "config.json"))
 
 
 def find_checkpoint(path: str) -> CheckpointRef:
-    """Resolve --checkpoint (workdir, phase folder, its checkpoints/ folder, or export folder)."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    """Resolve --checkpoint (workdir, phase folder, its checkpoints/ folder, or export folder; a local
+    path or a gs:// URL)."""
+    path = storage.abspath(path)
+    if not storage.isdir(path):
         raise CheckpointError(f"checkpoint {path}: not a folder")
-    if os.path.isdir(os.path.join(path, "params")) and os.path.isfile(os.path.join(path, "config.json")):
-        return CheckpointRef("export", path, os.path.join(path, "config.json"))
-    export = os.path.join(path, "export")
-    if os.path.isdir(os.path.join(export, "params")) and os.path.isfile(os.path.join(export, "config.json")):
-        return CheckpointRef("export", export, os.path.join(export, "config.json"))
-    if os.path.basename(path) == "checkpoints":
-        candidates, config_path = [path], os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")
-    elif os.path.isdir(os.path.join(path, "checkpoints")):
-        candidates, config_path = [os.path.join(path, "checkpoints")], os.path.join(os.path.dirname(path),
-                                                                                    "config.json")
+    if _is_export(path):
+        return CheckpointRef("export", path, storage.join(path, "config.json"))
+    export = storage.join(path, "export")
+    if _is_export(export):
+        return CheckpointRef("export", export, storage.join(export, "config.json"))
+    if storage.basename(path) == "checkpoints":
+        candidates, config_path = [path], storage.join(storage.dirname(storage.dirname(path)), "config.json")
+    elif storage.isdir(storage.join(path, "checkpoints")):
+        candidates = [storage.join(path, "checkpoints")]
+        config_path = storage.join(storage.dirname(path), "config.json")
     else:  # a workdir: the last phase (in curriculum order) that has a checkpoint
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
+        config_path = storage.join(path, "config.json")
+        if not storage.isfile(config_path):
             raise CheckpointError(f"checkpoint {path}: neither an export folder (params/ + config.json), a "
                                f"phase folder (checkpoints/) nor a workdir (config.json)")
         cfg = load_saved_config(config_path)
-        candidates = [os.path.join(path, name, "checkpoints") for name in reversed(tuple(cfg.curriculum))]
+        candidates = [storage.join(path, name, "checkpoints") for name in reversed(tuple(cfg.curriculum))]
     for ckpt_dir in candidates:
         steps = _steps(ckpt_dir)
         if steps:
-            if not os.path.isfile(config_path):
+            if not storage.isfile(config_path):
                 raise CheckpointError(f"{ckpt_dir}: no config.json at {config_path} (written by kairos_jax.train)")
-            return CheckpointRef("phase", os.path.join(ckpt_dir, str(steps[-1]), "state"), config_path, steps[-1])
+            return CheckpointRef("phase", storage.join(ckpt_dir, str(steps[-1]), "state"), config_path, steps[-1])
     raise CheckpointError(f"checkpoint {path}: no export and no finished checkpoint under {candidates}")
 
 
@@ -76,11 +82,11 @@ def load_training_stats(ref: CheckpointRef) -> dict:
     Empty for a run that predates them (callers then fall back on their data's own statistics)."""
     from data_pipelines.normalization import load_stats
 
-    directory = os.path.join(os.path.dirname(ref.config_path), "stats")
-    if not os.path.isdir(directory):
+    directory = storage.join(storage.dirname(ref.config_path), "stats")
+    if not storage.isdir(directory):
         return {}
-    return {source: load_stats(os.path.join(directory, source)) for source in sorted(os.listdir(directory))
-            if os.path.isfile(os.path.join(directory, source, "stats.json"))}
+    return {source: load_stats(storage.join(directory, source)) for source in storage.listdir(directory)
+            if storage.isfile(storage.join(directory, source, "stats.json"))}
 
 
 def load_training_latent_stats(ref: CheckpointRef) -> dict:
@@ -89,11 +95,11 @@ def load_training_latent_stats(ref: CheckpointRef) -> dict:
     for a pixel model or a run that predates them."""
     from data_pipelines.latents import LATENT_STATS_FILE, load_latent_stats
 
-    directory = os.path.join(os.path.dirname(ref.config_path), "stats")
-    if not os.path.isdir(directory):
+    directory = storage.join(storage.dirname(ref.config_path), "stats")
+    if not storage.isdir(directory):
         return {}
-    return {source: load_latent_stats(os.path.join(directory, source)) for source in sorted(os.listdir(directory))
-            if os.path.isfile(os.path.join(directory, source, LATENT_STATS_FILE))}
+    return {source: load_latent_stats(storage.join(directory, source)) for source in storage.listdir(directory)
+            if storage.isfile(storage.join(directory, source, LATENT_STATS_FILE))}
 
 
 def load_training_text_embeddings(ref: CheckpointRef):
@@ -103,11 +109,11 @@ def load_training_text_embeddings(ref: CheckpointRef):
     CheckpointError when the copies are damaged or of different encoders."""
     from data_pipelines.text_embeddings import TEXT_INDEX_FILE, TextEmbeddingError, TextEmbeddings
 
-    directory = os.path.join(os.path.dirname(ref.config_path), "stats")
-    if not os.path.isdir(directory):
+    directory = storage.join(storage.dirname(ref.config_path), "stats")
+    if not storage.isdir(directory):
         return None
-    folders = [os.path.join(directory, s) for s in sorted(os.listdir(directory))
-               if os.path.isfile(os.path.join(directory, s, TEXT_INDEX_FILE))]
+    folders = [storage.join(directory, s) for s in storage.listdir(directory)
+               if storage.isfile(storage.join(directory, s, TEXT_INDEX_FILE))]
     if not folders:
         return None
     try:
@@ -130,7 +136,7 @@ def load_model(ref: CheckpointRef, cfg) -> KairosWorldModel:
     target = nnx.to_pure_dict(abstract_state)
     args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
     if ref.kind == "export":
-        item, restore_args, path = target, args, os.path.join(ref.path, "params")
+        item, restore_args, path = target, args, storage.join(ref.path, "params")
     else:
         item, restore_args, path = {"params": target}, {"params": args}, ref.path
     try:

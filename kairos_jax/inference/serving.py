@@ -106,7 +106,6 @@ import concurrent.futures
 import dataclasses
 import http
 import logging
-import os
 import threading
 import time
 
@@ -114,6 +113,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import storage
 from data_pipelines.embodiments import DEFAULT_REGISTRY, EmbodimentRegistry
 from data_pipelines.normalization import ActionCodec, Normalizer
 from data_pipelines.pipeline import ConfigError, text_tokens
@@ -370,14 +370,14 @@ class ServedModel:
                 latent_stats = load_training_latent_stats(ref)
             if not stats and data_root:
                 sources = sorted({s for p in cfg.curriculum for s in cfg.phases[p].mixture})
-                stats = {s: load_stats(os.path.join(data_root, s)) for s in sources
-                         if os.path.isdir(os.path.join(data_root, s))}
+                stats = {s: load_stats(storage.join(data_root, s)) for s in sources
+                         if storage.isdir(storage.join(data_root, s))}
                 if cfg.data.get("tokenizer", ""):
-                    latent_stats = {s: load_latent_stats(os.path.join(data_root, s)) for s in stats}
+                    latent_stats = {s: load_latent_stats(storage.join(data_root, s)) for s in stats}
         except StatsError as e:
             raise CheckpointError(str(e)) from None
         if not stats:
-            raise CheckpointError(f"{ref.path}: no training statistics ({os.path.dirname(ref.config_path)}/stats/, "
+            raise CheckpointError(f"{ref.path}: no training statistics ({storage.dirname(ref.config_path)}/stats/, "
                                   f"written by kairos_jax.train); pass --data_root to use the sources' own")
         embodiments, refused = served_embodiments(cfg, stats)
         text_table = None
@@ -385,14 +385,14 @@ class ServedModel:
             text_table = load_training_text_embeddings(ref)
             if text_table is None and data_root:
                 from data_pipelines.text_embeddings import TEXT_INDEX_FILE, TextEmbeddings
-                folders = [os.path.join(data_root, s) for s in sorted(stats)
-                           if os.path.isfile(os.path.join(data_root, s, TEXT_INDEX_FILE))]
+                folders = [storage.join(data_root, s) for s in sorted(stats)
+                           if storage.isfile(storage.join(data_root, s, TEXT_INDEX_FILE))]
                 try:
                     text_table = TextEmbeddings(folders) if folders else None
                 except TextEmbeddingError as e:
                     raise CheckpointError(str(e)) from None
-        parent = os.path.dirname(ref.config_path)
-        name = os.path.basename(os.path.dirname(parent) if os.path.basename(parent) == "export" else parent)
+        parent = storage.dirname(ref.config_path)
+        name = storage.basename(storage.dirname(parent) if storage.basename(parent) == "export" else parent)
         return cls(make_engine(load_model(ref, cfg), cfg), cfg, embodiments, mode=mode, seed=seed, name=name,
                    checkpoint=ref.path, step=ref.step, refused=refused, latent_stats=latent_stats,
                    text_embeddings=text_table, text_encoder=text_encoder)

@@ -7,8 +7,9 @@ checkpoint written on one mesh restores onto another, and by another number of J
 serving and rollouts.
 
 Integrity. Orbax commits a step atomically (it writes `<step>.orbax-checkpoint-tmp` and renames it
-when every item is written), so a kill -9 leaves at most a half-written tmp folder, which
-`latest_step` never lists (Orbax removes it when it saves that step again). What the commit does
+when every item is written; on gs://, which cannot rename, it writes `<step>/` in place and writes
+commit_success.txt in it last), so a kill -9 leaves at most a half-written folder, which
+`latest_step` never lists (Orbax replaces it when it saves that step again). What the commit does
 not catch is a checkpoint damaged afterwards (a truncated or bit-flipped array file: TensorStore
 does not checksum the chunks it reads, so a flipped byte in the compressed data restores silently as
 other numbers), a folder copied half-way, or a workdir reused by another config. Each checkpoint
@@ -28,6 +29,11 @@ several changes go unnoticed only if they cancel in both sums at once. `restore(
 order: the record is there and names this state's leaves, shapes and dtypes (else "written by
 another config"); this process's iterator state file hashes as recorded; Orbax reads the arrays;
 their checksums and the step counter equal the record's. Any failure raises DamagedCheckpoint.
+
+The checkpoint folder may be a local path or a gs:// URL: Orbax writes it through etils epath (gcsfs
+on gs://) and TensorStore (its gcs driver for the arrays). This module reads and renames in it
+through epath too, so that the listings Orbax's client caches see those renames; only its listing of
+half-written saves goes through data_pipelines.storage, which caches nothing.
 
 `restore_latest` tries the steps newest first and restores the newest one that verifies, with one
 warning naming every newer step it skipped and why; those are moved aside to `<step>.damaged`
@@ -78,6 +84,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from data_pipelines import storage
 from kairos_jax.config import ConfigError
 
 log = logging.getLogger("kairos")
@@ -106,7 +113,7 @@ class CheckpointWriteError(RuntimeError):
 
 def _absolute(directory: str) -> str:
     """Local paths are made absolute (Orbax needs that); URLs such as gs://bucket/run are kept."""
-    return directory if "://" in directory else os.path.abspath(directory)
+    return storage.abspath(directory)
 
 
 def _leaf_name(path) -> str:
@@ -370,12 +377,19 @@ class Checkpointer:
         return restored
 
     def half_written(self) -> list[str]:
-        """Folders of saves that were interrupted before their commit (never restored)."""
+        """Folders of saves that were interrupted before their commit (never restored): locally
+        `<step>.orbax-checkpoint-tmp...`; on gs://, where nothing can be renamed, Orbax writes the
+        step folder in place and commits it with commit_success.txt last, so a step folder that
+        Orbax does not list as a step."""
         try:
-            names = os.listdir(self.directory)
+            names = storage.listdir(self.directory)
         except OSError:
             return []
-        return sorted(n for n in names if _HALF_WRITTEN.fullmatch(n))
+        stale = [n for n in names if _HALF_WRITTEN.fullmatch(n)]
+        if storage.is_remote(self.directory):
+            committed = set(self.all_steps())
+            stale += [n for n in names if n.isdigit() and int(n) not in committed]
+        return sorted(stale)
 
     def restore_latest(self, abstract_state, data_iter=None, *, global_batch_size: int | None = None,
                        final_step: int | None = None):
@@ -414,7 +428,7 @@ class Checkpointer:
         for step in steps:
             name = f"{step}{DAMAGED_SUFFIX}"
             n = 1
-            while os.path.exists(os.path.join(self.directory, name)):
+            while (epath.Path(self.directory) / name).exists():
                 n += 1
                 name = f"{step}{DAMAGED_SUFFIX}-{n}"
             moved[step] = name
@@ -424,11 +438,14 @@ class Checkpointer:
             multihost_utils.sync_global_devices("kairos_checkpoint_move_aside_names")
         if jax.process_index() == 0:
             for step, name in moved.items():
-                os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
+                # Through epath, Orbax's own file layer: on gs:// its client caches listings, and a
+                # rename made by another client would stay invisible to the manager's reload.
+                (epath.Path(self.directory) / str(step)).rename(epath.Path(self.directory) / name)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("kairos_checkpoint_move_aside")
+            storage.forget_cached_listings(self.directory)   # gs://: process 0 renamed, not this one's client
         self.manager.reload()
         return moved
 
@@ -470,15 +487,15 @@ class Checkpointer:
 
 
 def export_params(directory: str, params, config_json: str) -> str:
-    """Params-only checkpoint plus the config it was trained with (for rollouts and serving)."""
+    """Params-only checkpoint plus the config it was trained with (for rollouts and serving).
+    `directory` is a local path or a gs:// URL (data_pipelines.storage)."""
     directory = _absolute(directory)
-    path = os.path.join(directory, "params")
+    path = storage.join(directory, "params")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params, force=True)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            f.write(config_json)
+        storage.write_bytes_atomic(storage.join(directory, "config.json"), config_json.encode("utf-8"))
     return path
 
 
@@ -486,9 +503,8 @@ def load_exported_params(directory: str, abstract_params):
     """Restore params written by `export_params` into `abstract_params` (ShapeDtypeStructs with
     shardings, or without for a single host)."""
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(_absolute(directory), "params"), abstract_params)
+        return ckptr.restore(storage.join(_absolute(directory), "params"), abstract_params)
 
 
 def read_exported_config(directory: str) -> dict:
-    with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f)
+    return storage.read_json(storage.join(directory, "config.json"))

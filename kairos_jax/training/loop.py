@@ -6,6 +6,10 @@ Each phase of `config.curriculum` trains `phases.<name>.steps` steps on its data
 `<workdir>/<phase>/`, starting from the previous phase's final parameters. Interrupted runs
 (Ctrl-C, SIGTERM, a crash, kill -9) resume from the latest checkpoint with the data iterator where
 it was; SIGTERM and Ctrl-C save a checkpoint before exiting.
+
+The workdir is a local path or a gs:// URL: every file the loop writes there (config.json, stats/,
+each phase's metrics.jsonl and tensorboard/, export/) goes through data_pipelines.storage, the
+checkpoints through Orbax (kairos_jax.config.check_workdir says which URLs Orbax can write).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import signal
 import sys
 import time
@@ -21,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from data_pipelines import storage
 from data_pipelines.normalization import write_stats
 from data_pipelines.pipeline import training_stats
 from kairos_jax.config import ConfigError, check_data_sources, check_workdir, validate
@@ -87,7 +91,7 @@ class StepProfiler:
 
     def __init__(self, steps, directory: str, phase: str):
         self.first, self.last = tuple(steps) if steps else (None, None)
-        self.directory = os.path.join(directory, f"process_{jax.process_index()}")
+        self.directory = storage.join(directory, f"process_{jax.process_index()}")
         self.phase = phase
         self.active = False
 
@@ -198,10 +202,10 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     from data_pipelines.pipeline import build_dataset
 
     phase = cfg.phases[name]
-    pdir = os.path.join(workdir, name)
+    pdir = storage.join(workdir, name)
     tx = trainer.make_optimizer(cfg.train, phase.steps)
     schedule = trainer.make_schedule(cfg.train, phase.steps)
-    ckpt = checkpointing.Checkpointer(os.path.join(pdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+    ckpt = checkpointing.Checkpointer(storage.join(pdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                                       async_save=cfg.train.async_checkpointing)
     dataset = build_dataset(cfg.data, phase, seed=_phase_seed(cfg, index), batch_size=_local_batch_size(cfg),
                             process_index=jax.process_index(), process_count=jax.process_count())
@@ -242,7 +246,7 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
     t_last, steps_since = time.perf_counter(), 0
     acc = None
     compiled = None
-    profiler = StepProfiler(cfg.train.get("profile_steps", ()), os.path.join(pdir, "profile"), name)
+    profiler = StepProfiler(cfg.train.get("profile_steps", ()), storage.join(pdir, "profile"), name)
     for step in range(start, phase.steps):
         batch = trainer.global_batch(setup, next(data_iter))
         if compiled is None:  # compile once; MFU counts the step's matmul FLOPs per device
@@ -302,9 +306,11 @@ def run_phase(cfg, setup, workdir: str, index: int, name: str, init_params, stop
             pbar.update(1)
         if done % cfg.train.checkpoint_every == 0 or done == phase.steps:
             ckpt.save(done, state, data_iter)
+            writer.flush()    # the metrics up to a checkpoint are written when it is (remote: uploaded)
         if done < phase.steps and stop.requested():
             if done % cfg.train.checkpoint_every:
                 ckpt.save(done, state, data_iter)
+                writer.flush()
             stopped = True
             break
     profiler.close(state)
@@ -333,10 +339,11 @@ def train_curriculum(cfg, workdir: str, stop: StopRequested | None = None) -> li
     setup = trainer.build_model_setup(cfg, mesh)
     log.info("mesh %s over %d devices; model %.2fM parameters", dict(mesh.shape), mesh.size,
              count_params(setup.abstract_params) / 1e6)
+    workdir = storage.abspath(workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
-        save_training_stats(cfg, os.path.join(workdir, STATS_DIR))
+        storage.write_bytes_atomic(storage.join(workdir, "config.json"),
+                                   cfg.to_json_best_effort(indent=2).encode("utf-8"))
+        save_training_stats(cfg, storage.join(workdir, STATS_DIR))
     peak = metrics.measure_peak_flops(cfg.model.dtype) if cfg.train.measure_peak_flops else None
     stop = stop or StopRequested()
     stop.install()
@@ -348,10 +355,10 @@ def train_curriculum(cfg, workdir: str, stop: StopRequested | None = None) -> li
             results.append(result)
             if result.stopped_early:
                 return results
-        export = os.path.join(workdir, "export")
+        export = storage.join(workdir, "export")
         checkpointing.export_params(export, params, cfg.to_json_best_effort(indent=2))
         if jax.process_index() == 0:
-            save_training_stats(cfg, os.path.join(export, STATS_DIR))
+            save_training_stats(cfg, storage.join(export, STATS_DIR))
     finally:
         stop.uninstall()
     return results
@@ -372,10 +379,10 @@ def save_training_stats(cfg, directory: str) -> None:
 
     sources = sorted({s for name in cfg.curriculum for s in cfg.phases[name].mixture})
     for source in sources:
-        out = os.path.join(directory, source)
-        os.makedirs(out, exist_ok=True)
+        out = storage.join(directory, source)
+        storage.makedirs(out)
         write_stats(out, training_stats(cfg.data.root, source, cfg.data))
-        src = ShardedSource(os.path.join(cfg.data.root, source))
+        src = ShardedSource(storage.join(cfg.data.root, source))
         if src.latent_stats is not None:
             write_latent_stats(out, src.latent_stats, src.latent_info.tokenizer_digest)
         if source_text_embeddings(source, src, clip_spec(cfg.data), None) is not None:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from data_pipelines import storage
 
 
 def measure_peak_flops(dtype: str = "float32", n: int = 1024, reps: int = 8) -> float:
@@ -99,58 +103,97 @@ def compiled_flops(compiled) -> float | None:
 
 
 class MetricWriter:
-    """TensorBoard scalars (tensorboardX) + metrics.jsonl, written by process 0 only."""
+    """TensorBoard scalars (tensorboardX) + metrics.jsonl, written by process 0 only.
+
+    `logdir` is a local path or a URL (data_pipelines.storage). Locally, metrics.jsonl is appended to
+    line by line and the event files are written in logdir/tensorboard/. Objects in a bucket cannot
+    be appended to: for a remote logdir both are kept locally (the log in memory, the event files in
+    a temporary folder) and uploaded whole through data_pipelines.storage at `flush` (the loop
+    flushes at every checkpoint, so the log always reaches the step a resumed run starts from), at
+    `close`, and at most every `REMOTE_UPLOAD_S` seconds in between. (tensorboardX's own gs:// writer
+    is not used: it uploads once more from a finalizer when the process exits.)
+    """
+
+    REMOTE_UPLOAD_S = 60.0
 
     def __init__(self, logdir: str, *, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.logdir = logdir
-        self.jsonl = os.path.join(logdir, "metrics.jsonl")
+        self.jsonl = storage.join(logdir, "metrics.jsonl")
+        self.remote = storage.is_remote(logdir)
+        self._lines: list[str] = []        # remote: the whole log, uploaded by _upload
+        self._uploaded = time.monotonic()
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
-        os.makedirs(logdir, exist_ok=True)
+        storage.makedirs(logdir)
         self._truncate_after(resume_step)
-        self.tb = SummaryWriter(logdir=os.path.join(logdir, "tensorboard"))
+        self._events = tempfile.mkdtemp(prefix="kairos-tensorboard-") if self.remote else None
+        self.tb = SummaryWriter(logdir=self._events or storage.join(logdir, "tensorboard"))
 
     def _truncate_after(self, step: int):
         """Drop log lines of steps past the checkpoint a run resumes from (they will be redone)."""
-        if not os.path.exists(self.jsonl):
+        if not storage.exists(self.jsonl):
             return
         keep = []
-        with open(self.jsonl) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= step:
-                        keep.append(line if line.endswith("\n") else line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    pass   # a line cut short (a write that failed, e.g. disk full): its step is redone
-        with open(self.jsonl, "w") as f:
-            f.writelines(keep)
+        for line in storage.read_bytes(self.jsonl).decode("utf-8", errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass   # a line cut short (a write that failed, e.g. disk full): its step is redone
+        if self.remote:
+            self._lines = keep
+            storage.write_bytes_atomic(self.jsonl, "".join(keep).encode("utf-8"))
+        else:
+            with storage.open(self.jsonl, "w") as f:
+                f.writelines(keep)
+
+    def _upload(self):
+        """Remote: the whole log, and every event file written so far, to logdir."""
+        storage.write_bytes_atomic(self.jsonl, "".join(self._lines).encode("utf-8"))
+        self.tb.flush()
+        for name in storage.walk_files(self._events):
+            with open(os.path.join(self._events, name), "rb") as f:
+                storage.write_bytes_atomic(storage.join(self.logdir, "tensorboard", name), f.read())
+        self._uploaded = time.monotonic()
 
     def write(self, step: int, scalars: dict):
         if not self.enabled:
             return
         for k, v in scalars.items():
             self.tb.add_scalar(k, v, step)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        line = json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            if time.monotonic() - self._uploaded >= self.REMOTE_UPLOAD_S:
+                self._upload()
+        else:
+            with storage.open(self.jsonl, "a") as f:
+                f.write(line)
 
     def flush(self):
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.remote:
+            self._upload()
+        else:
             self.tb.flush()
 
     def close(self):
         if self.enabled:
             self.tb.close()
+            if self.remote:
+                self._upload()
+                shutil.rmtree(self._events, ignore_errors=True)
 
 
 def read_metrics(logdir: str) -> list[dict]:
-    path = os.path.join(logdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(logdir, "metrics.jsonl")
+    if not storage.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_bytes(path).decode("utf-8").splitlines() if line.strip()]
 
 
 def loss_trend(records: list[dict], key: str = "loss", frac: float = 0.2) -> tuple[float, float] | None:
