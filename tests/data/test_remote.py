@@ -18,6 +18,7 @@ from data_pipelines.readers import BadInputError, HumanReader, ShardReader, Vide
 from data_pipelines.shards import ShardedSource
 from data_pipelines.writers import write_human, write_lerobot, write_video_folder
 from experiments import base
+from kairos_jax.config import ConfigError, check_data_sources
 from tests.data.conftest_readers import arm_episodes, human_episodes, passive_episodes
 
 MEM = fsspec.filesystem("memory")
@@ -96,6 +97,13 @@ def test_training_pipeline_reads_shards_from_a_url(lerobot_dir, memory, tmp_path
         batches[where] = [next(it) for _ in range(3)]
     for x, y in zip(batches["local"], batches["remote"]):
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    # the trainer's check of data.root lists the URL's sources (and names the one that is missing)
+    cfg.curriculum = ("phase3_robot",)
+    cfg.phases.phase3_robot.mixture = base.mixture(reacher=1.0)
+    check_data_sources(cfg)
+    cfg.phases.phase3_robot.mixture = base.mixture(reacher=0.5, pusher=0.5)
+    with pytest.raises(ConfigError, match=r"pusher.*sources under memory://.*\['reacher'\]"):
+        check_data_sources(cfg)
     staged = os.listdir(tmp_path / "cache" / "staged")
     assert sorted(n.split("-", 1)[1] for n in staged) == [f"shard-0000{i}-of-00003.array_record" for i in range(3)]
 
