@@ -49,7 +49,9 @@ setup(
         "gpu-aot": ["jax-cuda12-plugin>=0.11.2,<0.13"],
         # tfrecord-based RLDS releases (Open X-Embodiment) need TensorFlow itself.
         "rlds": ["tensorflow-cpu", "tensorflow-datasets>=4.9.9"],
-        # gs:// and s3:// through fsspec (data_pipelines.storage); memory:// and local paths need neither.
+        # gs:// and s3:// through fsspec (data_pipelines.storage): data, converter outputs, and (gs:// only,
+        # as Orbax writes no s3://) training workdirs. memory:// and local paths need neither.
+        # In `make`'s .venv: tests/test_remote_workdir.py trains into a gs:// workdir on a local server.
         "remote": ["gcsfs", "s3fs"],
     },
     entry_points={

@@ -18,8 +18,9 @@
 #        makes gcloud exit non-zero.
 #
 # The workdir and data.root must be the same path on every host and shared between them (a
-# Filestore/NFS mount or a gcsfuse-mounted bucket): Orbax writes each host's checkpoint shards
-# there and process 0 writes the metrics and export. gs:// URLs are not supported as --workdir.
+# Filestore/NFS mount or a gcsfuse-mounted bucket), or gs:// URLs: Orbax writes each host's
+# checkpoint shards there and process 0 writes the metrics and export. A gs:// workdir is tested
+# with one process against a local GCS server (tests/test_remote_workdir.py), not yet on a pod.
 #
 # Environment: TPU_NAME, ZONE (required), PROJECT (default: gcloud's configured project),
 # REPO_DIR (default: kairos-jax, relative to the remote home), TOPOLOGY (for aot),
