@@ -195,13 +195,19 @@ def test_inference_loads_the_export_and_checkpoints_from_the_bucket(finished, cw
     assert os.listdir(cwd) == []
 
 
-def test_damaged_checkpoint_on_gs_is_moved_aside(gcs, cwd):
-    directory = f"gs://{BUCKET}/ckpt/damaged"
+def save_steps(directory, steps):
+    """Saves make_state(step) at each step into a fresh Checkpointer on `directory`; {step: state}."""
     ckpt = checkpointing.Checkpointer(directory, keep=5, async_save=False)
-    states = {step: make_state(step) for step in (1, 2)}
+    states = {step: make_state(step) for step in steps}
     for step, state in states.items():
         ckpt.save(step, state, data_iterator())
     ckpt.close()
+    return states
+
+
+def test_damaged_checkpoint_on_gs_is_moved_aside(gcs, cwd):
+    directory = f"gs://{BUCKET}/ckpt/damaged"
+    states = save_steps(directory, (1, 2))
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(f"{directory}/2/integrity")
@@ -219,11 +225,7 @@ def test_damaged_checkpoint_on_gs_is_moved_aside(gcs, cwd):
 def test_uncommitted_step_on_gs_is_ignored_then_saved_again(gcs, cwd, caplog):
     """On gs:// a save interrupted before its commit leaves `<step>/` without commit_success.txt."""
     directory = f"gs://{BUCKET}/ckpt/uncommitted"
-    ckpt = checkpointing.Checkpointer(directory, keep=5, async_save=False)
-    states = {step: make_state(step) for step in (1, 2)}
-    for step, state in states.items():
-        ckpt.save(step, state, data_iterator())
-    ckpt.close()
+    states = save_steps(directory, (1, 2))
     storage.remove(f"{directory}/2/commit_success.txt")
     ckpt = checkpointing.Checkpointer(directory, keep=5, async_save=False)
     with caplog.at_level("WARNING", logger="kairos"):
