@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -160,10 +161,15 @@ class RldsReader(EpisodeReader):
 
         self.spec = None if spec is None else get_spec(spec)
         self.builder_dir = find_builder_dir(self.root)
-        self.builder = tfds.builder_from_directory(self._metadata_dir())
-        if split not in self.builder.info.splits:
-            raise BadInputError(self.builder_dir, f"has no split {split!r} (splits: "
-                                                  f"{list(self.builder.info.splits)})")
+        meta = self._metadata_dir()
+        try:
+            self.builder = tfds.builder_from_directory(meta)
+            splits = self.builder.info.splits   # read now: a remote builder's local metadata copy goes below
+        finally:
+            if meta != self.builder_dir:
+                shutil.rmtree(meta, ignore_errors=True)
+        if split not in splits:
+            raise BadInputError(self.builder_dir, f"has no split {split!r} (splits: {list(splits)})")
         self.split, self.size = split, size
         if self.spec is not None:
             self.image_key = image_key or self.spec.cameras[0]
