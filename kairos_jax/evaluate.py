@@ -22,11 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 
 import numpy as np
 from absl import flags
 
+from data_pipelines import storage
 from kairos_jax import cli
 from kairos_jax.inference import evaluate as ev
 from kairos_jax.inference import media
@@ -60,6 +62,22 @@ def load_engine(path: str, num_steps: int | None, context_sigma: float | None = 
     cfg = load_config(ref)
     engine = make_engine(load_model(ref, cfg), cfg, num_steps=num_steps, shift=shift, context_sigma=context_sigma)
     return engine, cfg, ref
+
+
+def write_outputs(result: dict, out: str, title: str) -> None:
+    """eval.json, report.md and the plots into `out`: a folder, or a gs:// (or other remote) URL,
+    beside a remote checkpoint by default, where they are written locally first and uploaded."""
+    if not storage.is_remote(out):
+        os.makedirs(out, exist_ok=True)
+        write_report(result, out, title)
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
+    with tempfile.TemporaryDirectory(prefix="kairos-eval-") as local:
+        write_outputs(result, local, title)
+        storage.makedirs(out)
+        for name in sorted(os.listdir(local)):
+            storage.upload(os.path.join(local, name), storage.join(out, name))
 
 
 def write_report(result: dict, out: str, title: str) -> None:
@@ -135,11 +153,8 @@ def main(argv) -> None:
                          bc_engine=bc_engine, latent_stats=load_training_latent_stats(ref), text_embeddings=text_table)
     result["checkpoint"], result["bc_checkpoint"], result["data_root"] = ref.path, _BC.value, root
     result["seconds"] = round(time.time() - t0, 1)
-    out = cli.OUT.value or os.path.join(os.path.dirname(ref.config_path), "eval")
-    os.makedirs(out, exist_ok=True)
-    write_report(result, out, f"Evaluation of {ref.path} on {root}")
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    out = cli.OUT.value or storage.join(storage.dirname(ref.config_path), "eval")
+    write_outputs(result, out, f"Evaluation of {ref.path} on {root}")
     for source, r in result["sources"].items():
         if "simulate_psnr_by_step" in r:
             print(f"{source}: simulate PSNR {np.mean(r['simulate_psnr_by_step']):.2f} dB over {r['horizon']} steps, "
