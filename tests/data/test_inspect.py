@@ -84,3 +84,38 @@ def test_cli_prints_the_report(sources, tmp_path):
     run = subprocess.run([sys.executable, "-m", "data_pipelines.inspect", str(tmp_path / "nothing")],
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
     assert run.returncode == 2 and run.stderr.strip().startswith("error: ")
+
+
+def test_rlds_and_human_recordings(tmp_path):
+    """The two other input formats: an RLDS (TFDS array_record) builder and a folder of human
+    recordings (mp4 + keypoints), each detected, counted, with statistics against numpy and a contact
+    sheet whose cells are the episodes' frames (RLDS keeps them losslessly)."""
+    from data_pipelines.writers import write_human, write_rlds
+    from tests.data.conftest_readers import human_episodes
+
+    arms, people = arm_episodes(), human_episodes()
+    write_rlds(arms, tmp_path / "rlds", num_shards=2)
+    write_human(people, tmp_path / "walks")
+    assert detect_format(str(tmp_path / "rlds")) == "rlds"
+    assert detect_format(str(tmp_path / "walks")) == "human"
+
+    sheet = tmp_path / "rlds.png"
+    r = inspect(tmp_path / "rlds", contact_sheet_path=str(sheet), sample_episodes=2, sample_frames=5)
+    assert (r["format"], r["episodes"], r["frames"], r["frame_shapes"]) == ("rlds", 3, 60, [[32, 32, 3]])
+    actions = np.concatenate([a.actions for a in arms]).astype(np.float64)
+    proprio = np.concatenate([a.proprio for a in arms]).astype(np.float64)
+    e = r["embodiments"]["reacher"]
+    for got, x in ((e["action"], actions), (e["proprio"], proprio)):
+        np.testing.assert_allclose(got["mean"], x.mean(0), atol=2e-6)
+        np.testing.assert_allclose(got["p01"], np.percentile(x, 1, axis=0), atol=2e-6)
+    img = np.asarray(Image.open(sheet))
+    assert img.shape == (2 * 96, 5 * 96, 3)
+    np.testing.assert_array_equal(img[96:192:3, 4 * 96:5 * 96:3], arms[2].frames[19])   # episodes 0 and 2
+
+    r = inspect(tmp_path / "walks", contact_sheet_path=str(tmp_path / "walks.png"), sample_frames=4)
+    assert (r["format"], r["episodes"], r["frames"]) == ("human", 2, 40)
+    e = r["embodiments"]["human_keypoints"]
+    keypoints = np.concatenate([p.actions for p in people]).astype(np.float64)
+    assert (e["episodes"], e["frames"], e["proprio"]) == (2, 40, None)
+    np.testing.assert_allclose(e["action"]["std"], keypoints.std(0), atol=2e-6)
+    assert np.asarray(Image.open(tmp_path / "walks.png")).shape == (2 * 96, 4 * 96, 3)
