@@ -158,7 +158,7 @@ def test_cli_writes_the_report_and_ends_with_the_json_summary(setup, tmp_path):
     # the same files (but the sample frames, which eval.json does not keep), the same bytes.
     import fsspec
 
-    from kairos_jax.evaluate import write_outputs
+    from kairos_jax.inference.report import write_outputs
     title = (out / "report.md").read_text().splitlines()[0].removeprefix("# ")
     write_outputs(full, "memory://evals/run", title)
     fs = fsspec.filesystem("memory")
