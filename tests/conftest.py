@@ -153,14 +153,3 @@ def count_split_paths():
         for name, fn in originals.items():
             setattr(context_parallel, f"{name}_shard", fn)
 
-
-def pytest_collection_modifyitems(config, items):
-    # Under pytest-xdist (`make test` runs `-n`), tests that start a compiler for another platform or
-    # launch JAX processes of their own run one after another on one worker (`--dist loadgroup`), so
-    # two of them never share the cores or a compiler's machine-wide lock.
-    for item in items:
-        for marker, group in (("tpu", "compilers"), ("gpu_aot", "compilers"), ("multiprocess", "processes"),
-                              ("launch", "processes")):
-            if item.get_closest_marker(marker) is not None:
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
