@@ -13,12 +13,15 @@ same with only the arm's dims (the task's positions left out), and its closed-lo
 `kairos_jax.evaluate` task scenes (data_pipelines.sim.tasks, same seed: the same scenes), executing
 each predicted chunk whole as the world model does, and replanning every step.
 
-Probe (`--probe`, world-model or BC checkpoints with model.proprio_input): 32 held-out clips through
-the training forward in policy mode (clean video, actions pure noise: no action history), the one-step
-x0 of the actions at sigma = 1, i.e. the model's regression E[a | frames, state]. Its MSE to the
-recorded actions, then how much the predicted chunks move (MSE between predictions) when the state
-is hidden, when the task's dims (TASK_DIMS) are negated, when the states are reversed across clips,
-and under a second noise draw (the floor).
+Probe (`--probe`, world-model or BC checkpoints with model.proprio_input): 128 held-out clips through
+the training forward in policy mode: every action chunk pure noise at sigma = 1 (no action history),
+the frames clean except the last block's, which is noise at sigma = 1 (its frame is what the chunk
+leads to, which a policy does not see); the one-step x0 of the last block's chunk, i.e. the model's
+regression E[a | frames so far, state]. Its MSE to the recorded actions, then how much the predicted
+chunks move (MSE between predictions) when the state is hidden, when the task's dims (TASK_DIMS) are
+negated, when the states are reversed across clips, and under a second noise draw (the floor).
+(Before 2026-12-07 the probe left the last frame clean and scored every block: that lets the model
+read each chunk's outcome, an inverse-dynamics question, and flattered its regression error.)
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def closed_loop(policy: MLPPolicy, source: str, episodes: int, seed: int, replan
     return tasks.success_rate(control_recorders()[source], factory, episodes, seed=seed)["rate"]
 
 
-def probe(checkpoint: str, heldout: str, source: str, clips: int = 32) -> dict:
+def probe(checkpoint: str, heldout: str, source: str, clips: int = 128) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -146,17 +149,19 @@ def probe(checkpoint: str, heldout: str, source: str, clips: int = 32) -> dict:
     video, actions = jnp.asarray(b["video"]), np.asarray(b["actions"])
     dim_mask = jnp.asarray(b["action_dim_mask"])
     B, T = actions.shape[:2]
-    # blocks 1.. with a known chunk, the embodiment's real action dims
-    mask = np.broadcast_to((np.asarray(b["action_mask"])[:, 1:] > 0)[:, :, None, None]
-                           * np.asarray(b["action_dim_mask"])[:, None, None, :], actions[:, 1:].shape)
+    # the last block's chunk (known: T > 1), the embodiment's real action dims
+    mask = np.broadcast_to(np.asarray(b["action_dim_mask"])[:, None, :], actions[:, -1].shape)
+    sigma_video = jnp.zeros((B, T)).at[:, -1].set(1.0)
 
     def masked_mse(p, q):
-        return float(np.sum((p[:, 1:] - q[:, 1:]) ** 2 * mask) / mask.sum())
+        return float(np.sum((p[:, -1] - q[:, -1]) ** 2 * mask) / mask.sum())
 
     def predict(proprio, present=1.0, seed=0):
-        eps = jax.random.normal(jax.random.key(seed), actions.shape) * dim_mask[:, None, None]
+        r_a, r_v = jax.random.split(jax.random.key(seed))
+        eps = jax.random.normal(r_a, actions.shape) * dim_mask[:, None, None]
+        seen = video.at[:, -1].set(jax.random.normal(r_v, video[:, -1].shape))
         state = (previous_frames(jnp.asarray(proprio)), previous_frames(jnp.asarray(b["proprio_mask"])) * present)
-        out = model(video, eps, jnp.zeros((B, T)), jnp.ones((B, T)), jnp.asarray(b["embodiment_id"]), dim_mask,
+        out = model(seen, eps, sigma_video, jnp.ones((B, T)), jnp.asarray(b["embodiment_id"]), dim_mask,
                     jnp.asarray(b["text"]), reference=previous_frames(video), state=state)
         return np.asarray(out.action_x0)
 

@@ -89,3 +89,26 @@ def test_config_checks_the_new_fields():
         cfg[section][key] = bad
         with pytest.raises(ConfigError, match=f"{section}.{key}"):
             validate(cfg)
+
+
+def test_open_loop_policy_figure_gives_the_history_the_closed_loop_gives():
+    """evaluate.stream_actions in policy mode commits the recorded history as the closed loop would:
+    with policy_history "absent" the recorded chunks never reach the model (changing them changes
+    nothing), with "actions" they do; inverse dynamics keeps the recorded chunks either way."""
+    from kairos_jax.inference.evaluate import stream_actions
+
+    cfg = tiny_config(pattern=("swa", "gdn"), scan_layers=False)
+    model = random_model(cfg, seed=4)
+    batch = synthetic_batch(cfg, 2)
+    other = dict(batch, actions=np.asarray(batch["actions"])[::-1].copy())
+    assert not np.allclose(other["actions"], batch["actions"])
+    kw = dict(context=2, horizon=2, seed=0)
+    for history in ("actions", "absent"):
+        engine = StreamingEngine(model, num_steps=2, policy_history=history)
+        a, b = (stream_actions(engine, x, mode="policy", **kw) for x in (batch, other))
+        if history == "absent":
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert rel(a, b) > 1e-3
+        a, b = (stream_actions(engine, x, mode="inverse_dynamics", **kw) for x in (batch, other))
+        assert rel(a, b) > 1e-3

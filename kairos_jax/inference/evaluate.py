@@ -160,19 +160,22 @@ def stream_actions(engine: StreamingEngine, batch: dict, *, mode: str, context: 
                    seed: int) -> np.ndarray:
     """Predicted (normalised) action chunks [B, horizon, k, A] of blocks context .. context + horizon
     - 1 with the true history (teacher forcing): policy from the frames before the block, inverse
-    dynamics from those and the block's own frame."""
+    dynamics from those and the block's own frame. The history's chunks are committed as the closed
+    loop commits them: in policy mode with an engine whose policy_history is "absent" they are noise
+    at sigma 1 (the policy acts from frames and states alone), otherwise the recorded chunks, clean."""
+    absent = mode == "policy" and engine.policy_history == "absent"
     state = _start(engine, batch)
     rng = jax.random.key(seed)
     for t in range(context):
         rng, key = jax.random.split(rng)
-        state = _commit_true_block(engine, state, batch, t, key, actions_absent=False)
+        state = _commit_true_block(engine, state, batch, t, key, actions_absent=absent)
     out = []
     for t in range(context, context + horizon):
         rng, key, key_c = jax.random.split(rng, 3)
         video = jnp.asarray(batch["video"][:, t]) if mode == "inverse_dynamics" else None
         _, actions, _, _ = engine.denoise(state, key, mode=mode, video=video)
         out.append(np.asarray(actions))
-        state = _commit_true_block(engine, state, batch, t, key_c, actions_absent=False)
+        state = _commit_true_block(engine, state, batch, t, key_c, actions_absent=absent)
     return np.stack(out, axis=1)
 
 
