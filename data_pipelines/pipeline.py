@@ -33,7 +33,9 @@ and, with data.text_embedding_dim = D > 0 (a model with model.text_encoder = "pr
     text_embedding_mask float32 [B, L]      1 on the stored tokens, 0 on padding
 
 Clips. A clip covers frames f_0 = start, f_t = start + t*k; start is uniform in
-[0, len - (T-1)*k - 1], drawn from the element's own rng (Grain `random_map`: seed + element index).
+[0, len - (T-1)*k - 1], drawn from the element's own rng (Grain `random_map`: seed + element index);
+with data.episode_start_prob = p > 0 a clip starts at frame 0 instead with probability p (the state
+every closed-loop episode starts from, else block 0 of about one clip in (len - (T-1)*k) only).
 Episodes shorter than T*k frames are left out when the dataset is built (one log line per source
 with the count). Frames are centre-cropped to the aspect ratio of image_size x width (width =
 data.image_width, or image_size when 0), then area-resized to it
@@ -251,6 +253,7 @@ class ClipSpec:
                                        # embodiment has an action_reference (normalization.ActionCodec)
     tokenizer: str = ""                # "": pixel frames; else the tokenizer folder the latents came from
     text_embedding_dim: int = 0        # D of the precomputed text embeddings each clip carries (0: none)
+    episode_start_prob: float = 0.0    # fraction of clips that start at the episode's first frame
 
     @property
     def width(self) -> int:
@@ -463,6 +466,11 @@ class ClipTransform(grain.transforms.RandomMap):
                                                f"frames, the manifest said more")
             s = source.latent_stride           # starts on frames that have a latent (1: any frame)
             start = s * int(rng.integers(0, (ep.num_frames - span) // s + 1))
+            # data.episode_start_prob: a drawn share of clips starts at frame 0 instead, where every
+            # closed-loop episode starts (drawn after the start, and only when > 0, so that the
+            # default's stream is unchanged)
+            if self.spec.episode_start_prob > 0 and rng.random() < self.spec.episode_start_prob:
+                start = 0
             clip = make_clip(ep, start, self.spec, source)
             for key in ("video", "actions", "proprio"):     # a shard not written by ShardWriter's checks
                 if not np.isfinite(clip[key]).all():
@@ -557,7 +565,8 @@ def _weights(mixture, where: str) -> dict[str, float]:
 
 def clip_spec(data_cfg) -> ClipSpec:
     """The clip geometry of a data config, checked (ConfigError naming the field)."""
-    optional = {"image_width", "num_embodiments", "delta_actions", "tokenizer", "text_embedding_dim"}
+    optional = {"image_width", "num_embodiments", "delta_actions", "tokenizer", "text_embedding_dim",
+                "episode_start_prob"}
     spec = ClipSpec(**{f.name: _get(data_cfg, f.name) for f in dataclasses.fields(ClipSpec)
                        if f.name not in optional or f.name in data_cfg})
     if not isinstance(spec.delta_actions, bool):
@@ -565,8 +574,11 @@ def clip_spec(data_cfg) -> ClipSpec:
     if not isinstance(spec.tokenizer, str):
         raise ConfigError(f"config.data.tokenizer={spec.tokenizer!r} is invalid: '' (pixel frames) or the folder "
                           f"of the video tokenizer the sources were encoded with")
+    p = spec.episode_start_prob
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ConfigError(f"config.data.episode_start_prob={p!r} is invalid: must be a number in [0, 1]")
     for f in dataclasses.fields(ClipSpec):
-        if f.name in ("delta_actions", "tokenizer"):
+        if f.name in ("delta_actions", "tokenizer", "episode_start_prob"):
             continue
         v = getattr(spec, f.name)
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f.name in optional else 1):

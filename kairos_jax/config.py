@@ -96,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
         # up by the episode's text in its source's table; 0: none. Equals model.text_embedding_dim with
         # model.text_encoder='precomputed', else 0 (validate checks).
         text_embedding_dim=0,
+        # share of training clips that start at their episode's first frame (else uniform starts): the
+        # state every closed-loop episode starts from, block 0 of few clips otherwise
+        episode_start_prob=0.0,
         num_embodiments=16,       # size of the embodiment embedding table
         # joint-target actions (Embodiment.action_reference) learned relative to the state where
         # their chunk starts, with their own statistics (data_pipelines.normalization.ActionCodec)

@@ -199,6 +199,30 @@ def test_block_zero_is_masked_exactly_when_the_clip_starts_before_one_chunk(tiny
     assert starts.min() == 0.0
 
 
+def test_episode_start_prob_starts_that_share_of_clips_at_frame_zero(tiny_data_dir, raw):
+    """data.episode_start_prob = p: about p of the clips (plus the uniform draw's own share) start at
+    the episode's first frame, each still the episode's true clip; 0 leaves the stream as it was
+    without the field; 1 starts every clip at frame 0; outside [0, 1] is a ConfigError."""
+    def starts(p, n=8):
+        cfg = _cfg(tiny_data_dir, num_blocks=4, action_chunk=4, **({} if p is None else {"episode_start_prob": p}))
+        batches = _take(iter(build_dataset(cfg, _phase(reacher=1.0), seed=5, batch_size=8)), n)
+        for b in range(8):
+            _check_element(batches[-1], b, raw, cfg, ["reacher"])
+        return batches, np.concatenate([b["progress"][:, 0] for b in batches])
+
+    plain, at = starts(None)
+    zero, _ = starts(0.0)
+    assert _equal(plain, zero)
+    _, half = starts(0.5)
+    uniform_share = np.mean(at == 0.0)
+    assert 0.35 < np.mean(half == 0.0) < 0.8 and np.mean(half == 0.0) > uniform_share + 0.2
+    _, every = starts(1.0, n=2)
+    assert np.all(every == 0.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="episode_start_prob"):
+            build_dataset(_cfg(tiny_data_dir, episode_start_prob=bad), _phase(reacher=1.0), seed=0, batch_size=2)
+
+
 def test_delta_actions_are_relative_to_the_state_where_each_chunk_starts(tiny_data_dir, raw, tmp_path):
     """data.delta_actions: the pusher's joint targets minus its joint angles at the chunk's first
     frame, normalised by the statistics of exactly that quantity (loops over every chunk start of
