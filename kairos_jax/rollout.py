@@ -25,6 +25,9 @@ data/heldout (episodes recorded from other seeds than training's).
 - closed_loop: the policy drives the simulated reacher, cheetah or pusher (--source); writes --out
   (the frames the simulator rendered) and <stem>_closed_loop.json (actions and the task measure).
 
+--out may be a gs:// (or other fsspec) URL: the files are written to a local temporary folder under
+the same names, then uploaded beside it.
+
 A model reading precomputed text (model.text_encoder='precomputed') looks the episode's text, or the
 simulated task's, up in the text embeddings its run saved (stats/<source>/text_embeddings.json; a run
 without them falls back on the data folder's own); a text without an embedding is an error naming it.
@@ -36,6 +39,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 
 import numpy as np
 from absl import flags
@@ -90,8 +94,25 @@ def default_source(cfg, root: str, needs_actions: bool) -> str:
 def main(argv) -> None:
     del argv
     logging.getLogger("kairos").setLevel(logging.INFO)
-    mode = cli.MODE.value or "simulate"
     cli.require(checkpoint=cli.CHECKPOINT.value, steps=_STEPS.value, out=cli.OUT.value)
+    out = cli.OUT.value
+    if not storage.is_remote(out):
+        return _rollout(out)
+    # A remote --out (gs://, s3://, ...): every file is written into a local folder first, under the
+    # same names, then uploaded beside the URL's name (the mp4 or json and its _metrics / _actions /
+    # _closed_loop companions).
+    with tempfile.TemporaryDirectory(prefix="kairos-rollout-") as local:
+        _rollout(os.path.join(local, storage.basename(out)))
+        folder = storage.dirname(out)
+        storage.makedirs(folder)
+        for name in sorted(os.listdir(local)):
+            storage.upload(os.path.join(local, name), storage.join(folder, name))
+            print(f"uploaded {storage.join(folder, name)}")
+
+
+def _rollout(out: str) -> None:
+    """The rollout of the flags, its files written to `out` (a local path) and beside it."""
+    mode = cli.MODE.value or "simulate"
     if mode not in MODES:
         raise cli.UsageError(f"--mode={mode}: one of {MODES}")
     if _STEPS.value < 1:
@@ -106,7 +127,6 @@ def main(argv) -> None:
     engine = make_engine(model, cfg, num_steps=_NUM_STEPS.value, shift=_SHIFT.value, guidance_scale=_GUIDANCE.value,
                          context_sigma=_CONTEXT_SIGMA.value)
     root = cli.DATA_ROOT.value or cfg.data.root
-    out = cli.OUT.value
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = os.path.splitext(out)[0]
     trained_latents = load_training_latent_stats(ref)

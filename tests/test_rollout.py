@@ -175,6 +175,24 @@ def test_cli_simulate_and_policy_end_to_end(run, capsys):
     assert "--steps" in capsys.readouterr().err
 
 
+def test_cli_writes_a_remote_out_beside_its_url(run, capsys):
+    """--out=memory://... (fsspec's in-process file system, as gs:// would be): the same files, under
+    the same names and with the same bytes, as the same rollout written locally."""
+    import fsspec
+
+    local = run["root"] / "out_local"
+    argv = [f"--checkpoint={run['workdir']}", "--mode=policy", "--steps=2", "--context=2", "--episode=ep1",
+            f"--data_root={run['root'] / 'data'}"]
+    assert run_cli(argv + [f"--out={local / 'p.json'}"]) == 0
+    assert run_cli(argv + ["--out=memory://rollouts/r1/p.json"]) == 0
+    assert "uploaded memory://rollouts/r1/p_actions.json" in capsys.readouterr().out
+    fs = fsspec.filesystem("memory")
+    names = sorted(os.path.basename(p) for p in fs.ls("/rollouts/r1", detail=False))
+    assert names == sorted(os.listdir(local)) == ["p_actions.json", "p_actions.png"]
+    for name in names:
+        assert fs.cat(f"/rollouts/r1/{name}") == (local / name).read_bytes(), name
+
+
 def replay(embodiment, actions, seed):
     """The metric trace of the same scene driven open-loop by the given actions: the closed loop's
     log must be what actually drove the simulator."""
