@@ -153,9 +153,10 @@ openpi-venv: $(OPENPI_VENV)/.installed
 # package in its own Python 3.11 virtualenv, kept out of .venv (it brings torch).
 # `make lerobot-venv`, then `.venv/bin/python -m pytest -m lerobot tests/data`. lerobot 0.4.4 pins
 # torch<2.11; it is installed without its pins beside LEROBOT_TORCH (what this machine has on disk;
-# torchcodec must match torch) and the packages its dataset code imports. torchcodec loads the
-# system FFmpeg libraries (Debian: apt-get install libavcodec59 libavformat59 libavutil57 libswscale6
-# libswresample4 libavfilter8 libavdevice59).
+# torchcodec must match torch) and the packages its dataset code imports. torchcodec loads FFmpeg's
+# shared libraries by soname; a fresh machine may lack them, so the FFmpeg that PyAV's wheel bundles is
+# linked under those names into $(LEROBOT_VENV)/ffmpeg (tests/data/pyav_ffmpeg.py), which the tests put
+# on LD_LIBRARY_PATH: no system FFmpeg is needed, and lerobot encodes and decodes with the same one.
 LEROBOT_VENV := .venv-lerobot
 LEROBOT_VERSION ?= 0.4.4
 LEROBOT_TORCH ?= torch==2.14.1 torchvision==0.29.1 torchcodec==0.14.0
@@ -172,12 +173,17 @@ $(LEROBOT_VENV)/.installed:
 	$(LEROBOT_VENV)/bin/python -m pip install -q $(TORCH_PIP_ARGS) $(LEROBOT_TORCH)
 	$(LEROBOT_VENV)/bin/python -m pip install -q --no-deps "lerobot==$(LEROBOT_VERSION)"
 	$(LEROBOT_VENV)/bin/python -m pip install -q $(LEROBOT_DEPS)
-	@$(LEROBOT_VENV)/bin/python -c 'from torchcodec.decoders import VideoDecoder' >/dev/null 2>&1 || { \
-	  echo "error: torchcodec cannot load FFmpeg: install its shared libraries (Debian: apt-get install libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavfilter8 libavdevice59)"; exit 1; }
 	$(LEROBOT_VENV)/bin/python -c 'import lerobot.datasets.lerobot_dataset'
 	@touch $@
 
-lerobot-venv: $(LEROBOT_VENV)/.installed
+# PyAV's FFmpeg under the sonames torchcodec loads (see above); checked by loading torchcodec with it.
+$(LEROBOT_VENV)/ffmpeg/.linked: $(LEROBOT_VENV)/.installed tests/data/pyav_ffmpeg.py
+	$(LEROBOT_VENV)/bin/python tests/data/pyav_ffmpeg.py $(LEROBOT_VENV)/ffmpeg
+	@LD_LIBRARY_PATH=$(CURDIR)/$(LEROBOT_VENV)/ffmpeg $(LEROBOT_VENV)/bin/python -c 'from torchcodec.decoders import VideoDecoder' || { \
+	  echo "error: torchcodec cannot load the FFmpeg bundled with PyAV (linked into $(LEROBOT_VENV)/ffmpeg)"; exit 1; }
+	@touch $@
+
+lerobot-venv: $(LEROBOT_VENV)/ffmpeg/.linked
 
 # Meta-World (issue 14): metaworld==3.1.1 pins mujoco==3.3.0, so recording and the served evaluation's
 # client live in .venv-metaworld (launch/metaworld_venv.sh); the fine-tune and the server use .venv.
@@ -221,11 +227,11 @@ eval-metaworld: $(METAWORLD_VENV)/.installed $(STAMP)
 
 # The tests against the third-party packages that conflict with .venv, each installed in its own
 # virtualenv by the targets above: openpi-client (the serving protocol), diffusers + torch (the Wan VAE
-# converter), Meta-World (the served evaluation), lerobot (LeRobot v3 interop; torchcodec needs the
-# system FFmpeg libraries named at lerobot-venv). .ci/run runs it after test-extra.
+# converter), Meta-World (the served evaluation), lerobot (LeRobot v3 interop, decoding with the FFmpeg
+# PyAV bundles). .ci/run runs it after test-extra.
 VENV_MARKERS ?= openpi or diffusers or metaworld or lerobot
 # LEROBOT_VENV_DEP= (empty) leaves the lerobot virtualenv out, with VENV_MARKERS naming the others.
-LEROBOT_VENV_DEP ?= $(LEROBOT_VENV)/.installed
+LEROBOT_VENV_DEP ?= $(LEROBOT_VENV)/ffmpeg/.linked
 test-venvs: $(STAMP) $(OPENPI_VENV)/.installed $(DIFFUSERS_VENV)/.installed $(METAWORLD_VENV)/.installed \
             $(LEROBOT_VENV_DEP)
 	$(PY) -m pytest -q -rs -m '$(VENV_MARKERS)' $(PYTEST_ARGS)

@@ -21,6 +21,12 @@ import sys
 import numpy as np
 
 
+def loaded_libavcodec() -> list:
+    """The libavcodec files this process has mapped (which FFmpeg the decoder used)."""
+    with open("/proc/self/maps") as f:
+        return sorted({line.split()[-1] for line in f if "libavcodec" in line})
+
+
 def dump(dataset, out_path, camera):
     items = [dataset[i] for i in range(len(dataset))]
     frames = np.stack([np.rint(it[camera].numpy().transpose(1, 2, 0) * 255.0) for it in items]).astype(np.uint8)
@@ -28,7 +34,7 @@ def dump(dataset, out_path, camera):
               for name in ("action", "observation.state", "timestamp", "episode_index", "frame_index", "index")}
     meta = {"len": len(dataset), "num_episodes": dataset.num_episodes, "fps": dataset.fps,
             "codebase_version": dataset.meta.info["codebase_version"], "video_keys": dataset.meta.video_keys,
-            "video_backend": dataset.video_backend}
+            "video_backend": dataset.video_backend, "libavcodec": loaded_libavcodec()}
     np.savez(out_path, frames=frames, action=arrays["action"], state=arrays["observation.state"],
              timestamp=arrays["timestamp"], episode_index=arrays["episode_index"],
              frame_index=arrays["frame_index"], index=arrays["index"],

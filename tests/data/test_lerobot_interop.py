@@ -26,6 +26,7 @@ from tests.data.conftest_readers import arm_episodes, psnr
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEROBOT_PYTHON = os.path.join(ROOT, ".venv-lerobot", "bin", "python")
 SCRIPT = os.path.join(ROOT, "tests", "data", "lerobot_reference.py")
+FFMPEG = os.path.join(ROOT, ".venv-lerobot", "ffmpeg")
 
 pytestmark = [
     pytest.mark.lerobot,
@@ -38,6 +39,8 @@ pytestmark = [
 def run_lerobot(*args) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # torchcodec decodes with the FFmpeg PyAV bundles, linked by `make lerobot-venv` (tests/data/pyav_ffmpeg.py)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (FFMPEG, env.get("LD_LIBRARY_PATH")) if p)
     run = subprocess.run([LEROBOT_PYTHON, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -67,6 +70,9 @@ def recorded(episodes, tmp_path_factory):
 def test_lerobot_wrote_the_v30_layout_we_expect(recorded):
     root, meta, _ = recorded
     assert meta["codebase_version"] == "v3.0" and meta["video_codec"] == "av1" and meta["len"] == 96
+    # decoded by torchcodec with PyAV's bundled FFmpeg (LD_LIBRARY_PATH: FFMPEG), not a system one
+    assert meta["video_backend"] == "torchcodec" and len(meta["libavcodec"]) == 1, meta
+    assert os.path.basename(os.path.dirname(meta["libavcodec"][0])) == "av.libs", meta
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     data = [f for f in files if f.startswith("data/")]
     videos = [f for f in files if f.startswith("videos/")]
