@@ -110,7 +110,7 @@ def main(argv):
               f"skipped_clips)", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         print(f"error: cannot write {e.filename or 'to the workdir'}: {e.strerror}; the checkpoints already "
               f"committed are intact. Free space and run the same command to resume", file=sys.stderr)

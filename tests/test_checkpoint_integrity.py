@@ -321,3 +321,25 @@ def test_all_of_another_config_is_one_clear_error(saved):
                                                  r"float32\[64, 32\] there, float32\[64, 48\] in this config\)"):
         resume(directory, abstract(make_state(0, width=48)))
     assert sorted(os.listdir(directory)) == ["2", "4", "6"]
+
+
+def test_a_save_failing_at_once_after_a_committed_async_save_names_itself(tmp_path, monkeypatch):
+    """A save whose own first (synchronous) part fails, after the previous async save committed:
+    the error names the failing step and the committed one before it, not the committed one as
+    failed (the file-size-limit fault of tests/test_faults.py, in process)."""
+    import errno
+
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=5, async_save=True)
+    it = data_iterator()
+    ckpt.save(2, make_state(2), it)
+    ckpt.manager.wait_until_finished()          # step 2 committed; the Checkpointer has not looked yet
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+    monkeypatch.setattr(ckpt.manager, "save", fail)
+    with pytest.raises(checkpointing.CheckpointWriteError) as e:
+        ckpt.save(4, make_state(4), it)
+    assert re.fullmatch(r"cannot write checkpoint step 4 in \S+: .*File too large.*; the newest committed "
+                        r"checkpoint, step 2, is intact\. .*", str(e.value)), str(e.value)
+    monkeypatch.undo()
+    ckpt.close()

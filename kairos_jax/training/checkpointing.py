@@ -251,13 +251,17 @@ class Checkpointer:
         self._pending = step
 
     def _write_error(self, e: Exception, step: int) -> CheckpointWriteError:
-        failed = self._pending if self._pending is not None else step
-        self._pending = None
+        """The error of a failed save of `step`. With async saves the failure may be the previous
+        save's, surfacing now: that one is named unless it committed (then this save's own first,
+        synchronous part failed)."""
+        pending, self._pending = self._pending, None
         try:
             self.manager.reload()
-            committed = [s for s in self.manager.all_steps() if s < failed]
+            steps = list(self.manager.all_steps())
         except Exception:  # the listing itself may fail on a broken file system
-            committed = []
+            steps = []
+        failed = pending if pending is not None and pending not in steps else step
+        committed = [s for s in steps if s < failed]
         kept = (f"the newest committed checkpoint, step {max(committed)}, is intact" if committed
                 else "no earlier checkpoint of this phase was committed")
         return CheckpointWriteError(f"cannot write checkpoint step {failed} in {self.directory}: {_short(e)}; "
