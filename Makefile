@@ -149,6 +149,26 @@ $(OPENPI_VENV)/.installed:
 
 openpi-venv: $(OPENPI_VENV)/.installed
 
+# TensorFlow side of the RLDS tfrecord test (tests/data/test_readers_rlds.py, marker `rlds`): TFDS reads
+# tfrecord releases (Open X-Embodiment as published) only through TensorFlow, which .venv leaves out
+# (the `rlds` extra). The test's TensorFlow half runs in a child process anyway, so it runs in this
+# Python 3.12 virtualenv with TensorFlow and the few packages the readers and writers import, at the
+# versions .venv has (constrained by its freeze), with the repository on PYTHONPATH.
+# `make rlds-venv`, then `.venv/bin/python -m pytest -m rlds tests/data`.
+RLDS_VENV := .venv-rlds
+RLDS_DEPS ?= tensorflow-cpu tensorflow-datasets array_record av fsspec pyarrow numpy pillow pytest
+
+.PHONY: rlds-venv
+$(RLDS_VENV)/.installed: $(STAMP)
+	$(PYTHON312) -m venv $(RLDS_VENV)
+	$(RLDS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > $(RLDS_VENV)/constraints.txt
+	$(RLDS_VENV)/bin/python -m pip install -q -c $(RLDS_VENV)/constraints.txt $(RLDS_DEPS)
+	$(RLDS_VENV)/bin/python -c 'import tensorflow, tensorflow_datasets, array_record'
+	@touch $@
+
+rlds-venv: $(RLDS_VENV)/.installed
+
 # LeRobot v3.0 interop tests (tests/data/test_lerobot_interop.py, marker `lerobot`): the real `lerobot`
 # package in its own Python 3.11 virtualenv, kept out of .venv (it brings torch).
 # `make lerobot-venv`, then `.venv/bin/python -m pytest -m lerobot tests/data`. lerobot 0.4.4 pins
@@ -228,10 +248,10 @@ eval-metaworld: $(METAWORLD_VENV)/.installed $(STAMP)
 # The tests against the third-party packages that conflict with .venv, each installed in its own
 # virtualenv by the targets above: openpi-client (the serving protocol), diffusers + torch (the Wan VAE
 # converter), Meta-World (the served evaluation), lerobot (LeRobot v3 interop, decoding with the FFmpeg
-# PyAV bundles). .ci/run runs it after test-extra.
-VENV_MARKERS ?= openpi or diffusers or metaworld or lerobot
+# PyAV bundles), TensorFlow (the RLDS tfrecord reader). .ci/run runs it after test-extra.
+VENV_MARKERS ?= openpi or diffusers or metaworld or lerobot or rlds
 # LEROBOT_VENV_DEP= (empty) leaves the lerobot virtualenv out, with VENV_MARKERS naming the others.
 LEROBOT_VENV_DEP ?= $(LEROBOT_VENV)/ffmpeg/.linked
 test-venvs: $(STAMP) $(OPENPI_VENV)/.installed $(DIFFUSERS_VENV)/.installed $(METAWORLD_VENV)/.installed \
-            $(LEROBOT_VENV_DEP)
+            $(LEROBOT_VENV_DEP) $(RLDS_VENV)/.installed
 	$(PY) -m pytest -q -rs -m '$(VENV_MARKERS)' $(PYTEST_ARGS)

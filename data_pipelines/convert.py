@@ -10,7 +10,9 @@ Reads with data_pipelines.readers.<format>; --input and --output may be local pa
 (gs://, s3://, memory://: data_pipelines.storage).
 
 Work plan. The reader's episode keys, in order, are cut into shards of --episodes_per_shard
-episodes: shard u of U is `shard-{u:05d}-of-{U:05d}.array_record`, written by one task. Tasks run
+episodes (a tfrecord RLDS release too: each task reads its run of consecutive episodes in one
+pass, from the files that hold them; a reader that can only stream its whole input, none here
+today, is one task): shard u of U is `shard-{u:05d}-of-{U:05d}.array_record`, written by one task. Tasks run
 in --workers processes (spawned; each opens its own reader), each writing its shard locally then
 moving (uploading) it into place, followed by a small record of what it holds in
 OUTPUT/.convert/shard-{u:05d}.json (+ .npz with its actions / proprio, for the statistics).
@@ -260,6 +262,9 @@ def _run_task(task: _Task) -> dict:
         try:
             if task.keys is None:
                 stream = reader.episodes(strict=task.strict, on_skip=lambda s: skip(s.file, s.reason))
+            elif getattr(reader, "ranged", False):      # a stream read from the task's first key to its last
+                stream = reader.episodes(strict=task.strict, on_skip=lambda s: skip(s.file, s.reason),
+                                         keys=task.keys)
             else:
                 stream = _episodes_of(reader, task.keys, skip)
             if tokenizer is not None:
@@ -484,7 +489,8 @@ def convert(fmt: str, input_dir, output_dir, *, embodiment: str | None = None, s
     reader = READERS[fmt](input_dir, embodiment=embodiment, registry=registry, **options)
     source = source or storage.basename(input_dir)
     keys = list(reader.keys())
-    random_access = not getattr(reader, "streaming", False)
+    # a streaming reader is split into shards only if it reads runs of consecutive keys (`ranged`)
+    random_access = not getattr(reader, "streaming", False) or getattr(reader, "ranged", False)
     plan = _plan(fmt, input_dir, keys, int(episodes_per_shard), random_access, options, embodiment, encoder, source,
                  latents, text_encoder or None)
     plan = _prepare_output(output, plan, overwrite)

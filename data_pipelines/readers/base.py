@@ -131,6 +131,12 @@ class EpisodeReader(abc.ABC):
         for key in self.keys():
             yield key, functools.partial(self.load, key)
 
+    def _items_of(self, keys) -> Iterator[tuple[str, Callable[[], Episode]]]:
+        """(key, loader) for the given keys; a streaming format that reads a run of consecutive
+        keys in one pass (`ranged`) overrides this."""
+        for key in keys:
+            yield key, functools.partial(self.load, key)
+
     def _checked(self, key: str, loader: Callable[[], Episode]) -> Episode:
         file = self.file_of(key)
         try:
@@ -146,14 +152,15 @@ class EpisodeReader(abc.ABC):
         """load(key), validated and checked against the registry; any defect -> BadInputError."""
         return self._checked(key, functools.partial(self.load, key))
 
-    def episodes(self, *, strict: bool = False,
-                 on_skip: Callable[[Skipped], None] | None = None) -> Iterator[Episode]:
-        """Every readable episode. A bad one raises BadInputError if strict; else it is passed to
-        `on_skip` (default: one warning line naming the file) and left out.
+    def episodes(self, *, strict: bool = False, on_skip: Callable[[Skipped], None] | None = None,
+                 keys=None) -> Iterator[Episode]:
+        """Every readable episode (or those of `keys`, in their order). A bad one raises BadInputError
+        if strict; else it is passed to `on_skip` (default: one warning line naming the file) and
+        left out.
 
         A stream that fails as a whole (a damaged tfrecord file) is reported once and ends.
         """
-        items = self._items()
+        items = self._items() if keys is None else self._items_of(keys)
         while True:
             try:
                 key, loader = next(items)

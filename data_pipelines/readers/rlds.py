@@ -197,7 +197,10 @@ class RldsReader(EpisodeReader):
         self.file_format = self.builder.info.file_format.value
         self._keys = [f"{split}[{i}]" for i in range(info.num_examples)]
         self._source = None
-        self.streaming = self.file_format != "array_record"   # tfrecord: read as one stream, in order
+        # tfrecord: read as a stream, in order; a run of consecutive keys in one pass (`_items_of`), so
+        # a conversion splits it into shards of consecutive episodes, each read from its own files
+        self.streaming = self.file_format != "array_record"
+        self.ranged = self.streaming
         if self.file_format == "array_record":
             self._source = _ShardRecords(self.shards, info.shard_lengths, self.builder.info.features)
         elif self.file_format == "tfrecord":
@@ -251,13 +254,29 @@ class RldsReader(EpisodeReader):
         for key, episode in self._tf_episodes():
             yield key, lambda episode=episode: episode
 
-    def _tf_episodes(self, key: str | None = None):
-        """(key, Episode) from the tfrecord files through tf.data; all of them, or only `key`."""
+    def _items_of(self, keys):
+        if self._source is not None:
+            yield from super()._items_of(keys)
+            return
+        index = [int(k[k.index("[") + 1:-1]) for k in keys]
+        if not index:
+            return
+        if index != list(range(index[0], index[0] + len(index))):
+            raise ValueError(f"{self.builder_dir}: a tfrecord release reads runs of consecutive episodes, not {keys}")
+        for key, episode in self._tf_episodes(span=(index[0], index[-1] + 1)):
+            yield key, lambda episode=episode: episode
+
+    def _tf_episodes(self, key: str | None = None, span: tuple[int, int] | None = None):
+        """(key, Episode) from the tfrecord files through tf.data: all of them, only `key`, or the
+        episodes start .. stop - 1 of `span` (TFDS opens only the files that hold them)."""
         import tensorflow as tf
         import tensorflow_datasets as tfds
 
-        start = 0 if key is None else int(key[key.index("[") + 1:-1])
-        split = self.split if key is None else f"{self.split}[{start}:{start + 1}]"
+        if key is not None:
+            i = int(key[key.index("[") + 1:-1])
+            span = (i, i + 1)
+        start = 0 if span is None else span[0]
+        split = self.split if span is None else f"{self.split}[{span[0]}:{span[1]}]"
         ds = self.builder.as_dataset(split=split, shuffle_files=False)
         # The nested steps dataset, batched whole, becomes one dict of [T, ...] tensors.
         ds = ds.map(lambda ep: {**ep, "steps": ep["steps"].batch(2 ** 31 - 1).get_single_element()})

@@ -21,6 +21,9 @@ from tests.data.conftest_readers import arm_episodes  # noqa: E402
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# `make rlds-venv`: a virtualenv with TensorFlow for the tfrecord test's child process
+RLDS_PYTHON = os.path.join(REPO, ".venv-rlds", "bin", "python")
+TF_PYTHON = sys.executable if HAS_TF else (RLDS_PYTHON if os.path.exists(RLDS_PYTHON) else None)
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +137,45 @@ print(json.dumps({
 
 
 @pytest.mark.rlds
-@pytest.mark.skipif(not HAS_TF, reason="needs the rlds extra (tensorflow)")
+@pytest.mark.skipif(TF_PYTHON is None, reason="needs TensorFlow: the rlds extra, or `make rlds-venv`")
 def test_tfrecord_release_with_image_features_through_tensorflow(arms, tmp_path):
     for ep in arms:
         (tmp_path / f"{ep.episode_id}.episode").write_bytes(serialize(ep))
-    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    run = subprocess.run([sys.executable, "-c", _TF_CHILD, str(tmp_path), str(tmp_path / "out")],
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    run = subprocess.run([TF_PYTHON, "-c", _TF_CHILD, str(tmp_path), str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["files"] == [f"oxe_like-train.tfrecord-0000{i}-of-00002" for i in range(2)]
     assert result["ids"] == ["arm_000", "arm_001", "arm_002"] and result["one"] == "arm_001"
     assert result["exact"] == [True, True, True]
+
+    # Converted at scale: one shard per episode in 2 processes (each reading only its episodes'
+    # files), then resumed after one shard is lost: the same shards, byte for byte.
+    from data_pipelines.shards import ShardedSource
+
+    out = tmp_path / "shards"
+    argv = [TF_PYTHON, "-m", "data_pipelines.convert", "--format=rlds", f"--input={tmp_path / 'out'}",
+            f"--output={out}", "--episodes_per_shard=1", "--workers=2", "--strict", "--no_progress"]
+
+    def convert():
+        run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+    first = convert()
+    assert (first["episodes"], first["shards_total"], first["shards_resumed"], first["workers"]) == (3, 3, 0, 2)
+    src = ShardedSource(str(out))
+    assert src.episode_ids == ["arm_000", "arm_001", "arm_002"]
+    data = src.data_source()
+    for i, ref in enumerate(arms):
+        got = data[i]
+        assert np.array_equal(got.frames, ref.frames) and np.array_equal(got.actions, ref.actions)
+        assert np.array_equal(got.proprio, ref.proprio) and got.text == ref.text
+    shard = sorted(p for p in os.listdir(out) if p.startswith("shard-"))[1]
+    kept = (out / shard).read_bytes()
+    os.remove(out / shard)
+    os.remove(out / ".convert" / "shard-00001.json")
+    again = convert()
+    assert (again["episodes"], again["shards_total"], again["shards_resumed"]) == (3, 3, 2)
+    assert (out / shard).read_bytes() == kept
