@@ -19,6 +19,7 @@ from flax import nnx
 from data_pipelines import storage
 from kairos_jax.config import load_saved_config
 from kairos_jax.model import KairosWorldModel
+from kairos_jax.training.checkpointing import TOKENIZER_BUNDLE
 
 
 class CheckpointError(ValueError):
@@ -123,8 +124,16 @@ def load_training_text_embeddings(ref: CheckpointRef):
 
 
 def load_config(ref: CheckpointRef):
-    """The run's config (kairos_jax.config.load_saved_config of its config.json)."""
-    return load_saved_config(ref.config_path)
+    """The run's config (kairos_jax.config.load_saved_config of its config.json). For an export of a
+    model on tokenizer latents that bundles its tokenizer (`<export>/tokenizer`, written by the
+    trainer), data.tokenizer is that copy, not the folder the run was trained from (which another
+    machine may not have)."""
+    cfg = load_saved_config(ref.config_path)
+    if ref.kind == "export" and cfg.data.get("tokenizer", ""):
+        bundled = storage.join(ref.path, TOKENIZER_BUNDLE)
+        if storage.exists(storage.join(bundled, "tokenizer.json")):
+            cfg.data.tokenizer = bundled
+    return cfg
 
 
 def load_model(ref: CheckpointRef, cfg) -> KairosWorldModel:

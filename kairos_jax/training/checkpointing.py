@@ -503,6 +503,23 @@ def export_params(directory: str, params, config_json: str) -> str:
     return path
 
 
+TOKENIZER_BUNDLE = "tokenizer"
+
+
+def bundle_tokenizer(tokenizer_dir: str, export_dir: str) -> str:
+    """Copies the video tokenizer a model on latents was trained with (its folder: tokenizer.json and
+    the weights) into `export_dir`/tokenizer, byte for byte, so the export is self-contained: rollout,
+    evaluation and serving of the export decode and encode with it wherever the export is moved
+    (kairos_jax.inference.checkpoints.load_config). Returns the bundled folder."""
+    out = storage.join(export_dir, TOKENIZER_BUNDLE)
+    storage.makedirs(out)
+    for name in storage.walk_files(tokenizer_dir):
+        if os.path.dirname(name):
+            storage.makedirs(storage.join(out, os.path.dirname(name)))
+        storage.write_bytes_atomic(storage.join(out, name), storage.read_bytes(storage.join(tokenizer_dir, name)))
+    return out
+
+
 def load_exported_params(directory: str, abstract_params):
     """Restore params written by `export_params` into `abstract_params` (ShapeDtypeStructs with
     shardings, or without for a single host)."""

@@ -359,6 +359,8 @@ def train_curriculum(cfg, workdir: str, stop: StopRequested | None = None) -> li
         checkpointing.export_params(export, params, cfg.to_json_best_effort(indent=2))
         if jax.process_index() == 0:
             save_training_stats(cfg, storage.join(export, STATS_DIR))
+            if cfg.data.get("tokenizer", ""):
+                checkpointing.bundle_tokenizer(cfg.data.tokenizer, export)
     finally:
         stop.uninstall()
     return results

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -303,6 +304,52 @@ def test_a_world_model_trains_on_the_latent_source(trained, world):
     assert held["step"] == 2 and np.isfinite(held["psnr"]) and np.isfinite(held["copy_last_psnr"])
     saved = trained["workdir"] / "export" / "stats" / "reacher" / "latent_stats.json"
     assert json.loads(saved.read_text()) == json.loads((world["out"] / "latent_stats.json").read_text())
+
+
+def test_the_export_bundles_its_tokenizer_and_runs_where_the_original_is_gone(trained, world, tmp_path):
+    """The trainer copies the tokenizer into the export, byte for byte; an export moved to a machine
+    without the original folder (its config naming a path that does not exist there) loads with
+    the bundled copy, and the rollout decodes exactly as with the original."""
+    import shutil
+
+    from data_pipelines.pipeline import episode_clip
+    from kairos_jax.inference.checkpoints import find_checkpoint, load_config, load_model, load_training_latent_stats
+    from kairos_jax.inference.latents import video_codec
+    from kairos_jax.inference.rollout import make_engine, rollout
+
+    export = trained["workdir"] / "export"
+    bundled = export / "tokenizer"
+    names = sorted(os.listdir(world["tok_dir"]))
+    assert sorted(os.listdir(bundled)) == names
+    for name in names:
+        assert (bundled / name).read_bytes() == Path(world["tok_dir"], name).read_bytes()
+    moved = tmp_path / "elsewhere" / "export"
+    shutil.copytree(export, moved)
+    config = json.loads((moved / "config.json").read_text())
+    assert config["data"]["tokenizer"] == world["tok_dir"]
+    config["data"]["tokenizer"] = str(tmp_path / "the_training_machine" / "tokenizer")      # not here
+    (moved / "config.json").write_text(json.dumps(config))
+    ref = find_checkpoint(str(moved))
+    cfg = load_config(ref)
+    assert ref.kind == "export" and cfg.data.tokenizer == str(moved / "tokenizer")
+    stats = load_training_latent_stats(ref)["reacher"]
+    ep = episode_clip(cfg.data, "reacher", "ep2", num_blocks=3, latent_stats=stats)
+    pred = rollout(make_engine(load_model(ref, cfg), cfg), cfg, ep, mode="simulate", context=1, steps=2,
+                   seed=0)["video"]
+    raw = json.loads((world["out"] / "latent_stats.json").read_text())
+    np.testing.assert_array_equal(video_codec(cfg, stats).video(np.concatenate([ep.clip["video"][:1], pred])[None])[0],
+                                  _decoded(world["tok"], np.concatenate([ep.clip["video"][:1], pred]), raw))
+    # the serving export (python -m kairos_jax.export) carries it too
+    from kairos_jax import cli
+    from kairos_jax import export as export_cli
+
+    served = tmp_path / "served"
+    with pytest.raises(SystemExit) as e:
+        cli.run(export_cli.main, ["export", f"--checkpoint={moved}", f"--out={served}", "--modes=simulate"])
+    assert (e.value.code or 0) == 0
+    assert json.loads((served / "manifest.json").read_text())["tokenizer"] == "tokenizer"
+    for name in names:
+        assert (served / "tokenizer" / name).read_bytes() == (bundled / name).read_bytes()
 
 
 def _decoded(tok, tokens, stats):
