@@ -22,6 +22,7 @@ import jax
 from absl import flags
 
 from kairos_jax import cli
+from kairos_jax.parallel import tpu_flags
 from kairos_jax.scaling.aot import CHIPS, GIB, AotError, canonical_topology, compile_for_topology, parse_topology
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, f"Target: <accelerator>:<shape>, accelerator one of {sorted(CHIPS)}; "
@@ -67,6 +68,13 @@ def main(argv):
         print("error: --measure runs the step, so it needs --topology=cpu", file=sys.stderr)
         sys.exit(2)
     try:
+        gen, _ = parse_topology(_TOPOLOGY.value)
+    except AotError:
+        gen = None                                     # compile_for_topology says what is wrong
+    libtpu_args = None
+    if gen is not None and CHIPS[gen].platform == "tpu":
+        libtpu_args = tpu_flags.apply_defaults()       # before libtpu starts (kairos_jax/parallel/tpu_flags.py)
+    try:
         report = compile_for_topology(cli.CONFIG.value, _TOPOLOGY.value, _PHASE.value)
     except AotError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -83,6 +91,9 @@ def main(argv):
         sys.exit(3)
     print(report.format())
     summary = report.summary()
+    if libtpu_args is not None:
+        summary["libtpu_init_args"] = libtpu_args
+        print(f"  LIBTPU_INIT_ARGS: {libtpu_args or '(none)'}")
     if _ESTIMATE.value:
         e = report.estimate()
         print(e.format())

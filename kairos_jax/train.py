@@ -37,6 +37,7 @@ from absl import logging as absl_logging
 from data_pipelines import storage
 from data_pipelines.episode import EpisodeError
 from kairos_jax import cli
+from kairos_jax.parallel import tpu_flags
 from kairos_jax.training.checkpointing import CheckpointWriteError
 from kairos_jax.training.loop import TrainingDiverged, format_summary, train_curriculum
 
@@ -92,6 +93,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
     cli.require(config=cli.CONFIG.value, workdir=_WORKDIR.value)
+    tpu_flags.apply_defaults()        # libtpu's compiler flags, before any backend starts (none off TPU)
     _maybe_initialize_distributed(_DISTRIBUTED.value)
     try:
         results = train_curriculum(cli.CONFIG.value, _WORKDIR.value)
