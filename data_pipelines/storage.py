@@ -232,6 +232,17 @@ def upload(local_path: str, path) -> None:
     fs.put_file(local_path, p)
 
 
+def upload_folder(local_dir: str, path) -> list[str]:
+    """Copies every file directly in `local_dir` to the folder `path` (created), under the same
+    names, in name order; returns the destinations."""
+    makedirs(path)
+    out = []
+    for name in sorted(os.listdir(local_dir)):
+        upload(os.path.join(local_dir, name), join(path, name))
+        out.append(join(path, name))
+    return out
+
+
 def cache_dir(override: str | None = None) -> str:
     """Where remote files are staged: `override`, else $KAIROS_DATA_CACHE, else ~/.cache/kairos_jax."""
     d = override or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "kairos_jax")

@@ -103,11 +103,8 @@ def main(argv) -> None:
     # _closed_loop companions).
     with tempfile.TemporaryDirectory(prefix="kairos-rollout-") as local:
         _rollout(os.path.join(local, storage.basename(out)))
-        folder = storage.dirname(out)
-        storage.makedirs(folder)
-        for name in sorted(os.listdir(local)):
-            storage.upload(os.path.join(local, name), storage.join(folder, name))
-            print(f"uploaded {storage.join(folder, name)}")
+        for path in storage.upload_folder(local, storage.dirname(out)):
+            print(f"uploaded {path}")
 
 
 def _rollout(out: str) -> None:

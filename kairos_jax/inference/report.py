@@ -25,9 +25,7 @@ def write_outputs(result: dict, out: str, title: str) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="kairos-eval-") as local:
         write_outputs(result, local, title)
-        storage.makedirs(out)
-        for name in sorted(os.listdir(local)):
-            storage.upload(os.path.join(local, name), storage.join(out, name))
+        storage.upload_folder(local, out)
 
 
 def write_report(result: dict, out: str, title: str) -> None:
