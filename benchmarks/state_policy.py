@@ -41,7 +41,7 @@ sys.path.insert(0, REPO)
 # The dims of each robot's proprio that hold the task's positions rather than the arm's own state
 # (data_pipelines/sim/reacher.py and pusher.py, `proprio`): reacher's fingertip-to-target vector;
 # pusher's fingertip, puck, puck velocity and goal.
-TASK_DIMS = {"reacher": slice(4, 6), "pusher": slice(6, 14)}
+TASK_DIMS = {"reacher": slice(6, 8), "pusher": slice(6, 14)}
 HIDDEN = 256
 
 

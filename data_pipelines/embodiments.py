@@ -94,9 +94,9 @@ DEFAULT_REGISTRY = EmbodimentRegistry([
                action_semantics="keypoints",
                description="human behaviour: the next body pose as keypoints "
                            f"{', '.join(HUMAN_KEYPOINTS)} (xyz in the pelvis frame, metres)"),
-    Embodiment("reacher", 2, action_dim=2, proprio_dim=6, action_semantics="joint_torque",
-               description="dm_control reacher: 2-link planar arm; proprio = joint angles (2), "
-                           "joint velocities (2), fingertip-to-target vector (2, m)"),
+    Embodiment("reacher", 2, action_dim=2, proprio_dim=8, action_semantics="joint_torque",
+               description="dm_control reacher: 2-link planar arm; proprio = cos (2) and sin (2) of the "
+                           "joint angles, joint velocities (2), fingertip-to-target vector (2, m)"),
     Embodiment("cheetah", 3, action_dim=6, proprio_dim=17, action_semantics="joint_torque",
                description="dm_control cheetah: planar runner; proprio = qpos without root x (8), "
                            "qvel (9)"),

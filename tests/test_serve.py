@@ -64,7 +64,7 @@ def training_stats(seed=0) -> dict:
     actions and cannot be served."""
     r = np.random.default_rng(seed)
     stats = lambda d, scale: NormStats.compute(r.normal(0.5, scale, (500, d)))
-    return {"reacher": {"reacher": EmbodimentStats(5, 500, stats(2, 2.0), stats(6, 1.0))},
+    return {"reacher": {"reacher": EmbodimentStats(5, 500, stats(2, 2.0), stats(8, 1.0))},
             "pusher": {"pusher": EmbodimentStats(5, 500, stats(3, 0.3), stats(14, 1.0))},
             "passive_video": {"passive_camera": EmbodimentStats(5, 500, None, None)}}
 
@@ -258,9 +258,9 @@ def test_server_answers_bad_messages_with_errors_and_keeps_serving(in_process_se
         (wire.packb({**ok, "embodiment": "r2d2"}), "unknown embodiment 'r2d2' (not registered)"),
         (wire.packb({**ok, "embodiment": "passive_camera"}), "unknown embodiment 'passive_camera' (no actions"),
         (wire.packb({"observation/image": image}), "missing key(s) ['prompt', 'embodiment']"),
-        (wire.packb({**ok, "observation/state": np.zeros(3, np.float32)}), "has shape [3]; expected [6]"),
-        (wire.packb({**ok, "observation/state": np.zeros(6, np.int32)}), "has dtype int32"),
-        (wire.packb({**ok, "observation/state": np.full(6, np.nan, np.float32)}), "NaN or inf"),
+        (wire.packb({**ok, "observation/state": np.zeros(3, np.float32)}), "has shape [3]; expected [8]"),
+        (wire.packb({**ok, "observation/state": np.zeros(8, np.int32)}), "has dtype int32"),
+        (wire.packb({**ok, "observation/state": np.full(8, np.nan, np.float32)}), "NaN or inf"),
         (wire.packb({**ok, "prompt": 7}), "'prompt' must be a string"),
         (wire.packb({"reset": True, "prompt": "x"}), "a reset is the map"),
     ]
@@ -270,7 +270,7 @@ def test_server_answers_bad_messages_with_errors_and_keeps_serving(in_process_se
         assert meta["embodiments"] == {
             "pusher": {"id": 4, "action_dim": 3, "proprio_dim": 14, "action_semantics": "joint_position",
                        "source": "pusher", "state_required": False},
-            "reacher": {"id": 2, "action_dim": 2, "proprio_dim": 6, "action_semantics": "joint_torque",
+            "reacher": {"id": 2, "action_dim": 2, "proprio_dim": 8, "action_semantics": "joint_torque",
                         "source": "reacher", "state_required": False}}
         assert meta["image_size"] == [8, 8] and meta["max_message_bytes"] == 4096
         for message, match in bad:          # one connection: each error keeps it open
@@ -473,7 +473,7 @@ def test_openpi_bad_inputs_get_errors_and_the_server_keeps_serving(policy_server
     ok = {"observation/image": img, "prompt": "reach", "embodiment": "reacher"}
     arrays = {**image_arrays("a", 3, 3), "float_image": frames(3, 1)[0].astype(np.float32),
               "chw": np.zeros((3, 20, 28), np.uint8), "state3": np.zeros(3, np.float32),
-              "state4i": np.zeros(6, np.int64), "junk": np.frombuffer(b"\xc1\xc1junk", np.uint8),
+              "state4i": np.zeros(8, np.int64), "junk": np.frombuffer(b"\xc1\xc1junk", np.uint8),
               "list": np.frombuffer(wire.packb([1, 2, 3]), np.uint8),
               "huge": np.zeros((2500, 2500, 3), np.uint8)}
     cases = [
@@ -482,7 +482,7 @@ def test_openpi_bad_inputs_get_errors_and_the_server_keeps_serving(policy_server
         ({"request": {**ok, "observation/image": "@float_image"}}, "has dtype float32; expected uint8"),
         ({"request": {**ok, "observation/image": "@chw"}}, "has shape [3, 20, 28]"),
         ({"request": {**ok, "embodiment": "r2d2"}}, "unknown embodiment 'r2d2'"),
-        ({"request": {**ok, "observation/state": "@state3"}}, "has shape [3]; expected [6]"),
+        ({"request": {**ok, "observation/state": "@state3"}}, "has shape [3]; expected [8]"),
         ({"request": {**ok, "observation/state": "@state4i"}}, "has dtype int64"),
         ({"raw": "@junk"}, "not a msgpack message"),
         ({"raw": "@list"}, "must be a map"),

@@ -5,7 +5,7 @@ import numpy as np
 from data_pipelines.episode import Episode
 
 
-def make_episode(rng, *, T=12, embodiment="reacher", action_dim=2, proprio_dim=6, hw=(8, 8), channels=3,
+def make_episode(rng, *, T=12, embodiment="reacher", action_dim=2, proprio_dim=8, hw=(8, 8), channels=3,
                  source="synthetic", episode_id="ep0", text="reach the red target", fps=25.0,
                  actions=True, proprio=True):
     """A random but valid episode (frames uint8, actions / proprio float32)."""

@@ -86,7 +86,7 @@ def test_action_free_source_has_no_action_stats(tmp_path, rng):
 @pytest.mark.parametrize("bad, reason", [
     (dict(embodiment="octopus"), "unknown embodiment 'octopus'"),
     (dict(action_dim=3), "actions have 3 dims but embodiment reacher has action_dim=2"),
-    (dict(proprio_dim=5), "proprio has 5 dims but embodiment reacher has proprio_dim=6"),
+    (dict(proprio_dim=5), "proprio has 5 dims but embodiment reacher has proprio_dim=8"),
     (dict(embodiment="passive_camera", proprio=False), "actions have 2 dims but embodiment passive_camera"),
     (dict(episode_id="r0"), "duplicate episode_id"),
 ])

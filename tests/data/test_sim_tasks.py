@@ -24,8 +24,11 @@ ROBOTS = {"reacher": ReacherRecorder, "pusher": PusherRecorder, "cheetah": Cheet
 # they were before reset_task / expert_action existed (the scripted expert inlined in `record`), so a
 # change here means the training data of a given seed changed. The proprio covers the dims it had then
 # (joint angles and velocities; cheetah all); the task positions appended since are checked below.
-JOINT_DIMS = {"reacher": 4, "pusher": 6, "cheetah": 17}
-RECORD_FINGERPRINTS = {"reacher": "88f1a5791123723159c3e0f895fed34f",
+# The reacher's angles are recorded as cos / sin since 2026-12-07: its fingerprint covers the velocities
+# (computed with the raw-angle recorder over actions, velocities and text) and the cos / sin are
+# checked below against the angles they encode.
+JOINT_DIMS = {"reacher": slice(4, 6), "pusher": slice(0, 6), "cheetah": slice(0, 17)}
+RECORD_FINGERPRINTS = {"reacher": "a89e53e87269f2b572e39547fa8bca86",
                        "pusher": "02abbef4319c4860ea614bf90818f1ab",
                        "cheetah": "aee275f5ee26e9c214a43ac3e62c17cf"}
 
@@ -37,7 +40,7 @@ def test_record_is_bit_identical_to_the_recorders_before_the_task_interface(sour
         if source == "reacher":
             assert rec.targets_reached >= 2          # the fingerprint covers target moves
     h = hashlib.sha256()
-    for a in (ep.actions, ep.proprio[:, :JOINT_DIMS[source]]):
+    for a in (ep.actions, ep.proprio[:, JOINT_DIMS[source]]):
         h.update(np.ascontiguousarray(a).tobytes())
     h.update(ep.text.encode())
     assert h.hexdigest()[:32] == RECORD_FINGERPRINTS[source]
@@ -48,11 +51,23 @@ def test_proprio_holds_the_task_positions(source):
     """The appended task dims agree with the task metric the recorder traces at every frame (the
     fingertip-target distance, the puck-goal distance), and the pusher's fingertip with its arm's
     forward kinematics (link lengths from the MJCF)."""
-    with ROBOTS[source](16) as rec:
+    class Recording(ROBOTS[source]):
+        """Keeps the raw joint angles each recorded state was computed from."""
+
+        def proprio(self):
+            self.raw = getattr(self, "raw", []) + [self.data.qpos.copy()]
+            return super().proprio()
+
+    with Recording(16) as rec:
         ep = rec.record(episode_rng(0, source, 0), 60, "e0")
+        rec.raw_angles = np.stack(rec.raw)
         assert ep.proprio.shape == (60, DEFAULT_REGISTRY.get(source).proprio_dim)
         if source == "reacher":
-            distance = np.linalg.norm(ep.proprio[:, 4:6], axis=1)
+            distance = np.linalg.norm(ep.proprio[:, 6:8], axis=1)
+            # the cos / sin dims encode the raw joint angles (qpos) of each recorded frame
+            np.testing.assert_allclose(ep.proprio[:, 0:2], np.cos(rec.raw_angles), atol=1e-6)
+            np.testing.assert_allclose(ep.proprio[:, 2:4], np.sin(rec.raw_angles), atol=1e-6)
+            assert np.ptp(rec.raw_angles[:, 0]) > 0.5                   # the arm moved
         else:
             tip, puck, goal = ep.proprio[:, 6:8], ep.proprio[:, 8:10], ep.proprio[:, 12:14]
             distance = np.linalg.norm(goal - puck, axis=1)
