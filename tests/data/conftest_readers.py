@@ -3,7 +3,8 @@
 Three embodiments of the built-in registry, a few episodes each of 32-64 px frames (rendering
 headless costs ~1 ms a frame):
   reacher           a two-link planar arm driven by joint torques from a noisy PD expert that
-                    reaches a target; actions [T, 2] torques, proprio [T, 4] (joint angles, velocities).
+                    reaches a target; actions [T, 2] torques, proprio [T, 8] (cos / sin of the joint
+                    angles, velocities, fingertip-to-target), as the reacher records it.
   human_keypoints   a stick figure walking in place; actions [T, 27] = the registry's 9 keypoints
                     (xyz in the pelvis frame) of the pose.
   passive_camera    balls falling and bouncing while the camera orbits; no actions.
@@ -121,7 +122,8 @@ def arm_episodes(n: int = 3, steps: int = 20, size: tuple[int, int] = (32, 32), 
             frames.append(_render(model, data, renderer, "top"))
             finger = np.array([0.3 * np.cos(data.qpos[0]) + 0.25 * np.cos(data.qpos.sum()),
                                0.3 * np.sin(data.qpos[0]) + 0.25 * np.sin(data.qpos.sum())])
-            proprio.append(np.concatenate([data.qpos, data.qvel, tip[:2] - finger]))  # as the reacher's
+            # as the reacher records it: cos / sin of the joint angles, velocities, fingertip-to-target
+            proprio.append(np.concatenate([np.cos(data.qpos), np.sin(data.qpos), data.qvel, tip[:2] - finger]))
             a = np.clip(1.0 * (goal - data.qpos) - 0.3 * data.qvel + rng.normal(0, 0.1, 2), -1, 1)
             actions.append(a)
             data.ctrl[:] = a

@@ -49,7 +49,7 @@ def run_lerobot(*args) -> dict:
 
 @pytest.fixture(scope="module")
 def episodes():
-    eps = arm_episodes(n=4, steps=24, seed=3)   # 4 x 24 frames of 32 x 32, actions [T, 2], state [T, 6]
+    eps = arm_episodes(n=4, steps=24, seed=3)   # 4 x 24 frames of 32 x 32, actions [T, 2], state [T, 8]
     texts = [eps[0].text, eps[1].text, eps[0].text, eps[3].text]   # a task shared by two episodes
     return eps, texts
 

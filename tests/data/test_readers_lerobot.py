@@ -20,7 +20,7 @@ LOSSLESS = {"crf": 0, "pix_fmt": "yuv444p"}
 
 @pytest.fixture(scope="module")
 def arms():
-    return arm_episodes()  # 3 episodes, 20 frames of 32 x 32 at 10 fps, actions [T, 2], proprio [T, 6]
+    return arm_episodes()  # 3 episodes, 20 frames of 32 x 32 at 10 fps, actions [T, 2], proprio [T, 8]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_layout_follows_v21(dataset, arms):
     totals = (info["total_episodes"], info["total_frames"], info["total_chunks"], info["fps"])
     assert totals == (3, 60, 2, 10.0)
     assert info["features"]["action"] == {"dtype": "float32", "shape": [2], "names": None}
-    assert info["features"]["observation.state"]["shape"] == [6]
+    assert info["features"]["observation.state"]["shape"] == [8]
     cam = info["features"]["observation.images.front"]
     assert cam["dtype"] == "video" and cam["shape"] == [32, 32, 3] and cam["info"]["video.fps"] == 10.0
     for name in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
