@@ -420,10 +420,12 @@ def test_openpi_packer_and_ours_agree_byte_for_byte(tmp_path):
 @needs_openpi
 def test_openpi_episode_equals_the_in_process_rollout(policy_server, checkpoint, tmp_path):
     n = 6
-    arrays = {**image_arrays("a", 0, n), "state6": np.array([0.1, -0.2, 0.3, 2.0, 0.05, -0.1], np.float64)}
+    # the reacher's state: cos (2) and sin (2) of its joint angles, velocities (2), fingertip-to-target (2)
+    arrays = {**image_arrays("a", 0, n),
+              "state8": np.array([0.995, 0.98, 0.1, -0.2, 0.3, 2.0, 0.05, -0.1], np.float64)}
     out, got = run_client(policy_server, tmp_path, "episode", arrays,
                           steps=episode_steps("c", "a", n, embodiment="reacher", prompt="reach the target",
-                                              state_dim=6))
+                                              state_dim=8))
     meta = out["metadata"]["c"]
     assert meta["action_horizon"] == 2 and meta["image_size"] == [8, 8] and meta["mode"] == "policy"
     assert meta["embodiments"]["reacher"]["action_dim"] == 2
@@ -433,7 +435,7 @@ def test_openpi_episode_equals_the_in_process_rollout(policy_server, checkpoint,
         assert step["answer"]["actions"] == {"dtype": "<f4", "shape": [2, 2]}
         assert step["answer"]["server_timing"]["infer_ms"] > 0
     want = reference_policy(checkpoint["model"], checkpoint["cfg"], frames(0, n), embodiment="reacher",
-                            prompt="reach the target", state=arrays["state6"])
+                            prompt="reach the target", state=arrays["state8"])
     np.testing.assert_allclose(actions, want, rtol=1e-5, atol=1e-5)
     # the model takes the state (model.proprio_input): without it the answers differ
     blind = reference_policy(checkpoint["model"], checkpoint["cfg"], frames(0, n), embodiment="reacher",
