@@ -50,14 +50,17 @@ install: $(STAMP)
 
 # Real local data: MuJoCo / dm_control episodes, generated once: the training sources, held-out
 # robot episodes recorded from other seeds (no episode shared with training), and long held-out
-# episodes (>= 512 frames) for horizons of 8x the training clip.
-$(DATA_DIR)/.complete: $(STAMP)
+# episodes (>= 512 frames) for horizons of 8x the training clip. Recorded again when the recorders,
+# the presets or the embodiment registry change (e.g. a robot's recorded state), not only when missing.
+DATA_SOURCES := $(wildcard data_pipelines/sim/*.py) data_pipelines/generate.py data_pipelines/embodiments.py
+
+$(DATA_DIR)/.complete: $(STAMP) $(DATA_SOURCES)
 	$(PY) -m data_pipelines.generate --preset=embedded --output=$(DATA_DIR)
 
-$(HELDOUT_DIR)/.complete: $(STAMP)
+$(HELDOUT_DIR)/.complete: $(STAMP) $(DATA_SOURCES)
 	$(PY) -m data_pipelines.generate --preset=heldout --seed=1 --output=$(HELDOUT_DIR)
 
-$(LONG_DIR)/.complete: $(STAMP)
+$(LONG_DIR)/.complete: $(STAMP) $(DATA_SOURCES)
 	$(PY) -m data_pipelines.generate --preset=heldout_long --seed=2 --output=$(LONG_DIR)
 
 data: $(DATA_DIR)/.complete $(HELDOUT_DIR)/.complete $(LONG_DIR)/.complete
